@@ -1,0 +1,40 @@
+// The contract between the fused-MoE pipeline and its grouped GEMM kernels (SM80 and SM90 share it).
+//
+// Rows are processed in the expert-sorted, tile-padded order produced by moe_align: row p of that order holds
+// slot s = sorted_ids[p] (a slot is one (token, choice) pair, s = t * topk + j); s >= num_slots marks a padding
+// row. Every BLOCK_M consecutive rows belong to one local expert, block_expert[p / BLOCK_M] (-1: unused block).
+//   GEMM1 (gather):  inter[p, :]      = act( x[s / topk, :] @ fc1[e]^T + b1[e] )           for real rows
+//   GEMM2 (scatter): out_slots[s, :]  = w[s] * ( inter[p, :] @ fc2[e]^T + b2[e] )           for real rows
+// Padding rows are never written by GEMM2; GEMM1 may write anything into them (GEMM2 ignores them).
+#pragma once
+#include <cuda_runtime_api.h>
+#include <cstdint>
+
+namespace jitmoe::moe {
+
+struct MoeGemmArgs {
+  const void* a;                // GEMM1: x [T, K]; GEMM2: inter [m_pad_max, K]
+  const void* b;                // [E, n_b, K] row-major (K contiguous); gated GEMM1: n_b = 2N, rows [0,N) up,
+                                // rows [N, 2N) gate; otherwise n_b = N
+  const void* bias;             // [E, n_b] in the element type, or nullptr
+  void* out;                    // GEMM1: inter [m_pad_max, N]; GEMM2: out_slots [num_slots, N]
+  const int32_t* sorted_ids;    // [m_pad_max]
+  const int32_t* block_expert;  // [m_pad_max / BLOCK_M]
+  const int32_t* num_padded;    // [1] rows of the sorted order in use (a device value: no host sync)
+  const float* slot_weights;    // GEMM2: [num_slots] routing weight per slot; GEMM1: nullptr
+  const float* act_alpha;       // [E] SwigluBias alpha, or nullptr (1)
+  const float* act_beta;        // [E] SwigluBias beta, or nullptr (0)
+  const float* act_limit;       // [E] SwigluBias/SwigluStep limit, or nullptr (inf; 7 for SwigluStep)
+  int num_slots;                // T * topk
+  int topk;
+  int m_pad_max;                // length of sorted_ids (a multiple of BLOCK_M)
+  int n;                        // output columns: GEMM1 I, GEMM2 H
+  int k;                        // reduction length: GEMM1 H, GEMM2 I
+  int num_experts;              // local experts
+};
+
+// Each rendered GEMM source (sm80/gemm.cu or sm90/gemm.cu, one spec = one GEMM of one kind) defines this;
+// the binding (moe_gemm_binding.cpp) calls it. Must not synchronise; errors surface via cudaGetLastError.
+void moe_gemm_launch(const MoeGemmArgs& args, cudaStream_t stream);
+
+}  // namespace jitmoe::moe

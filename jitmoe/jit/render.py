@@ -1,0 +1,68 @@
+"""Template rendering and include scanning (stdlib only).
+
+Templates use ``string.Template`` placeholders (``${name}``); ``$$`` is a literal dollar sign. Rendering is strict:
+a placeholder without a value is an error, so a spec can never silently render half a kernel.
+"""
+from __future__ import annotations
+
+import re
+import string
+from pathlib import Path
+from typing import Mapping
+
+from .errors import UnsupportedSpecError
+
+_INCLUDE = re.compile(r'^\s*#\s*include\s*"([^"]+)"', re.MULTILINE)
+
+
+def render(text: str, params: Mapping[str, object], *, source_name: str = "<template>") -> str:
+    values = {k: _format_value(v) for k, v in params.items()}
+    try:
+        return string.Template(text).substitute(values)
+    except KeyError as exc:
+        raise UnsupportedSpecError(f"{source_name}: placeholder ${{{exc.args[0]}}} has no value in the spec "
+                                   f"(params: {sorted(values)})") from None
+    except ValueError as exc:
+        raise UnsupportedSpecError(f"{source_name}: malformed placeholder ({exc})") from None
+
+
+def _format_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def project_includes(text: str, including_file: Path, root: Path) -> list[Path]:
+    """Quoted includes that resolve inside ``root`` (relative to the including file, then to root)."""
+    found = []
+    for rel in _INCLUDE.findall(text):
+        for base in (including_file.parent, root):
+            candidate = (base / rel).resolve()
+            if candidate.is_file() and _is_within(candidate, root):
+                found.append(candidate)
+                break
+    return found
+
+
+def include_closure(texts: Mapping[Path, str], root: Path) -> dict[str, bytes]:
+    """Every project header reachable from the given sources: {path relative to root: contents}."""
+    root = root.resolve()
+    seen: dict[str, bytes] = {}
+    stack = [inc for path, text in texts.items() for inc in project_includes(text, path, root)]
+    while stack:
+        header = stack.pop()
+        rel = header.relative_to(root).as_posix()
+        if rel in seen:
+            continue
+        data = header.read_bytes()
+        seen[rel] = data
+        stack.extend(project_includes(data.decode("utf-8", "replace"), header, root))
+    return dict(sorted(seen.items()))
+
+
+def _is_within(path: Path, root: Path) -> bool:
+    try:
+        path.relative_to(root)
+        return True
+    except ValueError:
+        return False
