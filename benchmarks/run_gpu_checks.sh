@@ -10,6 +10,7 @@
 #   test     - the GPU tests (pytest -m gpu); summary in OUTDIR/pytest_gpu.txt, junit XML beside it
 #   bench    - the benchmarks (JSON + PNG)
 #   pack     - pack the JIT cache into OUTDIR/jitcache.tgz.part-* (carry it back as .jitcache next time)
+# Env knobs: TESTS (pytest paths), PYTEST_ARGS, PREWARM_OPS, TIMING_CASES, BENCHES, BENCH_ARGS.
 # Logs and results are packed into OUTDIR/results.tgz at the end so that few files travel back.
 set -uo pipefail
 OUT=${1:?usage: run_gpu_checks.sh OUTDIR [PHASES]}
@@ -30,14 +31,14 @@ jitmoe() { python3 -m jitmoe "$@"; }
 
 git rev-parse HEAD > "$LOG/commit.txt" 2>/dev/null; git status --short >> "$LOG/commit.txt" 2>/dev/null
 if has install; then step install; jitmoe env > "$LOG/env.txt" 2>&1; nvidia-smi > "$LOG/nvidia-smi.txt" 2>&1; fi
-if has timing; then step timing; python3 benchmarks/time_jit.py --out "$LOG" 2>&1 | tee "$LOG/time_jit.log"; fi
+if has timing; then step timing; python3 benchmarks/time_jit.py --out "$LOG" ${TIMING_CASES:+--cases $TIMING_CASES} 2>&1 | tee "$LOG/time_jit.log"; fi
 if has prewarm; then
   step prewarm
-  jitmoe prewarm --op all --dtype fp32,bf16,fp16 --topk 1,2,4,8,16,32,64 -j 16 2>&1 | tee "$LOG/prewarm.log" | tail -5
+  jitmoe prewarm --op ${PREWARM_OPS:-all} --dtype fp32,bf16,fp16 --topk 1,2,4,8,16,32,64 -j 16 2>&1 | tee "$LOG/prewarm.log" | tail -5
 fi
 if has test; then
   step test
-  python3 -m pytest tests/gpu -m gpu -q -rfEs -p no:cacheprovider --junitxml="$LOG/junit_gpu.xml" \
+  python3 -m pytest ${TESTS:-tests/gpu} -m gpu -q -rfEs -p no:cacheprovider --junitxml="$LOG/junit_gpu.xml" \
     ${PYTEST_ARGS:-} 2>&1 | tee "$LOG/pytest_gpu.log" | tail -40
   tail -3 "$LOG/pytest_gpu.log" > "$LOG/pytest_gpu.txt"
 fi

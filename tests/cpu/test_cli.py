@@ -27,8 +27,8 @@ def test_prewarm_dry_run_lists_specs_keys_and_paths(cache, capsys):
                "-j", "2", "--dry-run"])
     out = capsys.readouterr().out
     assert rc == 0
-    lines = [ln for ln in out.splitlines() if ln.startswith("topk_softmax")]
-    assert len(lines) >= 4  # 2 dtypes x 2 top-k (x 2 archs unless built as one fat binary)
+    lines = [ln for ln in out.splitlines() if "to build" in ln]
+    assert len(lines) >= 4  # at least 2 dtypes x 2 archs (top-k may share a bucket)
     assert all(str(cache) in ln and "to build" in ln for ln in lines)
     assert any("bf16" in ln for ln in lines) and any("fp16" in ln for ln in lines)
     assert any("sm90a" in ln for ln in lines) and any("sm80" in ln for ln in lines)
