@@ -10,7 +10,7 @@
 #   test     - the GPU tests (pytest -m gpu); summary in OUTDIR/pytest_gpu.txt, junit XML beside it
 #   bench    - the benchmarks (JSON + PNG)
 #   pack     - pack the JIT cache into OUTDIR/jitcache.tgz.part-* (carry it back as .jitcache next time)
-# Env knobs: JITMOE_GIT_COMMIT (recorded with the results), TESTS (pytest paths), PYTEST_ARGS, PREWARM_OPS, TIMING_CASES, BENCHES, BENCH_ARGS.
+# Env knobs: BENCH_GIT_COMMIT (recorded with the results), TESTS (pytest paths), PYTEST_ARGS, PREWARM_OPS, TIMING_CASES, BENCHES, BENCH_ARGS.
 # Logs and results are packed into OUTDIR/results.tgz at the end so that few files travel back.
 set -uo pipefail
 OUT=${1:?usage: run_gpu_checks.sh OUTDIR [PHASES]}
@@ -30,7 +30,7 @@ export PYTHONPATH=$PWD:${PYTHONPATH:-}
 jitmoe() { python3 -m jitmoe "$@"; }
 
 # The GPU machine gets a copy of the tree without .git: the caller passes the commit it ran on.
-echo "${JITMOE_GIT_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}" > "$LOG/commit.txt"
+echo "${BENCH_GIT_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}" > "$LOG/commit.txt"
 if has install; then step install; jitmoe env > "$LOG/env.txt" 2>&1; nvidia-smi > "$LOG/nvidia-smi.txt" 2>&1; fi
 if has timing; then step timing; python3 benchmarks/time_jit.py --out "$LOG" ${TIMING_CASES:+--cases $TIMING_CASES} 2>&1 | tee "$LOG/time_jit.log"; fi
 if has prewarm; then
@@ -45,7 +45,7 @@ if has test; then
 fi
 if has bench; then
   step bench
-  for b in ${BENCHES:-bench_routers bench_fused_moe}; do
+  for b in ${BENCHES:-bench_routers bench_fused_moe exp_topk_latency}; do
     [ -f "benchmarks/$b.py" ] && python3 "benchmarks/$b.py" --out "$LOG" ${BENCH_ARGS:-} 2>&1 | tee "$LOG/$b.log" | tail -25
   done
 fi

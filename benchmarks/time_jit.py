@@ -68,7 +68,7 @@ def main() -> int:
     args = ap.parse_args()
     import torch
     results = {"device": torch.cuda.get_device_name(), "cpus": os.cpu_count(), "torch": torch.__version__,
-               "commit": os.environ.get("JITMOE_GIT_COMMIT") or subprocess.run(
+               "commit": os.environ.get("BENCH_GIT_COMMIT") or subprocess.run(
                    ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=REPO).stdout.strip(),
                "cases": []}
     for name in args.cases.split(","):
