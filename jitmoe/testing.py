@@ -35,7 +35,7 @@ def l2_flush_buffer(device=None) -> torch.Tensor:
     return torch.ones(64 * 2**20, dtype=torch.float32, device=device or "cuda")
 
 
-def flush_l2(buffer: torch.Tensor) -> None:
+def evict_l2(buffer: torch.Tensor) -> None:
     # A read, not a write: zeroing would leave ~50 MB of dirty lines whose write-back lands in the next timed call.
     buffer.sum()
 
@@ -59,7 +59,7 @@ def bench_events(fn: Callable[[], object], *, warmup: int = 10, iters: int = 50,
         if setup:
             setup(i)
         if flush is not None:
-            flush_l2(flush)
+            evict_l2(flush)
         starts[i].record()
         fn()
         ends[i].record()

@@ -1,0 +1,45 @@
+// Torch binding of one grouped-GEMM spec (shared by the SM80 and SM90 sources): tensors -> MoeGemmArgs -> launch.
+// Python (jitmoe/ops/moe_gemm.py) validates shapes, dtypes, devices and alignment and preallocates `out`.
+#include "common/torch_binding.h"
+#include "moe/moe_gemm_args.cuh"
+
+#include <optional>
+
+namespace {
+
+template <typename T>
+const T* ptr_or_null(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? static_cast<const T*>(t->data_ptr()) : nullptr;
+}
+
+void run(const at::Tensor& a, const at::Tensor& b, const std::optional<at::Tensor>& bias, const at::Tensor& out,
+         const at::Tensor& sorted_ids, const at::Tensor& block_expert, const at::Tensor& num_padded,
+         const std::optional<at::Tensor>& slot_weights, const std::optional<at::Tensor>& act_alpha,
+         const std::optional<at::Tensor>& act_beta, const std::optional<at::Tensor>& act_limit, int64_t num_slots,
+         int64_t topk, int64_t n, int64_t k) {
+  const c10::cuda::CUDAGuard guard(a.device());
+  jitmoe::moe::MoeGemmArgs args{};
+  args.a = a.data_ptr();
+  args.b = b.data_ptr();
+  args.bias = ptr_or_null<void>(bias);
+  args.out = out.data_ptr();
+  args.sorted_ids = sorted_ids.data_ptr<int32_t>();
+  args.block_expert = block_expert.data_ptr<int32_t>();
+  args.num_padded = num_padded.data_ptr<int32_t>();
+  args.slot_weights = ptr_or_null<float>(slot_weights);
+  args.act_alpha = ptr_or_null<float>(act_alpha);
+  args.act_beta = ptr_or_null<float>(act_beta);
+  args.act_limit = ptr_or_null<float>(act_limit);
+  args.num_slots = static_cast<int>(num_slots);
+  args.topk = static_cast<int>(topk);
+  args.m_pad_max = static_cast<int>(sorted_ids.numel());
+  args.n = static_cast<int>(n);
+  args.k = static_cast<int>(k);
+  args.num_experts = static_cast<int>(b.size(0));
+  jitmoe::moe::moe_gemm_launch(args, jitmoe::current_stream(a));
+  JITMOE_CHECK_LAUNCH("moe_gemm");
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("run", &run); }

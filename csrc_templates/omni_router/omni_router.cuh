@@ -1,0 +1,353 @@
+// Omni (Cartesian-product) router: for every token t, the k best of the N*N experts (i, j) scored by
+// x[t, i] + y[t, j], ranked by the exact sum descending and then by the flat index i*N + j ascending; the returned
+// score is the sum rounded to fp32 and then to the logit type.
+//
+// Forward, one warp per token (a grid-stride loop over tokens; the grid is as large as fits on the device):
+//   1. the best min(k, N) of x and of y, sorted by (value desc, index asc), by the warp bitonic top-K of
+//      warp_bitonic.cuh over the row, read once with 16-byte loads where the row allows;
+//   2. the candidate pairs of ranks (a, b) (0-based) with (a+1)(b+1) <= k, from a per-block table of
+//      sum_{a=1..k} floor(k/a) ~ k ln k entries (119 for k = 32, 1466 for k = 256);
+//   3. the exact top-k of the candidates by the same warp bitonic top-K on candidate keys (omni_keys.cuh), written
+//      straight to the outputs. Nothing goes through global scratch.
+//
+// Why the candidates hold the answer, ties included. Write i' >=x i when x[i'] > x[i], or x[i'] == x[i] and
+// i' <= i (the axis order), likewise >=y, and let a, b be the 0-based axis ranks of i and j. Take any i' >=x i
+// and j' >=y j. Then x[i'] + y[j'] >= x[i] + y[j] exactly. If the sums differ, (i', j') ranks above (i, j). If they
+// are equal, both x[i'] == x[i] and y[j'] == y[j] (two inequalities summing to an equality), so i' <= i and
+// j' <= j by the axis tie rule and i'*N + j' <= i*N + j, with equality only for (i', j') = (i, j): again (i', j')
+// ranks above (i, j). So the (a+1)(b+1) pairs of that rectangle all rank at or above (i, j), and a pair among the
+// best k has (a+1)(b+1) <= k; in particular a, b < k, so the axis top-k lists suffice. The argument needs the
+// exact sum: with rounded sums, x[i'] > x[i] can give fl(x[i'] + y[j]) == fl(x[i] + y[j]) with i' > i, the pair
+// (i', j) then ranks below (i, j), and no per-axis preselection can be exact for that order in general (with
+// y[0] = 1e30 and |x| < 1e20, every fl sum of column 0 ties, so that order puts (0, 0) first however small x[0] is
+// among the x). The exact order and (fp32 sum, index) agree whenever no two different sums round to the same fp32
+// value (always, for instance, when all sums are exact in fp32). The argument also needs finite logits whose sums
+// stay finite: an infinite or NaN logit absorbs its partner (inf + y is the same for every y), and pairs that tie
+// only that way may come in another order, or another of them may take the k-th place, than in the brute force.
+//
+// Backward, one warp per token: dx[t, i] = sum over slots p with indices[t, p] / N == i of dscores[t, p], and
+// dy likewise with indices % N. The warp stages the k (i, j, dscore) triples in shared memory, zero-fills both
+// gradient rows, and every slot sums the dscores of all slots with its i (and its j) in slot order; the first slot
+// of each i (and of each j) writes the sum. Fixed order, no atomics, every element written on every call.
+#pragma once
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <type_traits>
+
+#include "common/dtypes.cuh"
+#include "omni_router/omni_keys.cuh"
+#include "omni_router/warp_bitonic.cuh"
+
+namespace jitmoe {
+namespace omni {
+
+constexpr int kWarps = 4;  // warps (= tokens in flight) per block
+constexpr int kThreads = 32 * kWarps;
+
+// Number of rank pairs (a, b) with (a+1)(b+1) <= kb: the candidate table's capacity for any k <= kb.
+constexpr int candidate_capacity(int kb) {
+  int count = 0;
+  for (int a = 1; a <= kb; ++a) count += kb / a;
+  return count;
+}
+
+template <class T>
+struct ForwardArgs {
+  const T* x;          // [T, N]
+  const T* y;          // [T, N]
+  T* scores;           // [T, k]
+  int32_t* indices;    // [T, k]
+  long long num_tokens;
+  int n;
+  int top_k;
+  bool vec_x, vec_y;   // rows of x / y may be read with vector loads
+};
+
+template <class T>
+struct BackwardArgs {
+  const T* grad_scores;    // [T, k]
+  const int32_t* indices;  // [T, k]
+  T* grad_x;               // [T, N]
+  T* grad_y;               // [T, N]
+  long long num_tokens;
+  int n;
+  int top_k;
+};
+
+// Fills table[c] = (a << 8) | b for the candidate rank pairs, row-major in a; returns their count. Warp 0 scans the
+// row lengths min(floor(k/(a+1)), N) for a < min(k, N); then all warps write the rows. Block-wide (two barriers).
+template <int KB>
+__device__ int build_candidate_table(uint16_t* table,    // [candidate_capacity(KB)] shared
+                                     int* row_start,     // [KB + 1] shared
+                                     int top_k, int n) {
+  constexpr int kRowsPerLane = KB / 32;
+  const int rows = min(top_k, n);
+  const int lane = threadIdx.x % 32;
+  const int warp = threadIdx.x / 32;
+  if (warp == 0) {
+    int len[kRowsPerLane];
+    int lane_total = 0;
+#pragma unroll
+    for (int q = 0; q < kRowsPerLane; ++q) {
+      const int a = lane * kRowsPerLane + q;
+      len[q] = a < rows ? min(top_k / (a + 1), n) : 0;
+      lane_total += len[q];
+    }
+    int inclusive = lane_total;
+#pragma unroll
+    for (int d = 1; d < 32; d *= 2) {
+      const int other = __shfl_up_sync(warp_bitonic::kFullMask, inclusive, d);
+      if (lane >= d) inclusive += other;
+    }
+    int start = inclusive - lane_total;
+#pragma unroll
+    for (int q = 0; q < kRowsPerLane; ++q) {
+      row_start[lane * kRowsPerLane + q] = start;
+      start += len[q];
+    }
+    if (lane == 31) row_start[KB] = inclusive;
+  }
+  __syncthreads();
+  for (int a = warp; a < rows; a += kWarps) {
+    const int first = row_start[a];
+    const int len = row_start[a + 1] - first;
+    for (int b = lane; b < len; b += 32) table[first + b] = static_cast<uint16_t>((a << 8) | b);
+  }
+  __syncthreads();
+  return row_start[KB];
+}
+
+// 4, 8 or 16 bytes from a BYTES-aligned address, as 32-bit words.
+template <int BYTES>
+__device__ __forceinline__ void load_words(const void* p /* [BYTES] */, uint32_t (&w)[BYTES / 4]) {
+  if constexpr (BYTES == 16) {
+    const uint4 u = __ldg(static_cast<const uint4*>(p));
+    w[0] = u.x, w[1] = u.y, w[2] = u.z, w[3] = u.w;
+  } else if constexpr (BYTES == 8) {
+    const uint2 u = __ldg(static_cast<const uint2*>(p));
+    w[0] = u.x, w[1] = u.y;
+  } else {
+    static_assert(BYTES == 4, "4, 8 or 16 bytes");
+    w[0] = __ldg(static_cast<const unsigned int*>(p));
+  }
+}
+
+template <class T>
+__device__ __forceinline__ uint32_t load_bits(const T* row /* [N] */, int e) {
+  if constexpr (sizeof(T) == 2) return __ldg(reinterpret_cast<const unsigned short*>(row) + e);
+  else return __ldg(reinterpret_cast<const unsigned int*>(row) + e);
+}
+
+// Axis keys of row[first .. first+V) (one lane's slots); elements at or past n become the zero key, which is
+// below every real key. With vec_ok (row 16-byte-aligned-enough and n a multiple of the piece), pieces of up to
+// 16 bytes are either wholly inside the row or wholly outside it.
+template <class T, int V>
+__device__ __forceinline__ void load_axis_keys(const T* row /* [N] */, int n, int first, bool vec_ok,
+                                               AxisKeyOf<T> (&keys)[V]) {
+  constexpr int kPieceBytes = V * sizeof(T) < 16 ? V * sizeof(T) : 16;
+  constexpr int kPieceElems = kPieceBytes / sizeof(T);
+  if constexpr (kPieceBytes >= 4) {
+    if (vec_ok) {
+#pragma unroll
+      for (int q = 0; q < V / kPieceElems; ++q) {
+        const int e0 = first + q * kPieceElems;
+        uint32_t w[kPieceBytes / 4] = {};
+        if (e0 < n) load_words<kPieceBytes>(row + e0, w);
+#pragma unroll
+        for (int j = 0; j < kPieceElems; ++j) {
+          uint32_t bits;
+          if constexpr (sizeof(T) == 2) bits = (w[j / 2] >> (16 * (j % 2))) & 0xFFFFu;  // little-endian halves
+          else bits = w[j];
+          keys[q * kPieceElems + j] = e0 < n ? axis_key<T>(bits, e0 + j) : AxisKeyOf<T>(0);
+        }
+      }
+      return;
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < V; ++r) {
+    const int e = first + r;
+    keys[r] = e < n ? axis_key<T>(load_bits(row, e), e) : AxisKeyOf<T>(0);
+  }
+}
+
+// The best KB axis keys of one row, sorted, into out[0 .. KB) (shared memory of this warp).
+template <class T, int KB, int VA>
+__device__ __forceinline__ void select_axis(const T* row,        // [N]
+                                            int n, bool vec_ok,
+                                            AxisKeyOf<T>* out,   // [KB] shared, this warp's
+                                            int lane) {
+  AxisKeyOf<T> best[VA];
+  warp_bitonic::top_keys<VA, KB>(
+      n, [&](int base, AxisKeyOf<T>(&tile)[VA]) { load_axis_keys<T, VA>(row, n, base + lane * VA, vec_ok, tile); },
+      best, lane);
+  if (lane < KB / VA) {
+#pragma unroll
+    for (int r = 0; r < VA; ++r) out[lane * VA + r] = best[r];
+  }
+}
+
+// One block: kWarps warps, each handling tokens blockIdx.x*kWarps + warp, then a grid's worth of tokens further.
+template <class T, int KB, int VA, class Candidate>
+__global__ void omni_router_forward_kernel(ForwardArgs<T> args) {
+  constexpr int VC = KB / 32;  // candidate keys per lane: a tile is exactly one chunk of KB
+  using AxisKey = AxisKeyOf<T>;
+  using CandKey = typename Candidate::Key;
+  __shared__ uint16_t table[candidate_capacity(KB)];  // [count] rank pairs (a << 8) | b
+  __shared__ int row_start[KB + 1];                   // [KB + 1] first table entry of each rank a
+  __shared__ AxisKey lists[kWarps][2][KB];            // per warp: sorted best keys of x, of y
+  const int count = build_candidate_table<KB>(table, row_start, args.top_k, args.n);
+  const int warp = threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  const AxisKey* x_best = lists[warp][0];
+  const AxisKey* y_best = lists[warp][1];
+  const long long stride = static_cast<long long>(gridDim.x) * kWarps;
+  for (long long t = static_cast<long long>(blockIdx.x) * kWarps + warp; t < args.num_tokens; t += stride) {
+    select_axis<T, KB, VA>(args.x + t * args.n, args.n, args.vec_x, lists[warp][0], lane);
+    select_axis<T, KB, VA>(args.y + t * args.n, args.n, args.vec_y, lists[warp][1], lane);
+    __syncwarp();
+    CandKey best[VC];
+    warp_bitonic::top_keys<VC, KB>(
+        count,
+        [&](int base, CandKey(&tile)[VC]) {
+#pragma unroll
+          for (int r = 0; r < VC; ++r) {
+            const int c = base + lane * VC + r;
+            if (c < count) {
+              const int pair = table[c];
+              tile[r] = candidate_key<T, Candidate>(x_best[pair >> 8], y_best[pair & 0xFF], args.n);
+            } else {
+              tile[r] = CandKey{};
+            }
+          }
+        },
+        best, lane);
+#pragma unroll
+    for (int r = 0; r < VC; ++r) {
+      const int p = lane * VC + r;
+      if (p < args.top_k) {
+        args.scores[t * args.top_k + p] = from_float<T>(Candidate::score(best[r]));
+        args.indices[t * args.top_k + p] = static_cast<int32_t>(Candidate::index(best[r]));
+      }
+    }
+    __syncwarp();  // the next token overwrites this warp's lists
+  }
+}
+
+template <class T, int KB>
+__global__ void omni_router_backward_kernel(BackwardArgs<T> args) {
+  constexpr int Q = KB / 32;                 // slots per lane
+  __shared__ int4 slots[kWarps][KB];         // per warp: (i or -1, j or -1, dscore bits, unused)
+  const int warp = threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  const int n = args.n;
+  const int k = args.top_k;
+  const long long stride = static_cast<long long>(gridDim.x) * kWarps;
+  for (long long t = static_cast<long long>(blockIdx.x) * kWarps + warp; t < args.num_tokens; t += stride) {
+    int mine_i[Q], mine_j[Q];
+#pragma unroll
+    for (int q = 0; q < Q; ++q) {
+      const int p = q * 32 + lane;
+      mine_i[q] = -1, mine_j[q] = -1;
+      if (p < k) {
+        const int flat = args.indices[t * k + p];
+        const float g = to_float(args.grad_scores[t * k + p]);
+        if (flat >= 0 && flat < n * n) mine_i[q] = flat / n, mine_j[q] = flat - (flat / n) * n;
+        slots[warp][p] = make_int4(mine_i[q], mine_j[q], __float_as_int(g), 0);
+      }
+    }
+    T* gx = args.grad_x + t * n;
+    T* gy = args.grad_y + t * n;
+    for (int e = lane; e < n; e += 32) gx[e] = from_float<T>(0.0f), gy[e] = from_float<T>(0.0f);
+    __syncwarp();  // slots visible, zero-fill ordered before the sums below
+    float sum_i[Q], sum_j[Q];
+    bool first_i[Q], first_j[Q];
+#pragma unroll
+    for (int q = 0; q < Q; ++q) sum_i[q] = 0.0f, sum_j[q] = 0.0f, first_i[q] = true, first_j[q] = true;
+    for (int o = 0; o < k; ++o) {
+      const int4 other = slots[warp][o];
+      const float g = __int_as_float(other.z);
+#pragma unroll
+      for (int q = 0; q < Q; ++q) {
+        const bool before = o < q * 32 + lane;
+        if (other.x == mine_i[q]) sum_i[q] += g, first_i[q] = first_i[q] && !before;
+        if (other.y == mine_j[q]) sum_j[q] += g, first_j[q] = first_j[q] && !before;
+      }
+    }
+#pragma unroll
+    for (int q = 0; q < Q; ++q) {
+      if (mine_i[q] >= 0 && first_i[q]) gx[mine_i[q]] = from_float<T>(sum_i[q]);
+      if (mine_j[q] >= 0 && first_j[q]) gy[mine_j[q]] = from_float<T>(sum_j[q]);
+    }
+    __syncwarp();  // the next token overwrites this warp's slots
+  }
+}
+
+// ---- host side --------------------------------------------------------------------------------------------------
+// Blocks for a grid-stride loop: enough for every token, at most what stays resident on the device at once.
+template <class Kernel>
+inline int resident_grid(Kernel kernel, long long num_tokens) {
+  int device = 0, sms = 1, per_sm = 1;
+  cudaGetDevice(&device);
+  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, 0);
+  const long long wanted = (num_tokens + kWarps - 1) / kWarps;
+  const long long resident = static_cast<long long>(std::max(per_sm, 1)) * std::max(sms, 1);
+  return static_cast<int>(std::min(wanted, resident));
+}
+
+// Whether rows of `n` elements starting at p can be read in pieces of min(16, V*sizeof(T)) bytes.
+template <class T, int V>
+inline bool rows_vectorizable(const void* p /* [T, N] */, int n) {
+  constexpr int kPieceBytes = V * sizeof(T) < 16 ? V * sizeof(T) : 16;
+  constexpr int kPieceElems = kPieceBytes / sizeof(T);
+  return kPieceBytes >= 4 && n % kPieceElems == 0 && reinterpret_cast<uintptr_t>(p) % kPieceBytes == 0;
+}
+
+template <class T, int KB, int VA, class Candidate>
+inline void launch_forward_variant(ForwardArgs<T> args, cudaStream_t stream) {
+  args.vec_x = rows_vectorizable<T, VA>(args.x, args.n);
+  args.vec_y = rows_vectorizable<T, VA>(args.y, args.n);
+  const auto kernel = omni_router_forward_kernel<T, KB, VA, Candidate>;
+  kernel<<<resident_grid(kernel, args.num_tokens), kThreads, 0, stream>>>(args);
+}
+
+// Picks the registers per lane for the axis rows (a tile of 32*VA elements: small rows waste no work on padding)
+// and the candidate key width (packed 64-bit keys for 16-bit logits with N <= 256).
+template <class T, int KB>
+inline void launch_forward(const void* x,       // [T, N]
+                           const void* y,       // [T, N]
+                           void* scores,        // [T, k]
+                           int32_t* indices,    // [T, k]
+                           long long num_tokens, int n, int top_k, cudaStream_t stream) {
+  if (num_tokens == 0) return;
+  ForwardArgs<T> args{static_cast<const T*>(x), static_cast<const T*>(y), static_cast<T*>(scores), indices,
+                      num_tokens, n, top_k, false, false};
+  using Narrow = std::conditional_t<sizeof(T) == 2, PackedCandidate<T>, WideCandidate>;
+  if constexpr (KB <= 64) {
+    if (n <= 64) return launch_forward_variant<T, KB, 2, Narrow>(args, stream);
+  }
+  if constexpr (KB <= 128) {
+    if (n <= 128) return launch_forward_variant<T, KB, 4, Narrow>(args, stream);
+  }
+  if (sizeof(T) == 2 && n <= 256) return launch_forward_variant<T, KB, 8, Narrow>(args, stream);
+  launch_forward_variant<T, KB, 8, WideCandidate>(args, stream);
+}
+
+template <class T, int KB>
+inline void launch_backward(const void* grad_scores,   // [T, k]
+                            const int32_t* indices,    // [T, k]
+                            void* grad_x,              // [T, N]
+                            void* grad_y,              // [T, N]
+                            long long num_tokens, int n, int top_k, cudaStream_t stream) {
+  if (num_tokens == 0) return;
+  const BackwardArgs<T> args{static_cast<const T*>(grad_scores), indices, static_cast<T*>(grad_x),
+                             static_cast<T*>(grad_y), num_tokens, n, top_k};
+  const auto kernel = omni_router_backward_kernel<T, KB>;
+  kernel<<<resident_grid(kernel, num_tokens), kThreads, 0, stream>>>(args);
+}
+
+}  // namespace omni
+}  // namespace jitmoe

@@ -1,0 +1,39 @@
+// Thin torch binding of the permute family. Python allocates and validates every tensor; this only unpacks them.
+#include "common/torch_binding.h"
+
+void moe_align_launch(const int32_t* topk_ids, int32_t* sorted_ids, int32_t* block_expert, int32_t* num_padded,
+                      int32_t* expert_counts, int num_slots, int num_experts, int expert_offset, int block_m,
+                      int m_pad_max, cudaStream_t stream);
+void moe_combine_launch(int dtype, const void* out_slots, const int32_t* topk_ids, void* out, int num_tokens,
+                        int topk, int hidden, int expert_offset, int num_experts, cudaStream_t stream);
+
+// topk_ids int32 [T, k]; sorted_ids int32 [m_pad_max]; block_expert int32 [m_pad_max / block_m];
+// num_padded int32 [1]; expert_counts int32 [num_experts].
+void align(at::Tensor topk_ids, at::Tensor sorted_ids, at::Tensor block_expert, at::Tensor num_padded,
+           at::Tensor expert_counts, int64_t num_experts, int64_t expert_offset, int64_t block_m) {
+  const c10::cuda::CUDAGuard guard(topk_ids.device());
+  moe_align_launch(topk_ids.data_ptr<int32_t>(), sorted_ids.data_ptr<int32_t>(), block_expert.data_ptr<int32_t>(),
+                   num_padded.data_ptr<int32_t>(), expert_counts.data_ptr<int32_t>(),
+                   static_cast<int>(topk_ids.numel()), static_cast<int>(num_experts),
+                   static_cast<int>(expert_offset), static_cast<int>(block_m),
+                   static_cast<int>(sorted_ids.numel()), jitmoe::current_stream(topk_ids));
+  JITMOE_CHECK_LAUNCH("moe_align");
+}
+
+// out_slots [T * k, H]; topk_ids int32 [T, k]; out [T, H] (same dtype as out_slots).
+void combine(at::Tensor out_slots, at::Tensor topk_ids, at::Tensor out, int64_t num_experts, int64_t expert_offset) {
+  const c10::cuda::CUDAGuard guard(out.device());
+  const auto st = out.scalar_type();
+  const int dtype = st == at::kFloat ? 0 : st == at::kBFloat16 ? 1 : st == at::kHalf ? 2 : -1;
+  TORCH_CHECK(dtype >= 0 && out_slots.scalar_type() == st, "moe_combine: unsupported dtype ", st);
+  moe_combine_launch(dtype, out_slots.data_ptr(), topk_ids.data_ptr<int32_t>(), out.data_ptr(),
+                     static_cast<int>(topk_ids.size(0)), static_cast<int>(topk_ids.size(1)),
+                     static_cast<int>(out.size(1)), static_cast<int>(expert_offset), static_cast<int>(num_experts),
+                     jitmoe::current_stream(out));
+  JITMOE_CHECK_LAUNCH("moe_combine");
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("align", &align);
+  m.def("combine", &combine);
+}

@@ -1,0 +1,151 @@
+// Fused top-k routing (softmax or sigmoid scores, optional selection bias): one launch, logits read once.
+//
+// Each row is handled by a team (row_team.cuh): one warp per row for E <= 128 * CH (CH = 16 / sizeof(T); four rows
+// per 128-thread block), a 256-thread block per row above. The team loads the row into registers with 16-byte
+// loads, computes the softmax statistics in fp32 (max-subtracted), and builds one uint32 selection key per expert:
+// without a bias the key orders like the logit itself (softmax and sigmoid are increasing, so this ranks exactly
+// like the scores and is immune to their rounding); with a bias it orders like the fp32 score + bias. select.cuh
+// then picks the k best experts under (key desc, id asc) exactly. The weights are the unbiased scores of the
+// winners (recomputed with the same fp32 expression), divided by their sum when renormalising.
+//
+// Compile-time: dtype T, KMAX (32 or 64: result slots per lane = KMAX / 32), the chunks per thread NCH and the
+// team size; everything else (T, E, k, scoring, bias, renormalize) is a run-time argument.
+#pragma once
+#include <cstdint>
+#include <cuda_runtime.h>
+#include "routing/row_team.cuh"
+#include "routing/select.cuh"
+
+namespace jitmoe::routing {
+
+struct TopkParams {
+  const void* logits;    // [T, E] of T (the spec's dtype), contiguous
+  const float* bias;     // [E] or nullptr
+  float* weights;        // [T, k]
+  int32_t* ids;          // [T, k]
+  int32_t* token_expert_indices;  // [T, k] (j * T + t) or nullptr
+  int64_t num_tokens;    // T
+  int num_experts;       // E
+  int k;
+  int scoring;           // kScoringSoftmax / kScoringSigmoid
+  bool renormalize;
+  bool vec16;            // logits 16-byte aligned and E % CH == 0
+};
+
+constexpr int kWarpTeamRowsPerBlock = 4;
+constexpr int kBlockTeamWarps = 8;
+
+// Lane j (+ 32 p) of warp 0 holds the j-th winner: computes its weight, renormalises over the k winners and stores.
+template <typename T, int P>
+__device__ __forceinline__ void store_winners(const T* row /* [E] */, const uint32_t (&win_key)[P],
+                                              const int32_t (&win_id)[P], bool biased, const Scorer& sc,
+                                              bool renormalize, float scale, int64_t t, int64_t num_tokens, int k,
+                                              float* weights /* [T, k] */, int32_t* ids /* [T, k] */,
+                                              int32_t* tei /* [T, k] or null */) {
+  const int lane = threadIdx.x % kWarpSize;
+  float w[P];
+  float local = 0.f;
+#pragma unroll
+  for (int p = 0; p < P; ++p) {
+    const int j = p * kWarpSize + lane;
+    w[p] = 0.f;
+    if (j < k) {
+      // Without a bias the key is the logit itself; with one, re-read the logit (this row is still in L1).
+      const float x = biased ? to_float(row[win_id[p]]) : key_to_float(win_key[p]);
+      w[p] = sc(x);
+    }
+    local += w[p];
+  }
+  const float total = renormalize ? warp_sum(local) : 1.f;
+#pragma unroll
+  for (int p = 0; p < P; ++p) {
+    const int j = p * kWarpSize + lane;
+    if (j >= k) continue;
+    const int64_t out = t * k + j;
+    weights[out] = (renormalize ? w[p] / total : w[p]) * scale;
+    ids[out] = win_id[p];
+    if (tei != nullptr) tei[out] = static_cast<int32_t>(j * num_tokens + t);
+  }
+}
+
+template <typename T, int NCH, int NW, int KMAX>
+__global__ void __launch_bounds__(NW == 1 ? kWarpTeamRowsPerBlock * kWarpSize : NW * kWarpSize)
+topk_route_kernel(const TopkParams p) {
+  constexpr int G = NW * kWarpSize;
+  constexpr int P = KMAX / kWarpSize;
+  using L = RowLayout<T, NCH, G>;
+  constexpr int S = L::kSlots;
+  extern __shared__ uint32_t dyn_smem[];  // per row: keys [E] then ids [E] of the candidate list
+  __shared__ uint32_t scratch[Team<NW>::kSlots * NW];
+  __shared__ int cand_count;
+
+  const int warp = threadIdx.x / kWarpSize;
+  const int lane = threadIdx.x % kWarpSize;
+  const int E = p.num_experts;
+  const int64_t t = NW == 1 ? static_cast<int64_t>(blockIdx.x) * (blockDim.x / kWarpSize) + warp : blockIdx.x;
+  if (t >= p.num_tokens) return;  // only whole warps of a warp team leave here; they share no barrier
+  const int tt = NW == 1 ? lane : static_cast<int>(threadIdx.x);  // thread index inside the team
+  uint32_t* ck = dyn_smem + (NW == 1 ? warp * 2 * E : 0);
+  int32_t* ci = reinterpret_cast<int32_t*>(ck + E);
+  if (NW > 1 && threadIdx.x == 0) cand_count = 0;  // ordered before use by the barriers below
+  const Team<NW> team{scratch};
+  const T* row = static_cast<const T*>(p.logits) + t * E;
+
+  float x[S];
+  const uint32_t valid = load_row<T, NCH, G>(row, E, tt, p.vec16, x);
+  const Scorer sc = make_scorer(p.scoring, x, valid, team, 0, 1);
+  const bool biased = p.bias != nullptr;
+  uint32_t key[S];
+#pragma unroll
+  for (int s = 0; s < S; ++s) {
+    const bool v = valid >> s & 1u;
+    const float choice = biased && v ? sc(x[s]) + __ldg(p.bias + L::expert(tt, s)) : x[s];
+    key[s] = v ? order_key(choice) : 0u;
+  }
+
+  const auto expert_of = [tt](int s) { return L::expert(tt, s); };
+  int n = gather_candidates<NW, P>(key, valid, p.k, full_warps<NW>(E, L::kChunk), expert_of, team, 2, ck, ci,
+                                   &cand_count);
+  team.sync();
+  if (NW > 1) {
+    if (warp != 0) return;
+    n = cand_count;
+  }
+  uint32_t win_key[P];
+  int32_t win_id[P];
+  warp_select(ck, ci, n, p.k, [&](int r, uint32_t m, int32_t w) {
+#pragma unroll
+    for (int q = 0; q < P; ++q) {
+      if (r == q * kWarpSize + lane) {
+        win_key[q] = m;
+        win_id[q] = w;
+      }
+    }
+  });
+  store_winners<T, P>(row, win_key, win_id, biased, sc, p.renormalize, 1.f, t, p.num_tokens, p.k, p.weights, p.ids,
+                      p.token_expert_indices);
+}
+
+template <typename T, int NCH, int NW, int KMAX>
+inline void launch_topk_team(const TopkParams& p, cudaStream_t stream) {
+  const int rows = NW == 1 ? kWarpTeamRowsPerBlock : 1;
+  const int64_t blocks = (p.num_tokens + rows - 1) / rows;
+  const size_t smem = static_cast<size_t>(rows) * 2 * p.num_experts * sizeof(uint32_t);
+  topk_route_kernel<T, NCH, NW, KMAX><<<static_cast<unsigned>(blocks), rows * NW * kWarpSize, smem, stream>>>(p);
+}
+
+// Picks the smallest team shape whose registers cover E (E <= 512 * CH is required: 4096 fp32 experts).
+template <typename T, int KMAX>
+inline void launch_topk_route(const TopkParams& p, cudaStream_t stream) {
+  constexpr int CH = 16 / static_cast<int>(sizeof(T));
+  const int E = p.num_experts;
+  if (p.num_tokens <= 0) return;
+  if (E <= 32 * CH) return launch_topk_team<T, 1, 1, KMAX>(p, stream);
+  if (E <= 64 * CH) return launch_topk_team<T, 2, 1, KMAX>(p, stream);
+  if (E <= 128 * CH) return launch_topk_team<T, 4, 1, KMAX>(p, stream);
+  if (E <= 256 * CH) return launch_topk_team<T, 1, kBlockTeamWarps, KMAX>(p, stream);
+  if (E <= 512 * CH) return launch_topk_team<T, 2, kBlockTeamWarps, KMAX>(p, stream);
+  return launch_topk_team<T, 4, kBlockTeamWarps, KMAX>(p, stream);
+}
+
+}  // namespace jitmoe::routing

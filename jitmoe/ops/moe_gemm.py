@@ -1,0 +1,494 @@
+"""Grouped GEMMs of the fused-MoE pipeline on the expert-sorted, tile-padded row order built by moe_align.
+
+GEMM1: ``inter[p] = act(x[slot // topk] @ fc1[e]^T + b1[e])``; GEMM2: ``out_slots[slot] = w[slot] * (inter[p] @
+fc2[e]^T + b2[e])`` for the real rows p (contract: csrc_templates/moe/moe_gemm_args.cuh). Two kernels implement
+it: 'sm80' (mma.sync + cp.async, any GPU from SM80 on) and 'sm90' (wgmma, sm_90a only, when its template exists).
+In this module, in order: tile configs and their heuristic, the spec builder, validation, the CPU reference, the
+torch ops, the public functions and the prewarm table.
+"""
+from __future__ import annotations
+
+import functools
+import re
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from ..jit import KernelSpec, UnsupportedSpecError, device_archs, load_module, normalize_arch
+from ..jit.spec import default_template_root
+from ._library import custom_op
+from ._validate import DTYPE_TAG, check_choice, check_int, check_tensor
+
+__all__ = ["GemmConfig", "select_config", "gemm_spec", "moe_gemm1", "moe_gemm2", "ACTIVATIONS",
+           "GATED_ACTIVATIONS"]
+
+# FlashInfer's ActivationType member names (the kernel's `Act` enumerators carry the same names).
+ACTIVATIONS = ("Gelu", "Relu", "Silu", "Swiglu", "Geglu", "SwigluBias", "Relu2", "SwigluStep", "GegluTanh",
+               "Identity", "Situ")
+GATED_ACTIVATIONS = frozenset({"Swiglu", "Geglu", "SwigluBias", "SwigluStep", "GegluTanh", "Situ"})
+KERNELS = ("sm80", "sm90")
+BLOCK_MS = (16, 32, 64, 128)
+GEMM_DTYPES = (torch.bfloat16, torch.float16)
+
+# --------------------------------------------------------------------------------------------------------------
+# Tile configs
+
+
+@dataclass(frozen=True)
+class GemmConfig:
+    """One tile configuration of one kernel. block_m is also moe_align's block size: GEMM1 and GEMM2 of one call
+    must share it (select_config guarantees that for equal num_slots, num_experts, arch and kernel)."""
+
+    kernel: str
+    block_m: int
+    block_n: int
+    block_k: int
+    stages: int
+
+    def __post_init__(self):
+        check_choice("config.kernel", self.kernel, KERNELS)
+        check_choice("config.block_m", self.block_m, BLOCK_MS)
+        for name, value, high in (("block_n", self.block_n, 256), ("block_k", self.block_k, 128)):
+            check_int(f"config.{name}", value, low=16, high=high)
+            if value % 16:
+                raise ValueError(f"config.{name}: expected a multiple of 16, got {value}")
+        check_int("config.stages", self.stages, low=2, high=8)
+
+
+# Shared memory a block may use (static + dynamic, opt-in maximum) per SM major.minor; unknown archs get the smallest.
+_SMEM_LIMIT = {80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448, 100: 232448, 103: 232448,
+               120: 101376, 121: 101376}
+_SMEM_LIMIT_DEFAULT = 101376
+
+# block_m tiers by expected rows per expert (num_slots / num_experts): (upper bound, block_m); the last is open.
+_SM80_TIERS = ((24.0, 16), (96.0, 64), (float("inf"), 128))
+_SM90_TIERS = ((96.0, 64), (float("inf"), 128))
+# (kernel, block_m) -> (block_n, block_k, stages before fitting the arch's shared memory).
+_TILES = {("sm80", 16): (64, 64, 4), ("sm80", 64): (128, 32, 4), ("sm80", 128): (128, 32, 4),
+          ("sm90", 64): (128, 64, 4), ("sm90", 128): (128, 64, 4)}
+
+
+def arch_number(arch: str) -> int:
+    """'90a' -> 90, '120a' -> 120."""
+    a = normalize_arch(arch)
+    m = re.match(r"\d+", a)
+    if a == "cpu" or not m:
+        raise ValueError(f"arch: expected a CUDA arch such as '80' or '90a', got {arch!r}")
+    return int(m.group(0))
+
+
+def smem_limit(arch: str) -> int:
+    return _SMEM_LIMIT.get(arch_number(arch), _SMEM_LIMIT_DEFAULT)
+
+
+def sm80_warps(block_m: int, block_n: int, gated: bool) -> tuple[int, int]:
+    """(warps along M, warps along N) of the SM80 kernel: mirrors TileConfig in moe_gemm_sm80.cuh."""
+    rows_b = block_n * (2 if gated else 1)
+    warps = min(max(block_m * rows_b // (32 * 64), 4), 8)
+    warps_m = 2 if block_m >= 64 else 1
+    return warps_m, warps // warps_m
+
+
+def sm80_smem_bytes(cfg: GemmConfig, gated: bool) -> int:
+    """Static + dynamic shared memory of the SM80 kernel for this tile (mirrors TileConfig::kSmemBytes)."""
+    rows_b = cfg.block_n * (2 if gated else 1)
+    ring = cfg.stages * (cfg.block_m + rows_b) * (cfg.block_k + 8)
+    epilogue = cfg.block_m * (cfg.block_n + 8)
+    return 2 * max(ring, epilogue) + 4 * cfg.block_m
+
+
+def sm80_tile_problem(cfg: GemmConfig, gated: bool, arch: str) -> str | None:
+    """Why the SM80 kernel cannot run this tile on ``arch`` (its static_asserts plus shared memory), or None."""
+    warps_m, warps_n = sm80_warps(cfg.block_m, cfg.block_n, gated)
+    warp_m, warp_n = cfg.block_m // warps_m, cfg.block_n // warps_n
+    if warp_m % 16 or warp_n % 16 or cfg.block_n % warps_n:
+        return (f"block_n={cfg.block_n} gives {warps_n} warps of {cfg.block_n / warps_n:g} columns "
+                "(need multiples of 16)")
+    accumulators = (2 if gated else 1) * (warp_m // 16) * (warp_n // 8) * 4
+    if accumulators > 128:
+        return f"{accumulators} fp32 accumulators per thread (at most 128): shrink block_m or block_n"
+    need, limit = sm80_smem_bytes(cfg, gated), smem_limit(arch)
+    if need > limit:
+        return f"needs {need} bytes of shared memory, sm_{arch} has {limit}: lower stages or block_k"
+    return None
+
+
+def _fit_stages(kernel: str, block_m: int, arch: str) -> GemmConfig:
+    """The tier's tile with the most stages (up to the table's) that fits the arch when gated (the larger case)."""
+    block_n, block_k, stages = _TILES[(kernel, block_m)]
+    while True:
+        cfg = GemmConfig(kernel, block_m, block_n, block_k, stages)
+        if stages == 2 or sm80_smem_bytes(cfg, gated=True) <= smem_limit(arch):
+            return cfg
+        stages -= 1
+
+
+@functools.lru_cache(maxsize=None)
+def available_kernels() -> tuple[str, ...]:
+    """Kernels whose template ships in csrc_templates/moe (the SM90 one may not exist yet)."""
+    root = default_template_root() / "moe"
+    return tuple(k for k in KERNELS if (root / k / "gemm.cu").is_file())
+
+
+def kernels_for_arch(arch: str, kernels=None) -> tuple[str, ...]:
+    """Kernels that can run on ``arch``, preferred first."""
+    kernels = available_kernels() if kernels is None else tuple(kernels)
+    if arch_number(arch) < 80:
+        return ()
+    on_arch = ["sm90"] if normalize_arch(arch) == "90a" and "sm90" in kernels else []
+    return tuple(on_arch + (["sm80"] if "sm80" in kernels else []))
+
+
+def select_config(num_slots: int, num_experts: int, n: int, k: int, arch: str, dtype, *,
+                  kernel: str | None = None, kernels=None) -> GemmConfig:
+    """Tile config for one grouped GEMM of ``num_slots`` (token, choice) rows over ``num_experts`` local experts.
+
+    block_m grows with the expected rows per expert (decode: 16, prefill: 128) and depends only on (num_slots,
+    num_experts, arch, kernel), so GEMM1 and GEMM2 of one call get the same one. ``kernel`` forces 'sm80' or 'sm90';
+    by default 'sm90' on arch 90a when its template exists (``kernels`` overrides that list), else 'sm80'. ``n`` and
+    ``k`` (output columns, reduction length) are validated; the tuning issue will use them.
+    """
+    check_int("num_slots", num_slots, low=0)
+    check_int("num_experts", num_experts, low=1)
+    check_int("n", n, low=1)
+    check_int("k", k, low=1)
+    tag = DTYPE_TAG.get(dtype, dtype)
+    check_choice("dtype", tag, ("bf16", "fp16"))
+    candidates = kernels_for_arch(arch, kernels)
+    if not candidates:
+        raise ValueError(f"arch: the MoE GEMM kernels need SM80 or newer with kernels {kernels or available_kernels()},"
+                         f" got {arch!r}")
+    if kernel is None:
+        kernel = candidates[0]
+    elif kernel not in candidates:
+        raise ValueError(f"kernel: expected one of {candidates} on arch {arch!r}, got {kernel!r}")
+    rows_per_expert = num_slots / num_experts
+    tiers = _SM90_TIERS if kernel == "sm90" else _SM80_TIERS
+    block_m = next(bm for bound, bm in tiers if rows_per_expert <= bound)
+    return _fit_stages(kernel, block_m, normalize_arch(arch))
+
+
+def default_configs(kernel: str, arch: str) -> list[GemmConfig]:
+    """Every config select_config can return for ``kernel`` on ``arch`` (what prewarm builds)."""
+    tiers = _SM90_TIERS if kernel == "sm90" else _SM80_TIERS
+    return [_fit_stages(kernel, bm, normalize_arch(arch)) for _, bm in tiers]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Spec builder
+
+
+def activation_name(activation) -> str:
+    """An ActivationType member (any enum with FlashInfer's names) or its name -> the name."""
+    name = getattr(activation, "name", activation)
+    check_choice("activation", name, ACTIVATIONS)
+    return name
+
+
+@functools.lru_cache(maxsize=512)
+def gemm_spec(cfg: GemmConfig, dtype: str, mode: str, activation: str, archs: tuple[str, ...]) -> KernelSpec:
+    """The spec of one GEMM: ``mode`` 'gemm1' (with ``activation``) or 'gemm2' (activation must be 'Identity')."""
+    check_choice("dtype", dtype, ("bf16", "fp16"))
+    check_choice("mode", mode, ("gemm1", "gemm2"))
+    activation = activation_name(activation)
+    if mode == "gemm2" and activation != "Identity":
+        raise UnsupportedSpecError(f"moe_gemm: GEMM2 is built with activation 'Identity', got {activation!r}")
+    archs = tuple(normalize_arch(a) for a in archs)
+    gated = mode == "gemm1" and activation in GATED_ACTIVATIONS
+    if cfg.kernel == "sm90" and any(a != "90a" for a in archs):
+        raise UnsupportedSpecError(f"moe_gemm: the sm90 kernel needs arch 90a only, got archs {archs}")
+    if cfg.kernel == "sm80":
+        for arch in archs:
+            if arch_number(arch) < 80:
+                raise UnsupportedSpecError(f"moe_gemm: the sm80 kernel needs SM80 or newer, got arch {arch!r}")
+            problem = sm80_tile_problem(cfg, gated, arch)
+            if problem:
+                raise UnsupportedSpecError(f"moe_gemm: tile {cfg} unsupported: {problem}")
+    params = {"kernel": cfg.kernel, "dtype": dtype, "act": activation, "mode": mode, "block_m": cfg.block_m,
+              "block_n": cfg.block_n, "block_k": cfg.block_k, "stages": cfg.stages}
+    # The SM80 kernel is plain PTX; only the SM90 one needs the CUTLASS/CuTe headers.
+    return KernelSpec.create("moe_gemm", "moe", (f"{cfg.kernel}/gemm.cu", "moe_gemm_binding.cpp"), params, archs,
+                             cutlass=cfg.kernel == "sm90")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Validation (the pipeline validates user input; this checks internal consistency cheaply, without a host sync)
+
+
+def _check_routing(sorted_ids, block_expert, num_padded, device, config) -> int:
+    """The moe_align outputs; returns m_pad_max."""
+    if not isinstance(config, GemmConfig):
+        raise TypeError(f"config: expected a GemmConfig, got {type(config).__name__}")
+    check_tensor("sorted_ids", sorted_ids, ndim=1, dtypes=(torch.int32,), device=device)
+    m_pad_max = sorted_ids.shape[0]
+    if m_pad_max % config.block_m:
+        raise ValueError(f"sorted_ids: expected a length that is a multiple of block_m={config.block_m}, "
+                         f"got {m_pad_max}")
+    check_tensor("block_expert", block_expert, ndim=1, dtypes=(torch.int32,), device=device)
+    if block_expert.shape[0] != m_pad_max // config.block_m:
+        raise ValueError(f"block_expert: expected {m_pad_max // config.block_m} entries (len(sorted_ids) / "
+                         f"block_m), got {block_expert.shape[0]}")
+    check_tensor("num_padded", num_padded, dtypes=(torch.int32,), device=device)
+    if num_padded.numel() != 1:
+        raise ValueError(f"num_padded: expected 1 element, got shape {tuple(num_padded.shape)}")
+    return m_pad_max
+
+
+def _check_weights(name, w, a, bias_name, bias, n_b) -> None:
+    """w: [E, n_b, K] in a's dtype; bias: [E, n_b] or None."""
+    check_tensor(name, w, ndim=3, dtypes=(a.dtype,), device=a.device)
+    if w.shape[1:] != (n_b, a.shape[1]):
+        raise ValueError(f"{name}: expected shape [E, {n_b}, {a.shape[1]}], got {tuple(w.shape)}")
+    if bias is not None:
+        check_tensor(bias_name, bias, ndim=2, dtypes=(a.dtype,), device=a.device)
+        if tuple(bias.shape) != (w.shape[0], n_b):
+            raise ValueError(f"{bias_name}: expected shape [{w.shape[0]}, {n_b}], got {tuple(bias.shape)}")
+
+
+def _check_out(out, rows, n, a) -> None:
+    check_tensor("out", out, ndim=2, dtypes=(a.dtype,), device=a.device)
+    if tuple(out.shape) != (rows, n):
+        raise ValueError(f"out: expected shape [{rows}, {n}], got {tuple(out.shape)}")
+
+
+def _check_multiple_of_8(name, value) -> None:
+    if value % 8:
+        raise ValueError(f"{name}: expected a multiple of 8, got {value}")
+
+
+def _check_per_expert(name, t, num_experts, device) -> None:
+    if t is not None:
+        check_tensor(name, t, ndim=1, dtypes=(torch.float32,), device=device)
+        if t.shape[0] != num_experts:
+            raise ValueError(f"{name}: expected {num_experts} values (one per local expert), got {t.shape[0]}")
+
+
+def _ctas(m_pad_max: int, n: int, config: GemmConfig) -> int:
+    """CTAs of one launch: M blocks x N blocks."""
+    return m_pad_max // config.block_m * -(-n // config.block_n)
+
+
+def _check_int32_range(**sizes) -> None:
+    for name, value in sizes.items():
+        if value >= 2**31:
+            raise ValueError(f"{name}: expected < 2**31 (the kernels index with int32), got {value}")
+
+
+def _check_gemm1(x, fc1, sorted_ids, block_expert, num_padded, out, topk, activation, fc1_bias, params, config):
+    check_tensor("x", x, ndim=2, dtypes=GEMM_DTYPES)
+    check_int("topk", topk, low=1)
+    m_pad_max = _check_routing(sorted_ids, block_expert, num_padded, x.device, config)
+    check_tensor("fc1", fc1, ndim=3, dtypes=(x.dtype,), device=x.device)
+    gated = activation in GATED_ACTIVATIONS
+    if gated and fc1.shape[1] % 2:
+        raise ValueError(f"fc1: a gated activation needs [E, 2N, K] (up rows, then gate rows), got {tuple(fc1.shape)}")
+    n = fc1.shape[1] // 2 if gated else fc1.shape[1]
+    _check_weights("fc1", fc1, x, "fc1_bias", fc1_bias, fc1.shape[1])
+    _check_out(out, m_pad_max, n, x)
+    _check_multiple_of_8("K (x.shape[1])", x.shape[1])
+    _check_multiple_of_8("N (out.shape[1])", n)
+    for name, t in params.items():
+        _check_per_expert(name, t, fc1.shape[0], x.device)
+    _check_int32_range(num_slots=x.shape[0] * topk, m_pad_max=m_pad_max, ctas=_ctas(m_pad_max, n, config))
+    return n
+
+
+def _check_gemm2(inter, fc2, sorted_ids, block_expert, num_padded, slot_weights, out, fc2_bias, config):
+    check_tensor("inter", inter, ndim=2, dtypes=GEMM_DTYPES)
+    m_pad_max = _check_routing(sorted_ids, block_expert, num_padded, inter.device, config)
+    if inter.shape[0] != m_pad_max:
+        raise ValueError(f"inter: expected {m_pad_max} rows (len(sorted_ids)), got {inter.shape[0]}")
+    check_tensor("fc2", fc2, ndim=3, dtypes=(inter.dtype,), device=inter.device)
+    n = fc2.shape[1]
+    _check_weights("fc2", fc2, inter, "fc2_bias", fc2_bias, n)
+    check_tensor("out", out, ndim=2, dtypes=(inter.dtype,), device=inter.device)
+    num_slots = out.shape[0]
+    _check_out(out, num_slots, n, inter)
+    if slot_weights is not None:
+        check_tensor("slot_weights", slot_weights, dtypes=(torch.float32,), device=inter.device)
+        if slot_weights.numel() != num_slots:
+            raise ValueError(f"slot_weights: expected {num_slots} values (one per slot), got {slot_weights.numel()}")
+    _check_multiple_of_8("K (inter.shape[1])", inter.shape[1])
+    _check_multiple_of_8("N (out.shape[1])", n)
+    _check_int32_range(num_slots=num_slots, m_pad_max=m_pad_max, ctas=_ctas(m_pad_max, n, config))
+    return num_slots, n
+
+
+def _check_aligned(**tensors) -> None:
+    """16-byte vector loads and stores need 16-byte aligned bases (rows are multiples of 8 elements)."""
+    for name, t in tensors.items():
+        if t.data_ptr() % 16:
+            raise ValueError(f"{name}: expected a 16-byte aligned data pointer, got address {t.data_ptr():#x}")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# CPU reference (also the GPU tests' oracle): fp32 math, results rounded to the output dtype.
+
+
+def act_reference(activation: str, up, gate, alpha=1.0, beta=0.0, limit=None):
+    """activation.cuh in torch (fp32 tensors; alpha/beta/limit are per-expert scalars)."""
+    if limit is None:
+        limit = 7.0 if activation == "SwigluStep" else float("inf")
+    gelu_tanh = functools.partial(torch.nn.functional.gelu, approximate="tanh")
+    simple = {"Gelu": torch.nn.functional.gelu, "Relu": torch.relu, "Silu": torch.nn.functional.silu,
+              "Relu2": lambda u: torch.relu(u) ** 2, "Identity": lambda u: u}
+    if activation in simple:
+        return simple[activation](up)
+    glu = {"Swiglu": torch.nn.functional.silu, "Geglu": torch.nn.functional.gelu, "GegluTanh": gelu_tanh}
+    if activation in glu:
+        return glu[activation](gate) * up
+    if activation == "SwigluBias":
+        g = gate.clamp(max=limit)
+        return g * torch.sigmoid(alpha * g) * (up.clamp(-limit, limit) + beta)
+    if activation == "SwigluStep":
+        return torch.nn.functional.silu(gate).clamp(max=limit) * up.clamp(-limit, limit)
+    if activation == "Situ":
+        return 4.0 * torch.tanh(gate / 4.0) * torch.sigmoid(gate) * (25.0 * torch.tanh(up / 25.0))
+    raise ValueError(f"activation: expected one of {ACTIVATIONS}, got {activation!r}")
+
+
+def _real_rows(sorted_ids, block_expert, num_padded, num_slots, num_experts, block_m):
+    """(row positions p, their slots, their experts) of the real rows among the first num_padded."""
+    used = min(int(num_padded.reshape(-1)[0]), sorted_ids.shape[0])
+    p = torch.arange(max(used, 0), device=sorted_ids.device)
+    slots = sorted_ids[p].long()
+    experts = block_expert[p // block_m].long()
+    real = (slots >= 0) & (slots < num_slots) & (experts >= 0) & (experts < num_experts)
+    return p[real], slots[real], experts[real]
+
+
+def _per_expert(t, e: int, default):
+    return default if t is None else float(t[e])
+
+
+def gemm1_reference(x, fc1, sorted_ids, block_expert, num_padded, out, topk, activation, fc1_bias, alpha, beta,
+                    limit, block_m) -> None:
+    """Writes the real rows of ``out`` (inter); padding rows are left as they are."""
+    gated = activation in GATED_ACTIVATIONS
+    n = out.shape[1]
+    rows, slots, experts = _real_rows(sorted_ids, block_expert, num_padded, x.shape[0] * topk, fc1.shape[0], block_m)
+    for e in experts.unique().tolist():
+        sel = experts == e
+        h = x[slots[sel] // topk].float() @ fc1[e].float().t()
+        if fc1_bias is not None:
+            h = h + fc1_bias[e].float()
+        up, gate = (h[:, :n], h[:, n:]) if gated else (h, None)
+        y = act_reference(activation, up, gate, _per_expert(alpha, e, 1.0), _per_expert(beta, e, 0.0),
+                          _per_expert(limit, e, None))
+        out[rows[sel]] = y.to(out.dtype)
+
+
+def gemm2_reference(inter, fc2, sorted_ids, block_expert, num_padded, slot_weights, out, fc2_bias, block_m) -> None:
+    """Writes out[slot] for the real rows; other rows of ``out`` are left as they are."""
+    rows, slots, experts = _real_rows(sorted_ids, block_expert, num_padded, out.shape[0], fc2.shape[0], block_m)
+    for e in experts.unique().tolist():
+        sel = experts == e
+        y = inter[rows[sel]].float() @ fc2[e].float().t()
+        if fc2_bias is not None:
+            y = y + fc2_bias[e].float()
+        if slot_weights is not None:
+            y = y * slot_weights.reshape(-1)[slots[sel]].float()[:, None]
+        out[slots[sel]] = y.to(out.dtype)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# torch ops: CUDA tensors run the kernel, CPU tensors the reference. The config travels as plain fields.
+
+
+@custom_op("jitmoe::moe_gemm1", mutates_args=("out",))
+def _moe_gemm1_op(x: torch.Tensor, fc1: torch.Tensor, sorted_ids: torch.Tensor, block_expert: torch.Tensor,
+                  num_padded: torch.Tensor, out: torch.Tensor, topk: int, activation: str,
+                  fc1_bias: Optional[torch.Tensor], swiglu_alpha: Optional[torch.Tensor],
+                  swiglu_beta: Optional[torch.Tensor], swiglu_limit: Optional[torch.Tensor], kernel: str,
+                  block_m: int, block_n: int, block_k: int, stages: int) -> None:
+    if not x.is_cuda:
+        gemm1_reference(x, fc1, sorted_ids, block_expert, num_padded, out, topk, activation, fc1_bias,
+                        swiglu_alpha, swiglu_beta, swiglu_limit, block_m)
+        return
+    _check_aligned(x=x, fc1=fc1, out=out)
+    cfg = GemmConfig(kernel, block_m, block_n, block_k, stages)
+    spec = gemm_spec(cfg, DTYPE_TAG[x.dtype], "gemm1", activation, device_archs(x.device))
+    load_module(spec).run(x, fc1, fc1_bias, out, sorted_ids, block_expert, num_padded, None, swiglu_alpha,
+                          swiglu_beta, swiglu_limit, x.shape[0] * topk, topk, out.shape[1], x.shape[1])
+
+
+@_moe_gemm1_op.register_fake
+def _(x, fc1, sorted_ids, block_expert, num_padded, out, topk, activation, fc1_bias, swiglu_alpha, swiglu_beta,
+      swiglu_limit, kernel, block_m, block_n, block_k, stages) -> None:
+    return None
+
+
+@custom_op("jitmoe::moe_gemm2", mutates_args=("out",))
+def _moe_gemm2_op(inter: torch.Tensor, fc2: torch.Tensor, sorted_ids: torch.Tensor, block_expert: torch.Tensor,
+                  num_padded: torch.Tensor, slot_weights: Optional[torch.Tensor], out: torch.Tensor,
+                  fc2_bias: Optional[torch.Tensor], kernel: str, block_m: int, block_n: int, block_k: int,
+                  stages: int) -> None:
+    if not inter.is_cuda:
+        gemm2_reference(inter, fc2, sorted_ids, block_expert, num_padded, slot_weights, out, fc2_bias, block_m)
+        return
+    _check_aligned(inter=inter, fc2=fc2, out=out)
+    cfg = GemmConfig(kernel, block_m, block_n, block_k, stages)
+    spec = gemm_spec(cfg, DTYPE_TAG[inter.dtype], "gemm2", "Identity", device_archs(inter.device))
+    load_module(spec).run(inter, fc2, fc2_bias, out, sorted_ids, block_expert, num_padded, slot_weights, None, None,
+                          None, out.shape[0], 1, out.shape[1], inter.shape[1])
+
+
+@_moe_gemm2_op.register_fake
+def _(inter, fc2, sorted_ids, block_expert, num_padded, slot_weights, out, fc2_bias, kernel, block_m, block_n,
+      block_k, stages) -> None:
+    return None
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Public functions
+
+
+def moe_gemm1(x, fc1, sorted_ids, block_expert, num_padded, *, out, topk, activation="Swiglu", fc1_bias=None,
+              swiglu_alpha=None, swiglu_beta=None, swiglu_limit=None, config: GemmConfig) -> torch.Tensor:
+    """GEMM1 of the fused MoE: ``out[p] = act(x[sorted_ids[p] // topk] @ fc1[e]^T + fc1_bias[e])`` for every real
+    row p < num_padded (e = block_expert[p // block_m]); padding rows of ``out`` hold unspecified values.
+
+    x [T, K]; fc1 [E, 2N, K] (up rows, then gate rows) for gated activations, else [E, N, K]; out [m_pad_max, N];
+    sorted_ids int32 [m_pad_max]; block_expert int32 [m_pad_max / block_m]; num_padded int32 [1] (on the device);
+    swiglu_alpha/beta/limit float32 [E] or None. Returns ``out``.
+    """
+    activation = activation_name(activation)
+    params = {"swiglu_alpha": swiglu_alpha, "swiglu_beta": swiglu_beta, "swiglu_limit": swiglu_limit}
+    _check_gemm1(x, fc1, sorted_ids, block_expert, num_padded, out, topk, activation, fc1_bias, params, config)
+    _moe_gemm1_op(x, fc1, sorted_ids, block_expert, num_padded, out, topk, activation, fc1_bias, swiglu_alpha,
+                  swiglu_beta, swiglu_limit, config.kernel, config.block_m, config.block_n, config.block_k,
+                  config.stages)
+    return out
+
+
+def moe_gemm2(inter, fc2, sorted_ids, block_expert, num_padded, slot_weights, *, out, fc2_bias=None,
+              config: GemmConfig) -> torch.Tensor:
+    """GEMM2 of the fused MoE: ``out[s] = slot_weights[s] * (inter[p] @ fc2[e]^T + fc2_bias[e])`` with s =
+    sorted_ids[p], for every real row p < num_padded. Rows of ``out`` whose slot has no real row are not written.
+
+    inter [m_pad_max, K]; fc2 [E, N, K]; out [num_slots, N]; slot_weights float32 [num_slots] (None: 1). Returns out.
+    """
+    _check_gemm2(inter, fc2, sorted_ids, block_expert, num_padded, slot_weights, out, fc2_bias, config)
+    _moe_gemm2_op(inter, fc2, sorted_ids, block_expert, num_padded, slot_weights, out, fc2_bias, config.kernel,
+                  config.block_m, config.block_n, config.block_k, config.stages)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Prewarm: every GEMM spec the pipeline can pick (each activation for GEMM1, plus GEMM2) at every default config.
+
+
+def _prewarm_specs(dtypes, topks, archs) -> list[KernelSpec]:
+    del topks  # top-k is a run-time value of these kernels
+    specs = []
+    for arch in dict.fromkeys(normalize_arch(a) for a in archs):
+        for kernel in kernels_for_arch(arch):
+            for cfg in default_configs(kernel, arch):
+                for dtype in (d for d in dtypes if d in ("bf16", "fp16")):
+                    specs += [gemm_spec(cfg, dtype, "gemm1", act, (arch,)) for act in ACTIVATIONS]
+                    specs.append(gemm_spec(cfg, dtype, "gemm2", "Identity", (arch,)))
+    return specs
+
+
+PREWARM = {"fused_moe": _prewarm_specs}

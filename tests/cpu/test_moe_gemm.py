@@ -1,0 +1,399 @@
+"""Grouped GEMMs of the fused-MoE pipeline without a GPU: the tile heuristic, the spec builder, prewarm, the CPU path
+(reference semantics against a per-row loop), every validation error, the fake impl, and nvcc -c of the SM80
+template (skipped without nvcc)."""
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+
+import pytest
+import torch
+
+from jitmoe.jit import UnsupportedSpecError, compile_cuda_sources
+from jitmoe.jit.arch import find_nvcc
+from jitmoe.ops import moe_gemm as mg
+from jitmoe.ops.moe_gemm import GemmConfig, moe_gemm1, moe_gemm2, select_config
+from jitmoe.testing import poison_
+
+ARCHS = ("80", "86", "89", "90a", "100a", "120a")
+BOTH = ("sm80", "sm90")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# select_config
+@pytest.mark.parametrize("arch", ARCHS)
+def test_block_m_grows_with_rows_per_expert(arch):
+    for kernel in mg.kernels_for_arch(arch, BOTH):
+        block_ms = [select_config(slots, 8, 1024, 2048, arch, "bf16", kernel=kernel, kernels=BOTH).block_m
+                    for slots in (0, 1, 8, 64, 192, 512, 1024, 8192, 65536)]
+        assert block_ms == sorted(block_ms)
+        assert block_ms[-1] == 128
+        assert block_ms[0] == (16 if kernel == "sm80" else 64)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_gemm1_and_gemm2_share_block_m(arch):
+    for slots, experts, hidden, inter in ((1, 8, 4096, 14336), (2048, 128, 2048, 768), (32768, 256, 7168, 2048)):
+        g1 = select_config(slots, experts, 2 * inter, hidden, arch, torch.bfloat16, kernels=BOTH)
+        g2 = select_config(slots, experts, hidden, inter, arch, torch.bfloat16, kernels=BOTH)
+        assert g1.block_m == g2.block_m and g1.kernel == g2.kernel
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_default_configs_fit_the_sm80_kernel(arch):
+    """Every config of either kernel runs on the SM80 kernel of that arch (so forcing 'sm80' never fails)."""
+    for kernel in mg.kernels_for_arch(arch, BOTH):
+        for cfg in mg.default_configs(kernel, arch):
+            as_sm80 = dataclasses.replace(cfg, kernel="sm80")
+            for gated in (False, True):
+                assert mg.sm80_tile_problem(as_sm80, gated, arch) is None, (cfg, gated)
+
+
+def test_select_config_returns_only_default_configs():
+    for arch in ARCHS:
+        for kernel in mg.kernels_for_arch(arch, BOTH):
+            defaults = set(mg.default_configs(kernel, arch))
+            for slots in (0, 3, 100, 1000, 10**5):
+                assert select_config(slots, 16, 512, 512, arch, "fp16", kernel=kernel, kernels=BOTH) in defaults
+
+
+def test_kernel_choice():
+    assert select_config(64, 8, 256, 256, "90a", "bf16", kernels=BOTH).kernel == "sm90"
+    assert select_config(64, 8, 256, 256, "90a", "bf16", kernels=("sm80",)).kernel == "sm80"
+    assert select_config(64, 8, 256, 256, "90a", "bf16", kernel="sm80", kernels=BOTH).kernel == "sm80"
+    for arch in ("80", "86", "90", "100a"):
+        assert select_config(64, 8, 256, 256, arch, "bf16", kernels=BOTH).kernel == "sm80"
+    with pytest.raises(ValueError, match="kernel"):
+        select_config(64, 8, 256, 256, "80", "bf16", kernel="sm90", kernels=BOTH)
+
+
+def test_select_config_is_pure_and_accepts_dtype_tags():
+    a = select_config(300, 8, 256, 256, "80", torch.float16)
+    b = select_config(300, 8, 256, 256, "sm_80", "fp16")
+    assert a == b and hash(a) == hash(b)
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    ({"arch": "75"}, ValueError, "arch"),
+    ({"arch": "cpu"}, ValueError, "arch"),
+    ({"dtype": "fp32"}, ValueError, "dtype"),
+    ({"dtype": torch.float32}, ValueError, "dtype"),
+    ({"num_slots": -1}, ValueError, "num_slots"),
+    ({"num_experts": 0}, ValueError, "num_experts"),
+    ({"n": True}, TypeError, "n"),
+    ({"k": 0}, ValueError, "k"),
+])
+def test_select_config_rejects(kwargs, error, match):
+    args = {"num_slots": 8, "num_experts": 4, "n": 256, "k": 256, "arch": "80", "dtype": "bf16", **kwargs}
+    with pytest.raises(error, match=match):
+        select_config(**args)
+
+
+@pytest.mark.parametrize("field, value", [("kernel", "sm70"), ("block_m", 48), ("block_n", 24), ("block_n", 512),
+                                          ("block_k", 8), ("stages", 1), ("stages", 2.0)])
+def test_gemm_config_validation(field, value):
+    fields = {"kernel": "sm80", "block_m": 64, "block_n": 128, "block_k": 32, "stages": 4, field: value}
+    with pytest.raises((ValueError, TypeError), match=f"config.{field}"):
+        GemmConfig(**fields)
+
+
+def test_gemm_config_is_frozen():
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        GemmConfig("sm80", 64, 128, 32, 4).block_m = 16
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Specs and prewarm
+def test_spec_name_sources_and_rendering():
+    cfg = GemmConfig("sm80", 64, 128, 32, 4)
+    spec = mg.gemm_spec(cfg, "bf16", "gemm1", "SwigluBias", ("80",))
+    assert spec.readable_name.startswith("moe_gemm_sm80_bf16_SwigluBias_gemm1_block_m64_block_n128_block_k32")
+    assert spec.sources == ("sm80/gemm.cu", "moe_gemm_binding.cpp") and not spec.cutlass
+    text = spec.rendered_sources()["sm80/gemm.cu"]
+    assert "Act::SwigluBias, sm80::GemmMode::gemm1, 64, 128, 32," in text and "$" not in text
+    assert mg.gemm_spec(cfg, "fp16", "gemm2", "Identity", ("90a",)).archs == ("90a",)
+
+
+@pytest.mark.parametrize("cfg, dtype, mode, act, archs", [
+    (GemmConfig("sm80", 64, 128, 32, 4), "bf16", "gemm2", "Swiglu", ("80",)),      # GEMM2 takes Identity
+    (GemmConfig("sm80", 64, 128, 32, 4), "fp32", "gemm1", "Swiglu", ("80",)),      # no fp32 kernel
+    (GemmConfig("sm80", 64, 128, 32, 4), "bf16", "gemm3", "Swiglu", ("80",)),
+    (GemmConfig("sm80", 64, 128, 32, 4), "bf16", "gemm1", "Swish", ("80",)),
+    (GemmConfig("sm80", 64, 128, 32, 4), "bf16", "gemm1", "Swiglu", ("75",)),      # before SM80
+    (GemmConfig("sm90", 64, 128, 64, 4), "bf16", "gemm1", "Swiglu", ("80",)),      # wgmma needs 90a
+    (GemmConfig("sm80", 128, 256, 32, 2), "bf16", "gemm1", "Swiglu", ("90a",)),    # 256 accumulators / thread
+    (GemmConfig("sm80", 128, 128, 64, 8), "bf16", "gemm1", "Swiglu", ("90a",)),    # shared memory
+    (GemmConfig("sm80", 128, 128, 32, 4), "bf16", "gemm1", "Swiglu", ("86",)),     # 99 KiB on sm_86
+])
+def test_spec_rejects_unsupported(cfg, dtype, mode, act, archs):
+    with pytest.raises((UnsupportedSpecError, ValueError)):
+        mg.gemm_spec(cfg, dtype, mode, act, archs)
+
+
+def test_activation_enum_members_are_accepted_by_name():
+    from enum import IntEnum
+    Act = IntEnum("ActivationType", {"Gelu": 0, "Swiglu": 3})
+    assert mg.activation_name(Act.Swiglu) == "Swiglu"
+    with pytest.raises(ValueError, match="activation"):
+        mg.activation_name("swiglu")
+
+
+def test_prewarm_covers_every_activation_at_every_default_config():
+    specs = mg.PREWARM["fused_moe"](["fp32", "bf16", "fp16"], [1, 2, 8], ["80", "90a"])
+    names = [s.readable_name for s in specs]
+    assert len(names) == len(set(names)) and not any("fp32" in n for n in names)
+    table = {}
+    for s in specs:
+        p = dict(s.params)
+        key = (s.archs, p["kernel"], p["dtype"], p["block_m"], p["block_n"], p["block_k"], p["stages"])
+        table.setdefault(key, set()).add((p["mode"], p["act"]))
+    expected = {("gemm1", a) for a in mg.ACTIVATIONS} | {("gemm2", "Identity")}
+    assert all(v == expected for v in table.values())
+    for arch in ("80", "90a"):
+        for kernel in mg.kernels_for_arch(arch):
+            for slots in (1, 256, 4096, 65536):
+                cfg = select_config(slots, 8, 1024, 1024, arch, "bf16", kernel=kernel)
+                key = ((arch,), kernel, "bf16", cfg.block_m, cfg.block_n, cfg.block_k, cfg.stages)
+                assert key in table
+
+
+def test_act_reference_spot_values():
+    u = torch.tensor([100.0, -3.0, 0.5])
+    g = torch.tensor([100.0, 2.0, -1.0])
+    silu_g = torch.nn.functional.silu(g)
+    torch.testing.assert_close(mg.act_reference("Swiglu", u, g), silu_g * u)
+    torch.testing.assert_close(mg.act_reference("SwigluBias", u, g), silu_g * u)  # default alpha 1, beta 0, no limit
+    torch.testing.assert_close(mg.act_reference("SwigluStep", u, g), silu_g.clamp(max=7) * u.clamp(-7, 7))
+    torch.testing.assert_close(mg.act_reference("SwigluStep", u, g)[0], torch.tensor(49.0))  # default limit 7
+    torch.testing.assert_close(mg.act_reference("SwigluBias", u, g, 2.0, 1.0, 1.0)[0],
+                               torch.sigmoid(torch.tensor(2.0)) * 2.0)  # g, u clamped to 1: 1 * sig(2) * (1 + 1)
+    torch.testing.assert_close(mg.act_reference("Relu2", u, None), torch.tensor([10000.0, 0.0, 0.25]))
+    torch.testing.assert_close(mg.act_reference("Identity", u, None), u)
+    torch.testing.assert_close(mg.act_reference("Situ", u, torch.zeros(3)), torch.zeros(3))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The CPU path (reference semantics) against a per-row loop
+def build_routing(ids: torch.Tensor, num_experts: int, block_m: int):
+    """moe_align's layout, with one unused (-1) block after the first expert and one poisoned block past the end."""
+    flat = ids.flatten()
+    num_slots = flat.numel()
+    rows, blocks = [], []
+    for e in range(num_experts):
+        slots = (flat == e).nonzero().flatten().tolist()
+        n_blocks = math.ceil(len(slots) / block_m)
+        rows += slots + [num_slots] * (n_blocks * block_m - len(slots))
+        blocks += [e] * n_blocks
+        if e == 0:
+            rows += [num_slots + 3] * block_m
+            blocks.append(-1)
+    num_padded = len(rows)
+    rows += [0] * block_m  # past num_padded: looks real, must be ignored
+    blocks.append(0)
+    return (torch.tensor(rows, dtype=torch.int32), torch.tensor(blocks, dtype=torch.int32),
+            torch.tensor([num_padded], dtype=torch.int32))
+
+
+def row_loop_gemm1(x, fc1, sorted_ids, block_expert, num_padded, topk, act, bias, params, block_m):
+    """{p: expected row} for every real row p, one row at a time."""
+    n = fc1.shape[1] // 2 if act in mg.GATED_ACTIVATIONS else fc1.shape[1]
+    rows = {}
+    for p in range(int(num_padded[0])):
+        s, e = int(sorted_ids[p]), int(block_expert[p // block_m])
+        if not (0 <= s < x.shape[0] * topk and 0 <= e < fc1.shape[0]):
+            continue
+        h = fc1[e].float() @ x[s // topk].float() + (bias[e].float() if bias is not None else 0)
+        alpha, beta, limit = (None if params[k] is None else float(params[k][e]) for k in ("alpha", "beta", "limit"))
+        rows[p] = mg.act_reference(act, h[:n], h[n:], 1.0 if alpha is None else alpha, 0.0 if beta is None else beta,
+                                   limit)
+    return rows
+
+
+@pytest.mark.parametrize("act", mg.ACTIVATIONS)
+def test_cpu_gemm1_matches_row_loop(act):
+    tokens, topk, experts, k, n, block_m = 9, 2, 4, 24, 16, 16
+    gated = act in mg.GATED_ACTIVATIONS
+    ids = torch.rand(tokens, experts).topk(topk, dim=1).indices
+    sorted_ids, block_expert, num_padded = build_routing(ids, experts, block_m)
+    x = torch.randn(tokens, k, dtype=torch.bfloat16)
+    fc1 = torch.randn(experts, 2 * n if gated else n, k, dtype=torch.bfloat16)
+    bias = torch.randn(experts, fc1.shape[1], dtype=torch.bfloat16)
+    params = {"alpha": torch.rand(experts) + 0.5, "beta": torch.rand(experts), "limit": torch.rand(experts) + 1}
+    out = poison_(torch.empty(sorted_ids.shape[0], n, dtype=torch.bfloat16))
+    cfg = GemmConfig("sm80", block_m, 64, 64, 4)
+    moe_gemm1(x, fc1, sorted_ids, block_expert, num_padded, out=out, topk=topk, activation=act, fc1_bias=bias,
+              swiglu_alpha=params["alpha"], swiglu_beta=params["beta"], swiglu_limit=params["limit"], config=cfg)
+    expected = row_loop_gemm1(x, fc1, sorted_ids, block_expert, num_padded, topk, act, bias, params, block_m)
+    assert len(expected) == tokens * topk
+    for p in range(out.shape[0]):
+        if p in expected:
+            torch.testing.assert_close(out[p].float(), expected[p].to(torch.bfloat16).float())
+        else:
+            assert out[p].isnan().all(), f"padding row {p} was written"
+
+
+def test_cpu_gemm2_matches_row_loop_and_leaves_other_rows():
+    tokens, topk, experts, k, n, block_m = 7, 3, 5, 16, 24, 16
+    ids = torch.rand(tokens, experts).topk(topk, dim=1).indices
+    ids[0, 0] = experts + 1  # a non-local expert: its slot is in no row and must stay untouched
+    sorted_ids, block_expert, num_padded = build_routing(ids, experts, block_m)
+    inter = torch.randn(sorted_ids.shape[0], k, dtype=torch.float16)
+    fc2 = torch.randn(experts, n, k, dtype=torch.float16)
+    bias = torch.randn(experts, n, dtype=torch.float16)
+    weights = torch.rand(tokens * topk)
+    out = poison_(torch.empty(tokens * topk, n, dtype=torch.float16))
+    moe_gemm2(inter, fc2, sorted_ids, block_expert, num_padded, weights, out=out, fc2_bias=bias,
+              config=GemmConfig("sm80", block_m, 64, 64, 4))
+    seen = set()
+    for p in range(int(num_padded[0])):
+        s, e = int(sorted_ids[p]), int(block_expert[p // block_m])
+        if 0 <= s < tokens * topk and e >= 0:
+            seen.add(s)
+            want = weights[s] * (fc2[e].float() @ inter[p].float() + bias[e].float())
+            torch.testing.assert_close(out[s].float(), want.half().float())
+    assert seen == set(range(1, tokens * topk))
+    assert out[0].isnan().all()
+
+
+def test_cpu_topk1_single_slot_and_no_weights():
+    x = torch.randn(1, 8, dtype=torch.bfloat16)
+    fc1 = torch.randn(2, 8, 8, dtype=torch.bfloat16)
+    sorted_ids, block_expert, num_padded = build_routing(torch.tensor([[1]]), 2, 16)
+    cfg = GemmConfig("sm80", 16, 64, 64, 4)
+    inter = poison_(torch.empty(sorted_ids.shape[0], 8, dtype=torch.bfloat16))
+    moe_gemm1(x, fc1, sorted_ids, block_expert, num_padded, out=inter, topk=1, activation="Relu", config=cfg)
+    out = poison_(torch.empty(1, 8, dtype=torch.bfloat16))
+    moe_gemm2(inter, fc1, sorted_ids, block_expert, num_padded, None, out=out, config=cfg)
+    p = int((sorted_ids == 0).nonzero()[0])
+    h = torch.relu(fc1[1].float() @ x[0].float()).bfloat16()
+    torch.testing.assert_close(inter[p], h)
+    torch.testing.assert_close(out[0], (fc1[1].float() @ h.float()).bfloat16())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Validation errors
+def _gemm1_args(act="Swiglu"):
+    tokens, topk, experts, k, n = 4, 2, 3, 16, 8
+    sorted_ids, block_expert, num_padded = build_routing(torch.rand(tokens, experts).topk(topk, 1).indices,
+                                                         experts, 16)
+    n_b = 2 * n if act in mg.GATED_ACTIVATIONS else n
+    return dict(x=torch.randn(tokens, k, dtype=torch.bfloat16), fc1=torch.randn(experts, n_b, k, dtype=torch.bfloat16),
+                sorted_ids=sorted_ids, block_expert=block_expert, num_padded=num_padded,
+                out=torch.empty(sorted_ids.shape[0], n, dtype=torch.bfloat16), topk=topk, activation=act,
+                config=GemmConfig("sm80", 16, 64, 64, 4))
+
+
+def _gemm2_args():
+    a = _gemm1_args()
+    num_slots = a["x"].shape[0] * a["topk"]
+    return dict(inter=torch.randn(a["sorted_ids"].shape[0], 8, dtype=torch.bfloat16),
+                fc2=torch.randn(3, 16, 8, dtype=torch.bfloat16), sorted_ids=a["sorted_ids"],
+                block_expert=a["block_expert"], num_padded=a["num_padded"], slot_weights=torch.rand(num_slots),
+                out=torch.empty(num_slots, 16, dtype=torch.bfloat16), config=a["config"])
+
+
+def _call1(a):
+    a = dict(a)
+    positional = [a.pop(k) for k in ("x", "fc1", "sorted_ids", "block_expert", "num_padded")]
+    return moe_gemm1(*positional, **a)
+
+
+def _call2(a):
+    a = dict(a)
+    positional = [a.pop(k) for k in ("inter", "fc2", "sorted_ids", "block_expert", "num_padded", "slot_weights")]
+    return moe_gemm2(*positional, **a)
+
+
+GEMM1_ERRORS = [
+    ("x", lambda a: a["x"].float(), TypeError),
+    ("x", lambda a: a["x"][None], ValueError),
+    ("x", lambda a: a["x"].t(), ValueError),  # 2-D but not contiguous (and the wrong shape)
+    ("fc1", lambda a: a["fc1"].half(), TypeError),
+    ("fc1", lambda a: a["fc1"][:, :, :8], ValueError),
+    ("fc1", lambda a: a["fc1"][:, :15], ValueError),  # gated needs an even number of rows
+    ("out", lambda a: a["out"][:-16], ValueError),
+    ("out", lambda a: a["out"].half(), TypeError),
+    ("sorted_ids", lambda a: a["sorted_ids"].long(), TypeError),
+    ("sorted_ids", lambda a: a["sorted_ids"][:-1], ValueError),
+    ("block_expert", lambda a: a["block_expert"][:-1], ValueError),
+    ("num_padded", lambda a: torch.zeros(2, dtype=torch.int32), ValueError),
+    ("topk", lambda a: 0, ValueError),
+    ("topk", lambda a: 2.0, TypeError),
+    ("activation", lambda a: "Swish", ValueError),
+    ("config", lambda a: {"block_m": 16}, TypeError),
+    ("fc1_bias", lambda a: torch.zeros(3, 8, dtype=torch.bfloat16), ValueError),
+    ("swiglu_alpha", lambda a: torch.ones(2), ValueError),
+    ("swiglu_limit", lambda a: torch.ones(3, dtype=torch.float64), TypeError),
+]
+
+
+@pytest.mark.parametrize("name, make, error", GEMM1_ERRORS, ids=[f"{e[0]}-{i}" for i, e in enumerate(GEMM1_ERRORS)])
+def test_gemm1_errors_name_the_argument(name, make, error):
+    a = _gemm1_args()
+    a[name] = make(a)
+    with pytest.raises(error, match=re.escape(name) if name != "x" else r"\bx\b"):
+        _call1(a)
+
+
+def test_gemm1_k_and_n_must_be_multiples_of_8():
+    a = _gemm1_args("Relu")
+    a["x"], a["fc1"] = a["x"][:, :12].contiguous(), a["fc1"][:, :, :12].contiguous()
+    with pytest.raises(ValueError, match="multiple of 8"):
+        _call1(a)
+    a = _gemm1_args("Relu")
+    a["fc1"], a["out"] = a["fc1"][:, :6].contiguous(), a["out"][:, :6].contiguous()
+    with pytest.raises(ValueError, match="multiple of 8"):
+        _call1(a)
+
+
+GEMM2_ERRORS = [
+    ("inter", lambda a: a["inter"][:-1], ValueError),
+    ("fc2", lambda a: a["fc2"][:, :, :4], ValueError),
+    ("out", lambda a: a["out"][:, :8], ValueError),
+    ("slot_weights", lambda a: a["slot_weights"][:-1], ValueError),
+    ("slot_weights", lambda a: a["slot_weights"].half(), TypeError),
+    ("fc2_bias", lambda a: torch.zeros(3, 16, dtype=torch.float16), TypeError),
+    ("block_expert", lambda a: a["block_expert"].long(), TypeError),
+]
+
+
+@pytest.mark.parametrize("name, make, error", GEMM2_ERRORS, ids=[f"{e[0]}-{i}" for i, e in enumerate(GEMM2_ERRORS)])
+def test_gemm2_errors_name_the_argument(name, make, error):
+    a = _gemm2_args()
+    a[name] = make(a)
+    with pytest.raises(error, match=name):
+        _call2(a)
+
+
+def test_valid_argument_sets_pass():
+    _call1(_gemm1_args())
+    _call2(_gemm2_args())
+
+
+def test_ops_pass_opcheck():
+    """Schema (out is mutated), fake impl and the dispatcher agree, on the CPU path."""
+    a = _gemm1_args()
+    c = a["config"]
+    torch.library.opcheck(torch.ops.jitmoe.moe_gemm1.default,
+                          (a["x"], a["fc1"], a["sorted_ids"], a["block_expert"], a["num_padded"], a["out"], a["topk"],
+                           "Swiglu", None, None, None, None, c.kernel, c.block_m, c.block_n, c.block_k, c.stages))
+    b = _gemm2_args()
+    torch.library.opcheck(torch.ops.jitmoe.moe_gemm2.default,
+                          (b["inter"], b["fc2"], b["sorted_ids"], b["block_expert"], b["num_padded"],
+                           b["slot_weights"], b["out"], None, c.kernel, c.block_m, c.block_n, c.block_k, c.stages))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# nvcc -c of the SM80 template (the lead's CI runs this: two compiles)
+@pytest.mark.skipif(find_nvcc() is None, reason="nvcc not found")
+@pytest.mark.parametrize("mode, act", [("gemm1", "Swiglu"), ("gemm2", "Identity")])
+def test_sm80_template_compiles_without_spills(mode, act, tmp_path, monkeypatch):
+    monkeypatch.delenv("JITMOE_DEBUG", raising=False)
+    cfg = select_config(4096, 8, 1024, 1024, "80", "bf16", kernel="sm80")
+    results = compile_cuda_sources(mg.gemm_spec(cfg, "bf16", mode, act, ("80",)), tmp_path, ptxas_verbose=True)
+    assert [r.source for r in results] == ["sm80/gemm.cu"]
+    output = results[0].output
+    assert "registers" in output, output
+    spills = [int(v) for v in re.findall(r"(\d+) bytes spill (?:stores|loads)", output)]
+    assert spills and not any(spills), output

@@ -1,0 +1,208 @@
+"""Omni router kernels against the brute-force reference (run on the same GPU values), outputs poisoned first.
+
+The kernel and the reference add the same operands once in fp32 (IEEE, no contraction) and rank by the same exact
+order, so indices AND scores must match exactly. Gradients are checked against float64 autograd through the
+reference on the upcast inputs (which selects the same experts: the exact order does not depend on precision) to
+the gradient dtype's rounding, and must be bit-identical from one call to the next.
+"""
+import pytest
+import torch
+
+import jitmoe
+from jitmoe.ops import omni_router as ops
+from jitmoe.reference import omni as ref
+from jitmoe.testing import poison_, rel_error
+
+pytestmark = pytest.mark.gpu
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+NS = [1, 3, 17, 64, 100, 128, 256, 1000]
+KS = [1, 2, 7, 16, 32, 64, 128, 256]
+PAIRS = [(n, k) for n in NS for k in KS if k <= n * n]
+GRAD_TOL = {torch.float32: 1e-6, torch.bfloat16: 8e-3, torch.float16: 1e-3}
+
+
+# -- inputs and runs ------------------------------------------------------------------------------------------------
+def _logits(num_tokens, n, dtype, kind="randn"):
+    x = torch.randn(num_tokens, n, device="cuda")
+    y = torch.randn(num_tokens, n, device="cuda")
+    if kind == "ties":  # few distinct values: rows full of exact ties, and -0.0 next to 0.0
+        x, y = torch.round(x * 4) / 4, torch.round(y * 4) / 4
+        x[torch.rand_like(x) < 0.1] = -0.0
+        y[torch.rand_like(y) < 0.1] = 0.0
+    elif kind == "rounding":  # many different sums round to the same fp32: exercises the exact-order keys
+        x, y = x * 1e-3, y * (1e3 if dtype == torch.float16 else 1e6)
+    return x.to(dtype), y.to(dtype)
+
+
+def _num_tokens(n):
+    """Odd token counts (not a multiple of the warps per block), sized so the reference stays around 2**24 pairs."""
+    return max(5, min(1021, (1 << 24) // (n * n)) | 1)
+
+
+def _forward(x, y, k):
+    """The forward kernel into poisoned outputs."""
+    scores = poison_(torch.empty(x.shape[0], k, dtype=x.dtype, device=x.device))
+    ids = poison_(torch.empty(x.shape[0], k, dtype=torch.int32, device=x.device))
+    ops.launch_forward(x, y, k, scores, ids)
+    return scores, ids
+
+
+def _backward(g, ids, n):
+    """The backward kernel into poisoned gradients."""
+    gx = poison_(torch.empty(g.shape[0], n, dtype=g.dtype, device=g.device))
+    gy = poison_(torch.empty(g.shape[0], n, dtype=g.dtype, device=g.device))
+    ops.launch_backward(g, ids, gx, gy)
+    return gx, gy
+
+
+def _assert_forward_matches(x, y, k, scores, ids):
+    want_scores, want_ids = ref.omni_router(x, y, k)
+    bad = (ids != want_ids).any(dim=1).nonzero()
+    if bad.numel():
+        t = bad[0, 0].item()
+        raise AssertionError(f"{bad.numel()} rows differ; row {t}: got {ids[t].tolist()}, want {want_ids[t].tolist()}")
+    assert torch.equal(scores, want_scores), f"scores differ, max {(scores.float() - want_scores.float()).abs().max()}"
+
+
+def _reference_grads(x, y, k, g):
+    """float64 autograd through the reference on the upcast inputs; also returns its indices."""
+    x64, y64 = x.double().requires_grad_(), y.double().requires_grad_()
+    scores, ids = ref.omni_router(x64, y64, k)
+    scores.backward(g.double())
+    return x64.grad, y64.grad, ids
+
+
+# -- forward --------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["randn", "ties"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n,k", PAIRS, ids=[f"N{n}-k{k}" for n, k in PAIRS])
+def test_forward_matches_reference(n, k, dtype, kind):
+    x, y = _logits(_num_tokens(n), n, dtype, kind)
+    _assert_forward_matches(x, y, k, *_forward(x, y, k))
+
+
+@pytest.mark.parametrize("num_tokens", [0, 1, 5, 1024, 16384])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n,k", [(64, 16), (256, 32)])
+def test_token_counts(n, k, dtype, num_tokens):
+    x, y = _logits(num_tokens, n, dtype, "ties")
+    scores, ids = _forward(x, y, k)
+    assert scores.shape == ids.shape == (num_tokens, k)
+    _assert_forward_matches(x, y, k, scores, ids)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n,k", [(17, 7), (64, 64), (256, 32), (300, 16), (1000, 200)])
+def test_sums_that_round_together(n, k, dtype):
+    """Different sums with equal fp32 values: ranked by exact sum (packed keys for N <= 256 in 16-bit, wide else)."""
+    x, y = _logits(33, n, dtype, "rounding")
+    _assert_forward_matches(x, y, k, *_forward(x, y, k))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n,k", [(8, 5), (100, 32), (256, 64)])
+def test_unaligned_and_strided_inputs(n, k, dtype):
+    """Rows that cannot be read with vector loads (odd storage offset), and non-contiguous views."""
+    buf = torch.randn(2, 1 + 37 * n, device="cuda").to(dtype)
+    x, y = buf[0, 1:].view(37, n), buf[1, 1:].view(37, n)
+    _assert_forward_matches(x, y, k, *_forward(x, y, k))
+    xt, yt = x.t().contiguous().t(), y.t().contiguous().t()
+    _assert_forward_matches(x, y, k, *jitmoe.omni_router(xt, yt, k))
+
+
+def test_forward_is_deterministic():
+    x, y = _logits(4097, 256, torch.bfloat16, "ties")
+    first, second = _forward(x, y, 32), _forward(x, y, 32)
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+
+
+# -- backward -------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n,k", [(1, 1), (3, 7), (17, 256), (64, 16), (100, 64), (256, 32), (1000, 128)])
+def test_backward_matches_reference_autograd(n, k, dtype):
+    x, y = _logits(_num_tokens(n), n, dtype, "ties")  # ties: many slots share a row i or a column j
+    g = torch.randn(x.shape[0], k, device="cuda").to(dtype)
+    _, ids = _forward(x, y, k)
+    gx, gy = _backward(g, ids, n)
+    want_gx, want_gy, want_ids = _reference_grads(x, y, k, g)
+    assert torch.equal(ids, want_ids)
+    assert gx.dtype == gy.dtype == dtype
+    assert rel_error(gx, want_gx) <= GRAD_TOL[dtype] and rel_error(gy, want_gy) <= GRAD_TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_backward_twice_is_identical(dtype):
+    n, k = 128, 64
+    x, y = _logits(1021, n, dtype, "ties")
+    g = torch.randn(x.shape[0], k, device="cuda").to(dtype)
+    _, ids = _forward(x, y, k)
+    first, second = _backward(g, ids, n), _backward(g, ids, n)
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_autograd_through_public_api(dtype):
+    n, k = 64, 16
+    x, y = _logits(513, n, dtype)
+    g = torch.randn(x.shape[0], k, device="cuda").to(dtype)
+    grads = []
+    for _ in range(2):  # the second call must not see anything of the first
+        xa, ya = x.clone().requires_grad_(), y.clone().requires_grad_()
+        scores, ids = jitmoe.omni_router(xa, ya, k)
+        scores.backward(g)
+        grads.append((xa.grad, ya.grad))
+    want_gx, want_gy, want_ids = _reference_grads(x, y, k, g)
+    assert torch.equal(ids, want_ids)
+    assert rel_error(grads[0][0], want_gx) <= GRAD_TOL[dtype] and rel_error(grads[0][1], want_gy) <= GRAD_TOL[dtype]
+    assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
+
+
+def test_anchor_call_shape():
+    x, y = _logits(100, 64, torch.bfloat16)
+    scores, ids = jitmoe.omni_router_func(x, y, 64, 16)
+    _assert_forward_matches(x, y, 16, scores, ids)
+
+
+# -- CUDA graphs ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_cuda_graph_capture_and_replay(dtype):
+    n, k, num_tokens = 256, 32, 1000
+    x, y = _logits(num_tokens, n, dtype)
+    g = torch.randn(num_tokens, k, device="cuda").to(dtype)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm up: loads the module outside the capture
+        _, warm_ids = jitmoe.omni_router(x, y, k)
+        torch.ops.jitmoe.omni_router_backward(g, warm_ids, n)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        scores, ids = jitmoe.omni_router(x, y, k)
+        gx, gy = torch.ops.jitmoe.omni_router_backward(g, ids, n)
+    for kind in ("randn", "ties"):
+        new_x, new_y = _logits(num_tokens, n, dtype, kind)
+        x.copy_(new_x), y.copy_(new_y), g.copy_(torch.randn_like(g, dtype=torch.float32).to(dtype))
+        for out in (scores, ids, gx, gy):
+            poison_(out)
+        graph.replay()
+        torch.cuda.synchronize()
+        _assert_forward_matches(x, y, k, scores, ids)
+        want_gx, want_gy, _ = _reference_grads(x, y, k, g)
+        assert rel_error(gx, want_gx) <= GRAD_TOL[dtype] and rel_error(gy, want_gy) <= GRAD_TOL[dtype]
+
+
+# -- errors on CUDA tensors -----------------------------------------------------------------------------------------
+def test_errors_on_cuda():
+    x = torch.randn(4, 5, device="cuda")
+    with pytest.raises(TypeError, match="router_logits_x: expected dtype float32/bfloat16/float16, got float64"):
+        jitmoe.omni_router(x.double(), x.double(), 3)
+    with pytest.raises(ValueError, match="router_logits_y: expected a tensor on cuda:0 \\(router_logits_x\\), got cpu"):
+        jitmoe.omni_router(x, x.cpu(), 3)
+    with pytest.raises(ValueError, match="top_k: .* = 25 \\(N = 5\\), got 26"):
+        jitmoe.omni_router(x, x, 26)
+    g, ids = torch.randn(4, 3, device="cuda"), torch.zeros(4, 3, dtype=torch.int32)
+    with pytest.raises(ValueError, match="indices: expected a tensor on cuda:0, got cpu"):
+        torch.ops.jitmoe.omni_router_backward(g, ids, 5)
+    with pytest.raises(TypeError, match="grad_scores: expected dtype float32/bfloat16/float16, got float64"):
+        torch.ops.jitmoe.omni_router_backward(g.double(), ids.cuda(), 5)
