@@ -1,0 +1,109 @@
+// Warp and block primitives of the Expert Choice kernels (blocks of kBlock threads; Scratch holds the broadcasts).
+// Every block-wide helper ends with a barrier after the last read of its scratch slots, so calls can follow each
+// other without extra synchronisation. All of them must be reached by every thread of the block.
+#pragma once
+#include "expert_choice/ec_params.cuh"
+
+namespace jitmoe::ec {
+
+constexpr unsigned kFullWarp = 0xFFFFFFFFu;
+
+__device__ __forceinline__ int lane_id() { return threadIdx.x & 31; }
+__device__ __forceinline__ int warp_id() { return threadIdx.x >> 5; }
+
+// Max of a 64-bit value over the warp in two redux.sync (sm_80+): the high words, then the low words of the lanes
+// holding the top high word.
+__device__ __forceinline__ unsigned long long warp_max_u64(unsigned long long v) {
+  const unsigned v_hi = static_cast<unsigned>(v >> 32);
+  const unsigned hi = __reduce_max_sync(kFullWarp, v_hi);
+  const unsigned lo = __reduce_max_sync(kFullWarp, v_hi == hi ? static_cast<unsigned>(v) : 0u);
+  return (static_cast<unsigned long long>(hi) << 32) | lo;
+}
+
+__device__ __forceinline__ float warp_max_f32(float v) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) v = fmaxf(v, __shfl_xor_sync(kFullWarp, v, offset));
+  return v;
+}
+
+__device__ __forceinline__ unsigned warp_sum_u32(unsigned v) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(kFullWarp, v, offset);
+  return v;
+}
+
+__device__ __forceinline__ unsigned block_sum_u32(unsigned v, Scratch* sc) {
+  v = warp_sum_u32(v);
+  if (lane_id() == 0) sc->warp_total[warp_id()] = v;
+  __syncthreads();
+  if (warp_id() == 0) {
+    const unsigned total = warp_sum_u32(sc->warp_total[lane_id()]);
+    if (lane_id() == 0) sc->uvalue = total;
+  }
+  __syncthreads();
+  const unsigned total = sc->uvalue;
+  __syncthreads();
+  return total;
+}
+
+__device__ __forceinline__ float block_max_f32(float v, Scratch* sc) {
+  v = warp_max_f32(v);
+  if (lane_id() == 0) sc->warp_total[warp_id()] = __float_as_uint(v);
+  __syncthreads();
+  if (warp_id() == 0) {
+    const float m = warp_max_f32(__uint_as_float(sc->warp_total[lane_id()]));
+    if (lane_id() == 0) sc->fvalue = m;
+  }
+  __syncthreads();
+  const float m = sc->fvalue;
+  __syncthreads();
+  return m;
+}
+
+// Inclusive prefix sum over the block in thread order; *total receives the block's sum.
+__device__ __forceinline__ unsigned block_inclusive_scan(unsigned v, Scratch* sc, unsigned* total) {
+  const int lane = lane_id();
+#pragma unroll
+  for (int offset = 1; offset < 32; offset <<= 1) {
+    const unsigned up = __shfl_up_sync(kFullWarp, v, offset);
+    if (lane >= offset) v += up;
+  }
+  if (lane == 31) sc->warp_total[warp_id()] = v;
+  __syncthreads();
+  if (warp_id() == 0) {
+    unsigned w = sc->warp_total[lane];
+#pragma unroll
+    for (int offset = 1; offset < 32; offset <<= 1) {
+      const unsigned up = __shfl_up_sync(kFullWarp, w, offset);
+      if (lane >= offset) w += up;
+    }
+    sc->warp_total[lane] = w;  // now inclusive over warps
+  }
+  __syncthreads();
+  if (warp_id() > 0) v += sc->warp_total[warp_id() - 1];
+  *total = sc->warp_total[kWarps - 1];
+  __syncthreads();
+  return v;
+}
+
+// hist[digit] += 1 for every active lane, one shared atomic per distinct digit in the warp (equal digits are common:
+// most scores share their exponent). Must be reached by the whole warp.
+__device__ __forceinline__ void histogram_add(unsigned* hist, bool active, unsigned digit) {
+  if (__ballot_sync(kFullWarp, active) == 0) return;  // common once the prefix is narrow
+  const unsigned value = active ? digit : 0xFFFFFFFFu;  // digits are < kBins, so inactive lanes group apart
+  const unsigned peers = __match_any_sync(kFullWarp, value);
+  if (active && lane_id() == __ffs(peers) - 1) atomicAdd(&hist[digit], static_cast<unsigned>(__popc(peers)));
+}
+
+// list[*size ...] = item for every active lane (order within the list is unspecified). Whole warp.
+__device__ __forceinline__ void list_append(unsigned* list, unsigned* size, bool active, unsigned item) {
+  const unsigned ballot = __ballot_sync(kFullWarp, active);
+  if (ballot == 0) return;
+  const int leader = __ffs(ballot) - 1;
+  unsigned base = 0;
+  if (lane_id() == leader) base = atomicAdd(size, static_cast<unsigned>(__popc(ballot)));
+  base = __shfl_sync(kFullWarp, base, leader);
+  if (active) list[base + __popc(ballot & ((1u << lane_id()) - 1u))] = item;
+}
+
+}  // namespace jitmoe::ec

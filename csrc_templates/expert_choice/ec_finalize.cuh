@@ -1,0 +1,139 @@
+// Expert Choice finalizers (token-major output): after every selector has published its threshold, one warp per
+// token recomputes the token's scores (the same bits the selectors ranked), marks expert e as "picked" when the
+// token's key in column e is >= theta[e], and stages (picked bit | score bits) for its experts in shared memory.
+// Its output is then its top_k experts by (picked, score, lower id first): the experts that picked it, best first,
+// then (fallback="topk") the best of the others; with fallback="none" the slots after the last picked expert are
+// -1 / 0. Selection: top_k rounds of a warp argmax over the lanes' current bests. Each lane keeps its best two
+// keys; the lane whose expert won promotes its second, and rescans its own strided experts for a new best two only
+// when it wins again before that. Padding tokens get -1 / 0 throughout.
+// Per-expert counts of the written ids go to shared counters, then once per block to global memory.
+#pragma once
+#include "expert_choice/ec_block.cuh"
+#include "expert_choice/ec_scores.cuh"
+
+namespace jitmoe::ec {
+
+struct FinalizerSmem {
+  unsigned* theta_hi;  // [E]
+  unsigned* theta_lo;  // [E]
+  float* col_max;      // [E]
+  float* col_rcp;      // [E]
+  unsigned* counts;    // [E]
+  unsigned* stage;     // [fin_warps, E] (picked bit | score bits) of the warp's current token
+};
+
+template <typename In>
+__device__ void wait_for_selectors(const Params<In>& p) {
+  if (threadIdx.x == 0) {
+    // Selectors hold lower tickets, so they are already running and never wait: this cannot deadlock.
+    while (atomicAdd(p.counters + 1, 0u) < static_cast<unsigned>(p.sel_blocks)) __nanosleep(256);
+    __threadfence();
+  }
+  __syncthreads();
+}
+
+// The best two keys (0 = none) of a lane's experts; `second` is unknown after the best was taken.
+struct LaneBest {
+  unsigned long long best, second;
+  bool second_known;
+};
+
+__device__ __forceinline__ void keep_top_two(LaneBest& lb, unsigned long long key) {
+  if (key > lb.best) {
+    lb.second = lb.best;
+    lb.best = key;
+  } else if (key > lb.second) {
+    lb.second = key;
+  }
+}
+
+// Stages the token's flagged scores and returns this lane's best two row keys.
+template <typename In>
+__device__ LaneBest stage_token(const Params<In>& p, const FinalizerSmem& s, unsigned* stage, int t) {
+  const In* logits = p.logits + static_cast<size_t>(t) * p.E;  // [E] row of token t
+  const float mx = p.tokens_softmax ? 0.0f : p.row_max[t];
+  const float rcp = p.tokens_softmax ? 0.0f : p.row_rcp[t];
+  LaneBest lb{0, 0, true};
+  for (int e = lane_id(); e < p.E; e += 32) {
+    const float x = to_float(logits[e]);
+    const unsigned k32 = __float_as_uint(p.tokens_softmax ? score_of(x, s.col_max[e], s.col_rcp[e])
+                                                          : score_of(x, mx, rcp));
+    const unsigned long long theta = (static_cast<unsigned long long>(s.theta_hi[e]) << 32) | s.theta_lo[e];
+    const unsigned flagged = column_key(k32, t) >= theta ? (k32 | kPickedBit) : k32;
+    stage[e] = flagged;
+    keep_top_two(lb, row_key(flagged, e));
+  }
+  return lb;
+}
+
+// The lane's expert `taken` was output: move on to its next best.
+__device__ __forceinline__ void advance(LaneBest& lb, const unsigned* stage, int E, unsigned long long taken) {
+  if (lb.second_known) {
+    lb.best = lb.second;
+    lb.second_known = false;
+    return;
+  }
+  LaneBest next{0, 0, true};
+  for (int e = lane_id(); e < E; e += 32) {  // every key of this lane above `taken` was output already
+    const unsigned long long key = row_key(stage[e], e);
+    if (key < taken) keep_top_two(next, key);
+  }
+  lb = next;
+}
+
+template <typename In>
+__device__ void route_token(const Params<In>& p, const FinalizerSmem& s, unsigned* stage, int t) {
+  const int k = p.top_k;
+  int32_t* out_ids = p.ids + static_cast<size_t>(t) * k;          // [k]
+  float* out_weights = p.weights + static_cast<size_t>(t) * k;    // [k]
+  int filled = 0;
+  if (token_is_real(p.token_mask, t)) {
+    // Each lane reads back only the stage entries it wrote itself, so no warp barrier is needed.
+    LaneBest lb = stage_token(p, s, stage, t);
+    for (; filled < k; ++filled) {
+      const unsigned long long top = warp_max_u64(lb.best);  // the same on every lane: the loop stays uniform
+      const unsigned flagged = static_cast<unsigned>(top >> 32);
+      if (top == 0 || (!p.fallback_topk && !(flagged & kPickedBit))) break;
+      const int e = static_cast<int>(0xFFFFFFFFu - static_cast<unsigned>(top));
+      if (lane_id() == 0) {
+        out_ids[filled] = e;
+        out_weights[filled] = __uint_as_float(flagged & ~kPickedBit);
+        atomicAdd(s.counts + e, 1u);
+      }
+      if (lb.best == top) advance(lb, stage, p.E, top);
+    }
+  }
+  for (int j = filled + lane_id(); j < k; j += 32) {
+    out_ids[j] = -1;
+    out_weights[j] = 0.0f;
+  }
+}
+
+template <typename In>
+__device__ void run_finalizer(const Params<In>& p, int block, unsigned char* smem) {
+  unsigned* base = reinterpret_cast<unsigned*>(smem + kScratchBytes);
+  const FinalizerSmem s{base, base + p.E, reinterpret_cast<float*>(base + 2 * p.E),
+                        reinterpret_cast<float*>(base + 3 * p.E), base + 4 * p.E, base + 5 * p.E};
+  wait_for_selectors(p);
+  for (int e = threadIdx.x; e < p.E; e += kBlock) {
+    s.theta_hi[e] = __ldcg(p.theta_hi + e);  // written by other blocks of this launch: read from L2
+    s.theta_lo[e] = __ldcg(p.theta_lo + e);
+    if (p.tokens_softmax) {
+      s.col_max[e] = __ldcg(p.col_max + e);
+      s.col_rcp[e] = __ldcg(p.col_rcp + e);
+    }
+    s.counts[e] = 0;
+  }
+  __syncthreads();
+  const int warp = warp_id();
+  if (warp < p.fin_warps) {
+    unsigned* stage = s.stage + static_cast<size_t>(warp) * p.E;  // [E]
+    const int stride = p.fin_blocks * p.fin_warps;
+    for (int t = block * p.fin_warps + warp; t < p.T; t += stride) route_token(p, s, stage, t);
+  }
+  __syncthreads();
+  for (int e = threadIdx.x; e < p.E; e += kBlock)
+    if (s.counts[e] != 0) atomicAdd(p.counts + e, static_cast<int32_t>(s.counts[e]));
+}
+
+}  // namespace jitmoe::ec

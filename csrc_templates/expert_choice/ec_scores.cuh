@@ -1,0 +1,47 @@
+// Expert Choice scores, computed with a fixed fp32 recipe that the pure-torch reference
+// (jitmoe/reference/expert_choice.py) reproduces bit for bit, so that GPU and CPU routings are identical even when
+// two tokens' scores differ in the last bit (an expert compares scores of different tokens, whose softmax
+// denominators differ; any unspecified rounding would flip such near-ties between implementations).
+//   exp(x), x <= 0:  0 when x < -87 or NaN; else n = floor(x * log2e + 1/2), r = (x - n * ln2_hi) - n * ln2_lo,
+//                    a degree-7 Taylor polynomial of e^r in Horner form, times 2^n (exact). Every multiply and add
+//                    is rounded on its own (the _rn intrinsics are never contracted into FMAs), as torch's
+//                    elementwise float32 ops are. Error <= 2 ulp of the true exp.
+//   sums:            lane-strided partial sums in index order, then a halving tree over the lanes
+//                    (kExpertLanes = 32 lanes over a token's experts, kTokenLanes = 1024 over an expert's tokens).
+//   score:           exp(logit - max) * (1 / sum), the reciprocal rounded to nearest.
+#pragma once
+#include "expert_choice/ec_params.cuh"
+
+namespace jitmoe::ec {
+
+constexpr float kLog2e = 0x1.715476p+0f;
+constexpr float kLn2Hi = 0x1.62e4p-1f;     // 15 significant bits: n * kLn2Hi is exact for |n| <= 126
+constexpr float kLn2Lo = 0x1.7f7d1cp-20f;
+constexpr float kExpUnderflow = -87.0f;    // below this the result would not be a normal float
+
+__device__ __forceinline__ float fixed_exp(float x) {
+  if (!(x >= kExpUnderflow)) return 0.0f;
+  const float n = floorf(__fadd_rn(__fmul_rn(x, kLog2e), 0.5f));  // in [-126, 0] for x in [-87, 0]
+  const float r = __fsub_rn(__fsub_rn(x, __fmul_rn(n, kLn2Hi)), __fmul_rn(n, kLn2Lo));
+  float poly = 0x1.a01a02p-13f;                                   // 1/7!
+  poly = __fadd_rn(__fmul_rn(poly, r), 0x1.6c16c2p-10f);          // 1/6!
+  poly = __fadd_rn(__fmul_rn(poly, r), 0x1.111112p-7f);           // 1/5!
+  poly = __fadd_rn(__fmul_rn(poly, r), 0x1.555556p-5f);           // 1/4!
+  poly = __fadd_rn(__fmul_rn(poly, r), 0x1.555556p-3f);           // 1/3!
+  poly = __fadd_rn(__fmul_rn(poly, r), 0.5f);
+  poly = __fadd_rn(__fmul_rn(poly, r), 1.0f);
+  poly = __fadd_rn(__fmul_rn(poly, r), 1.0f);
+  const float two_pow_n = __int_as_float((static_cast<int>(n) + 127) << 23);
+  return __fmul_rn(poly, two_pow_n);
+}
+
+// One softmax term exp(logit - max) of a row or column whose maximum is max_logit.
+__device__ __forceinline__ float softmax_term(float logit, float max_logit) {
+  return fixed_exp(__fsub_rn(logit, max_logit));
+}
+
+__device__ __forceinline__ float score_of(float logit, float max_logit, float rcp_sum) {
+  return __fmul_rn(softmax_term(logit, max_logit), rcp_sum);
+}
+
+}  // namespace jitmoe::ec

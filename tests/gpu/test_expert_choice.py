@@ -1,0 +1,170 @@
+"""Expert Choice kernels against the torch reference on the same inputs, outputs poisoned first.
+
+The kernels compute scores with the same fixed fp32 recipe as the reference (jitmoe/reference/expert_choice.py), so
+the routing must match exactly: ids and counts bit for bit, weights to 1e-6 (in fact bitwise), even where two
+tokens' scores differ in the last bit and on quantised logits full of exact ties.
+"""
+import importlib
+import itertools
+
+import pytest
+import torch
+
+import jitmoe
+from jitmoe.ops import expert_choice as ops
+from jitmoe.testing import poison_
+
+ref = importlib.import_module("jitmoe.reference.expert_choice")
+
+pytestmark = pytest.mark.gpu
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+EXPERTS = [8, 60, 64, 128, 160, 256, 384, 512, 1000, 4096]
+SMALL_TOKENS = [1, 3, 256]
+CAPACITY_FACTORS = [0.5, 1.0, 1.25, 2.0]
+# (normalize_over, fallback, expert_major, masked): every combination, cycled through the size grid
+MODES = list(itertools.product(["experts", "tokens"], ["topk", "none"], [False, True], [False, True]))
+
+
+# -- inputs and checks -------------------------------------------------------------------------------------------------
+def _logits(num_tokens, num_experts, dtype, quantised=False):
+    x = torch.randn(num_tokens, num_experts, device="cuda") * 2
+    if quantised:  # few distinct values: columns and rows full of exact ties
+        x = torch.round(x) * 0.5
+    return x.to(dtype)
+
+
+def _mask(num_tokens, masked):
+    return (torch.rand(num_tokens, device="cuda") > 0.3) if masked else None
+
+
+def _run_kernel(x, mask, k, capacity, normalize_over, fallback, expert_major):
+    outputs = tuple(poison_(t) for t in ops.new_outputs(x, k, capacity, expert_major))
+    ops.launch_expert_choice(x, mask, k, capacity, normalize_over, fallback, expert_major, outputs)
+    return outputs
+
+
+def _assert_routing_equal(got, want, expert_major, what):
+    names = ("token_ids", "weights", "counts") if expert_major else ("weights", "ids", "counts")
+    for name, g, w in zip(names, got, want):
+        g = g.cpu()
+        if name == "weights":
+            assert torch.isfinite(g).all(), f"{what}: {name} has unwritten (poisoned) entries"
+            torch.testing.assert_close(g, w, rtol=0, atol=1e-6, msg=lambda m: f"{what}: {name}: {m}")
+            continue
+        bad = (g != w).nonzero()
+        if bad.numel():
+            r = bad[0, 0].item()
+            row_got, row_want = (g[r].tolist(), w[r].tolist()) if g.dim() == 2 else (g.tolist(), w.tolist())
+            raise AssertionError(f"{what}: {name}: {bad.shape[0]} entries differ; first at {bad[0].tolist()}: "
+                                 f"got {row_got[:16]}, want {row_want[:16]}")
+
+
+def _check(x, k, cf, normalize_over="experts", fallback="topk", expert_major=False, mask=None):
+    capacity = jitmoe.expert_choice_capacity(*x.shape, k, cf)
+    got = _run_kernel(x, mask, k, capacity, normalize_over, fallback, expert_major)
+    want = ref.route_expert_choice(x.cpu(), None if mask is None else mask.cpu(), k, capacity, normalize_over,
+                                   fallback, expert_major)
+    what = (f"T={x.shape[0]} E={x.shape[1]} k={k} cf={cf} {x.dtype} {normalize_over} fallback={fallback} "
+            f"{'expert' if expert_major else 'token'}-major{' masked' if mask is not None else ''}")
+    _assert_routing_equal(got, want, expert_major, what)
+
+
+def _size_grid():
+    cases = []
+    for num_experts in EXPERTS:
+        for num_tokens in SMALL_TOKENS:
+            for k in sorted({1, min(8, num_experts), min(64, num_experts)}):
+                cases.append((num_tokens, num_experts, k, len(cases)))
+    return cases
+
+
+# -- sizes, dtypes, modes ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("num_tokens,num_experts,k,index", _size_grid())
+def test_small_batches(num_tokens, num_experts, k, index, dtype):
+    normalize_over, fallback, expert_major, masked = MODES[index % len(MODES)]
+    cf = CAPACITY_FACTORS[index % len(CAPACITY_FACTORS)]
+    x = _logits(num_tokens, num_experts, dtype, quantised=index % 3 == 0)
+    _check(x, k, cf, normalize_over, fallback, expert_major, _mask(num_tokens, masked))
+
+
+# (E, k, dtype, mode) at T = 16384; mode picks normalize_over, fallback, output layout, padding and capacity factor
+LARGE = [(8, 2, torch.float32, 0), (8, 8, torch.float16, 1), (64, 8, torch.bfloat16, 2), (64, 64, torch.float32, 3),
+         (256, 8, torch.bfloat16, 0), (256, 8, torch.float32, 1), (256, 64, torch.float16, 2),
+         (256, 16, torch.bfloat16, 3), (1000, 16, torch.float32, 0), (1000, 8, torch.bfloat16, 1),
+         (4096, 8, torch.bfloat16, 2)]
+LARGE_MODES = [("experts", "topk", False), ("tokens", "none", True), ("experts", "none", False),
+               ("tokens", "topk", False)]
+
+
+@pytest.mark.parametrize("num_experts,k,dtype,mode", LARGE, ids=str)
+def test_large_batches(num_experts, k, dtype, mode):
+    normalize_over, fallback, expert_major = LARGE_MODES[mode]
+    x = _logits(16384, num_experts, dtype)
+    _check(x, k, CAPACITY_FACTORS[mode], normalize_over, fallback, expert_major, _mask(16384, mode >= 2))
+
+
+@pytest.mark.parametrize("num_experts", [8, 64, 256])
+@pytest.mark.parametrize("expert_major", [False, True])
+def test_ties_on_quantised_logits(num_experts, expert_major):
+    # 16384 tokens and a handful of distinct values: the radix select keeps whole columns of equal scores as
+    # candidates (more than fit its shared-memory list), and ties decide by token id.
+    x = _logits(16384, num_experts, torch.bfloat16, quantised=True)
+    for cf in (0.5, 2.0):
+        _check(x, 8 if num_experts > 8 else 2, cf, "experts", "topk", expert_major)
+        _check(x, 8 if num_experts > 8 else 2, cf, "tokens", "none", expert_major)
+
+
+@pytest.mark.parametrize("normalize_over", ["experts", "tokens"])
+def test_columns_longer_than_the_key_cache(normalize_over):
+    # T = 40000 keys do not fit a selector's shared-memory cache: every pass recomputes them from the logits.
+    x = _logits(40000, 64, torch.float32)
+    _check(x, 4, 1.25, normalize_over, "topk", mask=_mask(40000, True))
+    _check(x, 4, 1.25, normalize_over, "none", expert_major=True)
+
+
+def test_all_tokens_padding():
+    x = _logits(256, 64, torch.float32)
+    mask = torch.zeros(256, dtype=torch.bool, device="cuda")
+    for expert_major in (False, True):
+        _check(x, 8, 1.25, "tokens", "topk", expert_major, mask)
+
+
+def test_public_api_on_cuda():
+    x = _logits(300, 128, torch.bfloat16)
+    mask = _mask(300, True)
+    for kwargs in ({}, {"expert_major": True}, {"normalize_over": "tokens", "fallback": "none"}):
+        got = jitmoe.expert_choice(x, 8, 1.25, token_mask=mask, return_counts=True, **kwargs)
+        want = ref.expert_choice(x.cpu(), 8, 1.25, token_mask=mask.cpu(), return_counts=True, **kwargs)
+        assert all(g.is_cuda for g in got)
+        for g, w in zip(got, want):
+            assert torch.equal(g.cpu(), w)
+
+
+# -- CUDA graphs -------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("expert_major", [False, True])
+@pytest.mark.parametrize("normalize_over", ["experts", "tokens"])
+def test_cuda_graph_replay(expert_major, normalize_over):
+    static_x = _logits(512, 160, torch.bfloat16)
+    static_mask = _mask(512, True)
+    call = lambda: jitmoe.expert_choice(static_x, 8, 1.25, normalize_over=normalize_over, token_mask=static_mask,
+                                        expert_major=expert_major, return_counts=True)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        call()  # warm-up outside the graph (builds/loads the module)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outputs = call()
+    for _ in range(3):
+        static_x.copy_(_logits(512, 160, torch.bfloat16))
+        static_mask.copy_(_mask(512, True))
+        for out in outputs:
+            poison_(out)
+        graph.replay()
+        torch.cuda.synchronize()
+        want = ref.expert_choice(static_x.cpu(), 8, 1.25, normalize_over=normalize_over,
+                                 token_mask=static_mask.cpu(), expert_major=expert_major, return_counts=True)
+        _assert_routing_equal(outputs, want, expert_major, "graph replay")
