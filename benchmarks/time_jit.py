@@ -36,10 +36,15 @@ import time, torch
 torch.cuda.synchronize()
 t0 = time.perf_counter()
 import jitmoe
-from jitmoe.jit.build import STATS
+t1 = time.perf_counter()
 {call}
 torch.cuda.synchronize()
-print('RESULT', (time.perf_counter() - t0) * 1e3, STATS['built'], STATS['warm'])
+t2 = time.perf_counter()
+{call}
+torch.cuda.synchronize()
+t3 = time.perf_counter()
+from jitmoe.jit.build import STATS
+print('RESULT', (t2 - t0) * 1e3, STATS['built'], STATS['warm'], (t1 - t0) * 1e3, (t3 - t2) * 1e3)
 """
 
 
@@ -53,8 +58,9 @@ def run_case(name: str, cache: str) -> dict:
         line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT")]
         if proc.returncode != 0 or not line:
             return {"case": name, "error": proc.stderr[-2000:]}
-        ms, built, warm = line[0].split()[1:]
-        rows.append({"phase": phase, "ms": float(ms), "built": int(built), "warm": int(warm)})
+        ms, built, warm, import_ms, second_ms = line[0].split()[1:]
+        rows.append({"phase": phase, "ms": float(ms), "built": int(built), "warm": int(warm),
+                     "import_ms": float(import_ms), "second_call_ms": float(second_ms)})
     metas = [json.loads(p.read_text()) for p in Path(cache).rglob("meta.json")]
     return {"case": name, "cold_first_call_ms": rows[0]["ms"], "modules_built": rows[0]["built"],
             "build_seconds": {m["spec"]: m["build_seconds"] for m in metas},
