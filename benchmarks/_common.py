@@ -30,7 +30,7 @@ except ImportError:
     sys.path.insert(0, str(REPO_ROOT))
     import jitmoe  # noqa: F401
 
-from jitmoe.testing import bench_events, measure_ceilings, summarize  # noqa: E402
+from jitmoe.testing import bench_events, capture_graph, measure_ceilings, summarize  # noqa: E402
 
 
 # ----------------------------------------------------------------------------------------------- device, provenance
@@ -134,20 +134,6 @@ def time_fn(fn: Callable[[], object], device: torch.device, *, warmup: int = 10,
     if device.type == "cuda":
         return bench_events(fn, warmup=warmup, iters=iters, flush_l2=flush_l2, setup=setup)
     return time_cpu(fn, warmup=warmup, iters=iters, setup=setup)
-
-
-def capture_graph(fn: Callable[[], object], warmup: int = 2) -> "torch.cuda.CUDAGraph":
-    """Capture ``fn`` into a CUDA graph after warming it up on a side stream (as torch.cuda.graphs requires)."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(warmup):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph
 
 
 def time_graphs(fns: Sequence[Callable[[], object]], *, warmup: int = 3, iters: int = 50,

@@ -67,8 +67,8 @@ def bench_events(fn: Callable[[], object], *, warmup: int = 10, iters: int = 50,
     return summarize([s.elapsed_time(e) for s, e in zip(starts, ends)])
 
 
-def bench_graph(fn: Callable[[], object], *, warmup: int = 3, iters: int = 50, flush_l2: bool = True) -> dict:
-    """Like bench_events but replays a captured CUDA graph of ``fn`` (small-T rows: no launch gaps)."""
+def capture_graph(fn: Callable[[], object], warmup: int = 3) -> "torch.cuda.CUDAGraph":
+    """Capture ``fn`` into a CUDA graph after warming it up on a side stream (as torch.cuda.graphs requires)."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -78,7 +78,12 @@ def bench_graph(fn: Callable[[], object], *, warmup: int = 3, iters: int = 50, f
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         fn()
-    return bench_events(graph.replay, warmup=warmup, iters=iters, flush_l2=flush_l2)
+    return graph
+
+
+def bench_graph(fn: Callable[[], object], *, warmup: int = 3, iters: int = 50, flush_l2: bool = True) -> dict:
+    """Like bench_events but replays a captured CUDA graph of ``fn`` (small-T rows: no launch gaps)."""
+    return bench_events(capture_graph(fn, warmup).replay, warmup=warmup, iters=iters, flush_l2=flush_l2)
 
 
 def summarize(samples_ms: Sequence[float]) -> dict:
