@@ -51,11 +51,11 @@ __device__ __forceinline__ void keep_top_two(LaneBest& lb, unsigned long long ke
 template <typename In>
 __device__ LaneBest stage_token(const Params<In>& p, const FinalizerSmem& s, unsigned* stage, int t) {
   const In* logits = p.logits + static_cast<size_t>(t) * p.E;  // [E] row of token t
-  const float mx = p.tokens_softmax ? 0.0f : p.row_max[t];
-  const float rcp = p.tokens_softmax ? 0.0f : p.row_rcp[t];
+  const float mx = p.tokens_softmax ? 0.0f : __ldg(p.row_max + t);
+  const float rcp = p.tokens_softmax ? 0.0f : __ldg(p.row_rcp + t);
   LaneBest lb{0, 0, true};
   for (int e = lane_id(); e < p.E; e += 32) {
-    const float x = to_float(logits[e]);
+    const float x = to_float(__ldg(logits + e));  // read-only: the loads need not wait for the stage stores
     const unsigned k32 = __float_as_uint(p.tokens_softmax ? score_of(x, s.col_max[e], s.col_rcp[e])
                                                           : score_of(x, mx, rcp));
     const unsigned long long theta = (static_cast<unsigned long long>(s.theta_hi[e]) << 32) | s.theta_lo[e];

@@ -57,21 +57,23 @@ __device__ unsigned count_real_tokens(const Params<In>& p, Scratch* sc) {
 
 // cache[g, t] = key of expert e0 + g (normalize_over="tokens": the logit's bits, turned into keys by
 // column_softmax once the column's statistics are known); kInvalidKey for padding tokens.
+// Adjacent threads take the `group` experts of one row, so a warp's loads of a row fall in one 32-byte sector and
+// cost one L1 wavefront per row, not one per (row, expert): the strided column reads are the selectors' main cost.
 template <typename In>
 __device__ void fill_cache(const Params<In>& p, int e0, int group, unsigned* cache) {
-  for (int t = threadIdx.x; t < p.T; t += kBlock) {
-    const bool real = token_is_real(p.token_mask, t);
-    const In* row = p.logits + static_cast<size_t>(t) * p.E + e0;  // [group] of row t
-    const float mx = (real && !p.tokens_softmax) ? p.row_max[t] : 0.0f;
-    const float rcp = (real && !p.tokens_softmax) ? p.row_rcp[t] : 0.0f;
-    for (int g = 0; g < group; ++g) {
-      unsigned value = kInvalidKey;
-      if (real) {
-        const float x = to_float(row[g]);
-        value = p.tokens_softmax ? __float_as_uint(x) : __float_as_uint(score_of(x, mx, rcp));
-      }
-      cache[static_cast<size_t>(g) * p.T + t] = value;
+  const int pairs = p.T * group;  // <= kCacheBudget / 4: cached columns fit in shared memory
+#pragma unroll 4
+  for (int i = threadIdx.x; i < pairs; i += kBlock) {
+    const int t = i / group;
+    const int g = i - t * group;
+    unsigned value = kInvalidKey;
+    if (token_is_real(p.token_mask, t)) {
+      // __ldg: read-only during the launch, so the unrolled iterations' loads may pass the cache stores.
+      const float x = to_float(__ldg(p.logits + static_cast<size_t>(t) * p.E + e0 + g));
+      value = p.tokens_softmax ? __float_as_uint(x)
+                               : __float_as_uint(score_of(x, __ldg(p.row_max + t), __ldg(p.row_rcp + t)));
     }
+    cache[static_cast<size_t>(g) * p.T + t] = value;
   }
   __syncthreads();
 }

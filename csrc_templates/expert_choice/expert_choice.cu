@@ -26,9 +26,17 @@ const char* expert_choice_launch(const void* logits,      // [T, E]
       cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess ||
       cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess)
     return "could not query the device";
-  const ec::Plan plan = ec::make_plan(T, static_cast<int>(E), static_cast<int>(sizeof(In)), expert_major,
-                                      tokens_softmax, num_sms, static_cast<size_t>(smem_optin));
+  ec::Plan plan = ec::make_plan(T, static_cast<int>(E), static_cast<int>(sizeof(In)), expert_major,
+                                tokens_softmax, num_sms, static_cast<size_t>(smem_optin));
   if (plan.error != nullptr) return plan.error;
+  if (cudaFuncSetAttribute(ec::route_kernel<In>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                           static_cast<int>(plan.smem_bytes)) != cudaSuccess)
+    return "could not raise the route kernel's shared memory limit";
+  int blocks_per_sm = 0;
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks_per_sm, ec::route_kernel<In>, ec::kBlock,
+                                                    plan.smem_bytes) != cudaSuccess)
+    return "could not query the route kernel's occupancy";
+  ec::fit_finalizers_in_one_wave(plan, blocks_per_sm, num_sms);
 
   ec::Params<In> p{};
   p.logits = static_cast<const In*>(logits);
@@ -58,9 +66,6 @@ const char* expert_choice_launch(const void* logits,      // [T, E]
   p.counts = counts;
 
   ec::prepare_kernel<In><<<static_cast<unsigned>(plan.prep_blocks), ec::kPrepBlock, 0, stream>>>(p);
-  if (cudaFuncSetAttribute(ec::route_kernel<In>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                           static_cast<int>(plan.smem_bytes)) != cudaSuccess)
-    return "could not raise the route kernel's shared memory limit";
   ec::route_kernel<In><<<p.sel_blocks + p.fin_blocks, ec::kBlock, plan.smem_bytes, stream>>>(p);
   return nullptr;
 }

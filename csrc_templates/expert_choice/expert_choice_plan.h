@@ -48,6 +48,12 @@ inline void plan_finalizers(Plan& plan, long long T, int E, int num_sms, size_t 
   plan.fin_blocks = static_cast<int>(std::clamp<long long>(ceil_div(T, plan.fin_warps), 1, resident));
 }
 
+// Finalizers in a single wave: no more blocks than fit on the GPU at once with the route kernel's shared memory
+// (a second wave would only repeat each block's setup and leave a tail).
+inline void fit_finalizers_in_one_wave(Plan& plan, int blocks_per_sm, int num_sms) {
+  plan.fin_blocks = std::max(1, std::min(plan.fin_blocks, std::max(blocks_per_sm, 1) * std::max(num_sms, 1)));
+}
+
 inline Plan make_plan(long long T, int E, int elem_bytes, bool expert_major, bool tokens_softmax, int num_sms,
                       size_t smem_optin) {
   Plan plan{};

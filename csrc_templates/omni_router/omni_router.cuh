@@ -53,6 +53,19 @@ constexpr int candidate_capacity(int kb) {
   return count;
 }
 
+// Candidate keys per lane: at least 4, so that each network stage of the candidate selection has 4 independent
+// compare-exchanges in flight (with 1 key per lane the stages form one long chain of shuffle latencies), and at
+// least KB/32, so that a tile holds a whole chunk of KB.
+constexpr int candidate_regs(int kb) { return kb / 32 > 4 ? kb / 32 : 4; }
+
+// Blocks per SM the forward kernel is compiled for. It is latency-bound, so for 16-bit logits and KB <= 128 ptxas
+// gets a register cap that keeps 8 blocks (64 registers) or, with the lighter axis tiles, 10 blocks (48) resident;
+// these caps need no spills (-Xptxas -v, sm_80 and sm_90a). fp32 logits and KB = 256 carry wider or more keys
+// and would spill under them, so they keep ptxas' own choice.
+constexpr int forward_min_blocks(int elem_bytes, int kb, int va) {
+  return elem_bytes == 2 && kb <= 128 ? (va >= 8 ? 8 : 10) : 1;
+}
+
 template <class T>
 struct ForwardArgs {
   const T* x;          // [T, N]
@@ -191,8 +204,9 @@ __device__ __forceinline__ void select_axis(const T* row,        // [N]
 
 // One block: kWarps warps, each handling tokens blockIdx.x*kWarps + warp, then a grid's worth of tokens further.
 template <class T, int KB, int VA, class Candidate>
-__global__ void omni_router_forward_kernel(ForwardArgs<T> args) {
-  constexpr int VC = KB / 32;  // candidate keys per lane: a tile is exactly one chunk of KB
+__global__ void __launch_bounds__(kThreads, forward_min_blocks(sizeof(T), KB, VA))
+    omni_router_forward_kernel(ForwardArgs<T> args) {
+  constexpr int VC = candidate_regs(KB);
   using AxisKey = AxisKeyOf<T>;
   using CandKey = typename Candidate::Key;
   __shared__ uint16_t table[candidate_capacity(KB)];  // [count] rank pairs (a << 8) | b

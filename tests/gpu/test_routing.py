@@ -293,3 +293,30 @@ def test_cuda_graph_replay(case):
         expected = fns[case](static_x.clone())
         for got, want in zip(outputs, expected):
             assert torch.equal(got, want), f"{case}: graph replay differs from an eager call"
+
+
+# -- the register fast path of one-warp teams (k <= 8) against its fallback --------------------------------------------
+def _crowded_rows(num_tokens, num_experts, dtype):
+    """Random rows, then: every expert of lane 0 of the one-warp layout on top (a lane holding >= 3 winners forces
+    the fallback), an all-equal row (ties across and inside lanes), and a row whose top is one tied pair."""
+    x = torch.randn(num_tokens, num_experts, device="cuda")
+    chunk = 16 // torch.empty((), dtype=dtype).element_size()
+    lane0 = (torch.arange(num_experts, device="cuda") // chunk) % 32 == 0
+    x[0::3, lane0] += 10 + torch.rand(int(lane0.sum()), device="cuda")
+    x[1] = 0.5
+    x[2, :2] = 9.0
+    return x.to(dtype)
+
+
+@pytest.mark.parametrize("num_experts", [3, 32, 63, 64, 96, 128, 160, 256, 257, 512])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_topk_register_path_boundaries(num_experts, dtype):
+    for k in (1, 2, 7, 8, 9):
+        if k > num_experts:
+            continue
+        x = _crowded_rows(33, num_experts, dtype)
+        _check_topk(x, k, "softmax", k % 2 == 0, None)
+        _check_topk(x, k, "sigmoid", k % 2 == 1, None)
+        _check_topk(x, k, "softmax", True, _bias(num_experts, "softmax"), min_clear=0.0)
+        wide = _crowded_rows(33, num_experts + 1, dtype)[:, 1:]  # unaligned rows: the scalar-load layout
+        _check_topk(wide, k, "softmax", False, None)
