@@ -318,5 +318,7 @@ def test_topk_register_path_boundaries(num_experts, dtype):
         _check_topk(x, k, "softmax", k % 2 == 0, None)
         _check_topk(x, k, "sigmoid", k % 2 == 1, None)
         _check_topk(x, k, "softmax", True, _bias(num_experts, "softmax"), min_clear=0.0)
-        wide = _crowded_rows(33, num_experts + 1, dtype)[:, 1:]  # unaligned rows: the scalar-load layout
-        _check_topk(wide, k, "softmax", False, None)
+        buf = torch.empty(33 * num_experts + 1, dtype=dtype, device="cuda")
+        shifted = buf[1:].view(33, num_experts)  # contiguous, base not 16-byte aligned: the scalar-load layout
+        shifted.copy_(_crowded_rows(33, num_experts, dtype))
+        _check_topk(shifted, k, "softmax", False, None)
