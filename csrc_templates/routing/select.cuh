@@ -8,9 +8,7 @@
 //  C. selection: one warp runs k rounds of arg-max over the list (redux.sync max of the key, then min of the id
 //     among the lanes that hold that key), removing each winner. Every lane learns each winner in order.
 //
-// Exact for any input, ties included; the bound only decides how much work step C does. One-warp teams with small k
-// first try register_select (below), which needs none of the three steps and falls back to them when it cannot be
-// sure of its answer.
+// Exact for any input, ties included; the bound only decides how much work step C does.
 #pragma once
 #include <climits>
 #include <cstdint>
@@ -113,49 +111,6 @@ __device__ __forceinline__ void warp_select(uint32_t* ck, int32_t* ci, int n, in
       b = n <= kWarpSize ? LaneBest{0u, INT_MAX, -1} : lane_best(ck, ci, n, lane);
     }
   }
-}
-
-// Fast path for a one-warp team and small k, in registers only: each lane keeps its two best (key, id) entries and
-// the warp runs k rounds of arg-max over the lane heads (redux.sync max of the key, then min of the id among the
-// lanes holding it); the winning lane pops its head and sink(r, key, id) sees the r-th best in every lane. Exact
-// unless some lane empties its two entries before the last round while it holds a third valid expert (that one
-// could be the next winner): then it returns false (warp-uniform) and the caller must run the generic steps A-C.
-// Cost per row: ~9 instructions per slot to build the lists, ~10 per round, one vote; no shared memory.
-template <int S, typename ExpertOf, typename Sink>
-__device__ __forceinline__ bool register_select(const uint32_t (&key)[S], uint32_t valid, int k, ExpertOf expert_of,
-                                                Sink&& sink) {
-  constexpr int32_t kNone = INT_MAX;  // empty entry (its key is 0)
-  uint32_t k0 = 0u, k1 = 0u;
-  int32_t i0 = kNone, i1 = kNone;
-#pragma unroll
-  for (int s = 0; s < S; ++s) {
-    if (!(valid >> s & 1u)) continue;
-    // Slots ascend in expert id, so the strict > keeps the lower id on equal keys.
-    if (i0 == kNone || key[s] > k0) {
-      k1 = k0;
-      i1 = i0;
-      k0 = key[s];
-      i0 = expert_of(s);
-    } else if (i1 == kNone || key[s] > k1) {
-      k1 = key[s];
-      i1 = expert_of(s);
-    }
-  }
-  const bool has_third = __popc(valid) > 2;
-  bool missed = false;
-  for (int r = 0; r < k; ++r) {
-    const uint32_t m = __reduce_max_sync(kFullMask, k0);
-    const int32_t w = __reduce_min_sync(kFullMask, k0 == m ? i0 : kNone);
-    sink(r, m, w);
-    if (i0 == w) {  // ids are unique: one lane pops (all-empty rounds only happen after a miss)
-      k0 = k1;
-      i0 = i1;
-      k1 = 0u;
-      i1 = kNone;
-      missed |= i0 == kNone && has_third && r + 1 < k;
-    }
-  }
-  return !__any_sync(kFullMask, missed);
 }
 
 // Steps A and B for one row: returns the candidate count for warp 0 of the team (call team.sync() first in a

@@ -34,10 +34,6 @@ struct TopkParams {
 
 constexpr int kWarpTeamRowsPerBlock = 4;
 constexpr int kBlockTeamWarps = 8;
-// Largest k for which one-warp teams try register_select first. Each lane lists its 2 best experts, so the fast
-// path gives up when a lane holds 3 of the first k - 1 winners: for random E = 256 rows and k = 8 that is ~7% of
-// rows (those then pay both paths); for larger k it would fail too often to pay off.
-constexpr int kRegisterSelectMaxK = 8;
 
 // Lane j (+ 32 p) of warp 0 holds the j-th winner: computes its weight, renormalises over the k winners and stores.
 template <typename T, int P>
@@ -108,9 +104,16 @@ topk_route_kernel(const TopkParams p) {
   }
 
   const auto expert_of = [tt](int s) { return L::expert(tt, s); };
+  int n = gather_candidates<NW, P>(key, valid, p.k, full_warps<NW>(E, L::kChunk), expert_of, team, 2, ck, ci,
+                                   &cand_count);
+  team.sync();
+  if (NW > 1) {
+    if (warp != 0) return;
+    n = cand_count;
+  }
   uint32_t win_key[P];
   int32_t win_id[P];
-  const auto keep = [&](int r, uint32_t m, int32_t w) {
+  warp_select(ck, ci, n, p.k, [&](int r, uint32_t m, int32_t w) {
 #pragma unroll
     for (int q = 0; q < P; ++q) {
       if (r == q * kWarpSize + lane) {
@@ -118,19 +121,7 @@ topk_route_kernel(const TopkParams p) {
         win_id[q] = w;
       }
     }
-  };
-  bool selected = false;  // warp-uniform (team-uniform for a block team, which never takes the fast path)
-  if constexpr (NW == 1) selected = p.k <= kRegisterSelectMaxK && register_select(key, valid, p.k, expert_of, keep);
-  if (!selected) {
-    int n = gather_candidates<NW, P>(key, valid, p.k, full_warps<NW>(E, L::kChunk), expert_of, team, 2, ck, ci,
-                                     &cand_count);
-    team.sync();
-    if (NW > 1) {
-      if (warp != 0) return;
-      n = cand_count;
-    }
-    warp_select(ck, ci, n, p.k, keep);
-  }
+  });
   store_winners<T, P>(row, win_key, win_id, biased, sc, p.renormalize, 1.f, t, p.num_tokens, p.k, p.weights, p.ids,
                       p.token_expert_indices);
 }

@@ -295,10 +295,10 @@ def test_cuda_graph_replay(case):
             assert torch.equal(got, want), f"{case}: graph replay differs from an eager call"
 
 
-# -- the register fast path of one-warp teams (k <= 8) against its fallback --------------------------------------------
+# -- rows where one lane holds many winners, all-equal rows and tied pairs, around the warp/block team switch ----------
 def _crowded_rows(num_tokens, num_experts, dtype):
-    """Random rows, then: every expert of lane 0 of the one-warp layout on top (a lane holding >= 3 winners forces
-    the fallback), an all-equal row (ties across and inside lanes), and a row whose top is one tied pair."""
+    """Random rows, then: every expert of lane 0 of the one-warp layout on top (one lane holds most winners), an
+    all-equal row (ties across and inside lanes), and a row whose top is one tied pair."""
     x = torch.randn(num_tokens, num_experts, device="cuda")
     chunk = 16 // torch.empty((), dtype=dtype).element_size()
     lane0 = (torch.arange(num_experts, device="cuda") // chunk) % 32 == 0
@@ -310,7 +310,7 @@ def _crowded_rows(num_tokens, num_experts, dtype):
 
 @pytest.mark.parametrize("num_experts", [3, 32, 63, 64, 96, 128, 160, 256, 257, 512])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_topk_register_path_boundaries(num_experts, dtype):
+def test_topk_crowded_and_tied_rows(num_experts, dtype):
     for k in (1, 2, 7, 8, 9):
         if k > num_experts:
             continue
