@@ -33,6 +33,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <type_traits>
 
@@ -53,10 +54,11 @@ constexpr int candidate_capacity(int kb) {
   return count;
 }
 
-// Candidate keys per lane: at least 4, so that each network stage of the candidate selection has 4 independent
-// compare-exchanges in flight (with 1 key per lane the stages form one long chain of shuffle latencies), and at
-// least KB/32, so that a tile holds a whole chunk of KB.
-constexpr int candidate_regs(int kb) { return kb / 32 > 4 ? kb / 32 : 4; }
+// Candidate keys per lane: at least KB/32, so that a tile holds a whole chunk of KB. Packed (64-bit) keys take at
+// least 4, so that each network stage of the candidate selection has 4 independent compare-exchanges in flight
+// (with 1 key per lane the stages form one long chain of shuffle latencies); 96-bit keys would need too many
+// registers for that.
+constexpr int candidate_regs(int kb, int key_bytes) { return key_bytes <= 8 && kb / 32 < 4 ? 4 : kb / 32; }
 
 // Blocks per SM the forward kernel is compiled for. It is latency-bound, so for 16-bit logits and KB <= 128 ptxas
 // gets a register cap that keeps 8 blocks (64 registers) or, with the lighter axis tiles, 10 blocks (48) resident;
@@ -206,7 +208,7 @@ __device__ __forceinline__ void select_axis(const T* row,        // [N]
 template <class T, int KB, int VA, class Candidate>
 __global__ void __launch_bounds__(kThreads, forward_min_blocks(sizeof(T), KB, VA))
     omni_router_forward_kernel(ForwardArgs<T> args) {
-  constexpr int VC = candidate_regs(KB);
+  constexpr int VC = candidate_regs(KB, sizeof(typename Candidate::Key));
   using AxisKey = AxisKeyOf<T>;
   using CandKey = typename Candidate::Key;
   __shared__ uint16_t table[candidate_capacity(KB)];  // [count] rank pairs (a << 8) | b
@@ -300,16 +302,30 @@ __global__ void omni_router_backward_kernel(BackwardArgs<T> args) {
 }
 
 // ---- host side --------------------------------------------------------------------------------------------------
-// Blocks for a grid-stride loop: enough for every token, at most what stays resident on the device at once.
-template <class Kernel>
-inline int resident_grid(Kernel kernel, long long num_tokens) {
-  int device = 0, sms = 1, per_sm = 1;
+// Blocks of kKernel resident on the current device at once. The occupancy query costs host time, so it runs once
+// per device and kernel (neither changes while the process lives); racing first calls store the same value.
+template <auto kKernel>
+inline long long resident_blocks() {
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int> cached[kMaxDevices] = {};  // 0 = not queried yet
+  int device = 0;
   cudaGetDevice(&device);
-  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-  cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, 0);
-  const long long wanted = (num_tokens + kWarps - 1) / kWarps;
-  const long long resident = static_cast<long long>(std::max(per_sm, 1)) * std::max(sms, 1);
-  return static_cast<int>(std::min(wanted, resident));
+  const bool cacheable = device >= 0 && device < kMaxDevices;
+  int blocks = cacheable ? cached[device].load(std::memory_order_relaxed) : 0;
+  if (blocks == 0) {
+    int sms = 1, per_sm = 1;
+    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+    cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kKernel, kThreads, 0);
+    blocks = std::max(per_sm, 1) * std::max(sms, 1);
+    if (cacheable) cached[device].store(blocks, std::memory_order_relaxed);
+  }
+  return blocks;
+}
+
+// Blocks for a grid-stride loop: enough for every token, at most what stays resident on the device at once.
+template <auto kKernel>
+inline int resident_grid(long long num_tokens) {
+  return static_cast<int>(std::min((num_tokens + kWarps - 1) / kWarps, resident_blocks<kKernel>()));
 }
 
 // Whether rows of `n` elements starting at p can be read in pieces of min(16, V*sizeof(T)) bytes.
@@ -324,8 +340,8 @@ template <class T, int KB, int VA, class Candidate>
 inline void launch_forward_variant(ForwardArgs<T> args, cudaStream_t stream) {
   args.vec_x = rows_vectorizable<T, VA>(args.x, args.n);
   args.vec_y = rows_vectorizable<T, VA>(args.y, args.n);
-  const auto kernel = omni_router_forward_kernel<T, KB, VA, Candidate>;
-  kernel<<<resident_grid(kernel, args.num_tokens), kThreads, 0, stream>>>(args);
+  constexpr auto kernel = omni_router_forward_kernel<T, KB, VA, Candidate>;
+  kernel<<<resident_grid<kernel>(args.num_tokens), kThreads, 0, stream>>>(args);
 }
 
 // Picks the registers per lane for the axis rows (a tile of 32*VA elements: small rows waste no work on padding)
@@ -359,8 +375,8 @@ inline void launch_backward(const void* grad_scores,   // [T, k]
   if (num_tokens == 0) return;
   const BackwardArgs<T> args{static_cast<const T*>(grad_scores), indices, static_cast<T*>(grad_x),
                              static_cast<T*>(grad_y), num_tokens, n, top_k};
-  const auto kernel = omni_router_backward_kernel<T, KB>;
-  kernel<<<resident_grid(kernel, num_tokens), kThreads, 0, stream>>>(args);
+  constexpr auto kernel = omni_router_backward_kernel<T, KB>;
+  kernel<<<resident_grid<kernel>(num_tokens), kThreads, 0, stream>>>(args);
 }
 
 }  // namespace omni

@@ -192,6 +192,38 @@ def test_cuda_graph_capture_and_replay(dtype):
         assert rel_error(gx, want_gx) <= GRAD_TOL[dtype] and rel_error(gy, want_gy) <= GRAD_TOL[dtype]
 
 
+def test_cuda_graph_of_autograd_grad():
+    """What the benchmark captures: forward and torch.autograd.grad through the registered autograd, replayed."""
+    n, k, num_tokens, dtype = 256, 32, 777, torch.bfloat16
+    x, y = _logits(num_tokens, n, dtype)
+    x.requires_grad_(), y.requires_grad_()
+    g = torch.randn(num_tokens, k, device="cuda").to(dtype)
+
+    def step():
+        scores, ids = jitmoe.omni_router(x, y, k)
+        return (scores, ids) + torch.autograd.grad(scores, (x, y), g)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outputs = step()
+    new_x, new_y = _logits(num_tokens, n, dtype, "ties")
+    with torch.no_grad():
+        x.copy_(new_x), y.copy_(new_y)
+    for out in outputs:
+        poison_(out)
+    graph.replay()
+    torch.cuda.synchronize()
+    scores, ids, gx, gy = outputs
+    _assert_forward_matches(x.detach(), y.detach(), k, scores, ids)
+    want_gx, want_gy, _ = _reference_grads(x.detach(), y.detach(), k, g)
+    assert rel_error(gx, want_gx) <= GRAD_TOL[dtype] and rel_error(gy, want_gy) <= GRAD_TOL[dtype]
+
+
 # -- errors on CUDA tensors -----------------------------------------------------------------------------------------
 def test_errors_on_cuda():
     x = torch.randn(4, 5, device="cuda")
