@@ -9,6 +9,7 @@
 #   prewarm  - build every module the GPU tests use, in parallel
 #   test     - the GPU tests (pytest -m gpu); summary in OUTDIR/pytest_gpu.txt, junit XML beside it
 #   bench    - the benchmarks (JSON + PNG)
+#   demo     - `jitmoe demo` (router + MoE layer: error vs reference, first-call and steady times)
 #   pack     - pack the JIT cache into OUTDIR/jitcache.tgz.part-* (carry it back as .jitcache next time)
 # Env knobs: BENCH_GIT_COMMIT (recorded with the results), TESTS (pytest paths), PYTEST_ARGS, PREWARM_OPS, TIMING_CASES, BENCHES, BENCH_ARGS.
 # Logs and results are packed into OUTDIR/results.tgz at the end so that few files travel back.
@@ -35,7 +36,7 @@ if has install; then step install; jitmoe env > "$LOG/env.txt" 2>&1; nvidia-smi 
 if has timing; then step timing; python3 benchmarks/time_jit.py --out "$LOG" ${TIMING_CASES:+--cases $TIMING_CASES} 2>&1 | tee "$LOG/time_jit.log"; fi
 if has prewarm; then
   step prewarm
-  jitmoe prewarm --op ${PREWARM_OPS:-all} --dtype fp32,bf16,fp16 --topk 1,2,4,8,16,32,64 -j 16 2>&1 | tee "$LOG/prewarm.log" | tail -5
+  jitmoe prewarm --op ${PREWARM_OPS:-all} --dtype fp32,bf16,fp16 --topk 1,2,4,8,16,32,64,128,256 -j 16 2>&1 | tee "$LOG/prewarm.log" | tail -5
 fi
 if has test; then
   step test
@@ -49,6 +50,7 @@ if has bench; then
     [ -f "benchmarks/$b.py" ] && python3 "benchmarks/$b.py" --out "$LOG" ${BENCH_ARGS:-} 2>&1 | tee "$LOG/$b.log" | tail -25
   done
 fi
+if has demo; then step demo; python3 -m jitmoe demo 2>&1 | tee "$LOG/demo.txt"; fi
 tar czf "$OUT/results.tgz" -C "$OUT" logs
 if has pack; then
   step pack
