@@ -4,7 +4,8 @@
 //
 // Forward, one warp per token (a grid-stride loop over tokens; the grid is as large as fits on the device):
 //   1. the best min(k, N) of x and of y, sorted by (value desc, index asc), by the warp bitonic top-K of
-//      warp_bitonic.cuh over the row, read once with 16-byte loads where the row allows;
+//      warp_bitonic.cuh over each row (for short 16-bit rows over both rows at once as key pairs: two
+//      independent chains per network stage), each row read once with 16-byte loads where it allows;
 //   2. the candidate pairs of ranks (a, b) (0-based) with (a+1)(b+1) <= k, from a per-block table of
 //      sum_{a=1..k} floor(k/a) ~ k ln k entries (119 for k = 32, 1466 for k = 256);
 //   3. the exact top-k of the candidates by the same warp bitonic top-K on candidate keys (omni_keys.cuh), written
@@ -67,6 +68,12 @@ constexpr int candidate_regs(int kb, int key_bytes) { return key_bytes <= 8 && k
 constexpr int forward_min_blocks(int elem_bytes, int kb, int va) {
   return elem_bytes == 2 && kb <= 128 ? (va >= 8 ? 8 : 10) : 1;
 }
+
+// Whether the x and y rows go through one axis network as key pairs (select_axes) rather than one after the other.
+// The pairs double the live axis keys: for 16-bit logits and VA = 2 that stays within the 10-block cap (48
+// registers, no spills); with VA = 4 or 8 it spills under the 48/64 caps, and with fp32 keys it costs occupancy
+// (40 -> 60+ registers), so those keep the sequential form.
+constexpr bool interleave_axes(int elem_bytes, int va) { return elem_bytes == 2 && va == 2; }
 
 template <class T>
 struct ForwardArgs {
@@ -204,6 +211,35 @@ __device__ __forceinline__ void select_axis(const T* row,        // [N]
   }
 }
 
+// The best KB axis keys of the x row and of the y row, each sorted, into x_out[0 .. KB) and y_out[0 .. KB)
+// (shared memory of this warp). Both rows go through one network as key pairs: twice the independent work per
+// stage, and the loads of both rows are in flight together.
+template <class T, int KB, int VA>
+__device__ __forceinline__ void select_axes(const T* x_row,          // [N]
+                                            const T* y_row,          // [N]
+                                            int n, bool vec_x, bool vec_y,
+                                            AxisKeyOf<T>* x_out,     // [KB] shared, this warp's
+                                            AxisKeyOf<T>* y_out,     // [KB] shared, this warp's
+                                            int lane) {
+  using AxisKey = AxisKeyOf<T>;
+  using Pair = warp_bitonic::KeyPair<AxisKey>;
+  Pair best[VA];
+  warp_bitonic::top_keys<VA, KB>(
+      n,
+      [&](int base, Pair(&tile)[VA]) {
+        AxisKey x_keys[VA], y_keys[VA];
+        load_axis_keys<T, VA>(x_row, n, base + lane * VA, vec_x, x_keys);
+        load_axis_keys<T, VA>(y_row, n, base + lane * VA, vec_y, y_keys);
+#pragma unroll
+        for (int r = 0; r < VA; ++r) tile[r] = Pair{x_keys[r], y_keys[r]};
+      },
+      best, lane);
+  if (lane < KB / VA) {
+#pragma unroll
+    for (int r = 0; r < VA; ++r) x_out[lane * VA + r] = best[r].first, y_out[lane * VA + r] = best[r].second;
+  }
+}
+
 // One block: kWarps warps, each handling tokens blockIdx.x*kWarps + warp, then a grid's worth of tokens further.
 template <class T, int KB, int VA, class Candidate>
 __global__ void __launch_bounds__(kThreads, forward_min_blocks(sizeof(T), KB, VA))
@@ -221,8 +257,13 @@ __global__ void __launch_bounds__(kThreads, forward_min_blocks(sizeof(T), KB, VA
   const AxisKey* y_best = lists[warp][1];
   const long long stride = static_cast<long long>(gridDim.x) * kWarps;
   for (long long t = static_cast<long long>(blockIdx.x) * kWarps + warp; t < args.num_tokens; t += stride) {
-    select_axis<T, KB, VA>(args.x + t * args.n, args.n, args.vec_x, lists[warp][0], lane);
-    select_axis<T, KB, VA>(args.y + t * args.n, args.n, args.vec_y, lists[warp][1], lane);
+    if constexpr (interleave_axes(sizeof(T), VA)) {
+      select_axes<T, KB, VA>(args.x + t * args.n, args.y + t * args.n, args.n, args.vec_x, args.vec_y,
+                             lists[warp][0], lists[warp][1], lane);
+    } else {
+      select_axis<T, KB, VA>(args.x + t * args.n, args.n, args.vec_x, lists[warp][0], lane);
+      select_axis<T, KB, VA>(args.y + t * args.n, args.n, args.vec_y, lists[warp][1], lane);
+    }
     __syncwarp();
     CandKey best[VC];
     warp_bitonic::top_keys<VC, KB>(

@@ -10,7 +10,7 @@
 // sequence holding the best KB of both, and half-cleaners sort it again. After the folds every chunk holds the
 // sorted best KB of the tile; tiles fold into a running list the same way. Work per lane and tile is
 // O(V log^2 KB) compare-exchanges, with no shared memory and no block barrier: all lanes of the warp must call
-// these functions together (warp-uniform control flow).
+// these functions together (warp-uniform control flow). Keys may also be KeyPair<K>: two lists sorted side by side.
 #pragma once
 #include <cstdint>
 
@@ -59,6 +59,38 @@ __device__ __forceinline__ void order_pair(K& lower, K& upper) {
   upper = swap ? keep : upper;
 }
 
+// What a slot keeps in a cross-lane sorting stage: the larger key in the lower slot of the pair, else the smaller.
+template <class K>
+__device__ __forceinline__ K keep_for_slot(const K& mine, const K& partner, bool lower) {
+  return (key_greater(partner, mine) == lower) ? partner : mine;
+}
+
+// Two keys of two unrelated lists riding through the network together, each ordered on its own: two lists are
+// sorted in one pass, which gives every stage twice the independent compare-exchanges and shuffles (the network
+// is latency-bound with one list).
+template <class K>
+struct KeyPair {
+  K first, second;
+};
+
+template <class K>
+__device__ __forceinline__ KeyPair<K> key_shfl_xor(const KeyPair<K>& v, int lane_mask) {
+  return KeyPair<K>{key_shfl_xor(v.first, lane_mask), key_shfl_xor(v.second, lane_mask)};
+}
+template <class K>
+__device__ __forceinline__ KeyPair<K> key_max(const KeyPair<K>& a, const KeyPair<K>& b) {
+  return KeyPair<K>{key_max(a.first, b.first), key_max(a.second, b.second)};
+}
+template <class K>
+__device__ __forceinline__ void order_pair(KeyPair<K>& lower, KeyPair<K>& upper) {
+  order_pair(lower.first, upper.first);
+  order_pair(lower.second, upper.second);
+}
+template <class K>
+__device__ __forceinline__ KeyPair<K> keep_for_slot(const KeyPair<K>& mine, const KeyPair<K>& partner, bool lower) {
+  return KeyPair<K>{keep_for_slot(mine.first, partner.first, lower), keep_for_slot(mine.second, partner.second, lower)};
+}
+
 // One network stage: slot s meets slot s ^ PMASK. Sorting stages (FOLD = false) leave the larger key in the lower
 // slot of each pair; folding stages (FOLD = true) leave the larger key in both. Within a stage PMASK is either
 // a power of two (half-cleaner) or 2^m - 1 (flip/mirror), so for PMASK >= V its low log2(V) bits are all zero or
@@ -87,7 +119,7 @@ __device__ __forceinline__ void stage(K (&v)[V], int lane) {
       if constexpr (FOLD) {
         v[r] = key_max(v[r], partner[r]);
       } else {
-        v[r] = (key_greater(partner[r], v[r]) == lower) ? partner[r] : v[r];
+        v[r] = keep_for_slot(v[r], partner[r], lower);
       }
     }
   }
