@@ -52,14 +52,16 @@ using AxisKeyOf = typename ElemTraits<T>::AxisKey;
 
 // Order-preserving map of an element's bit pattern onto an unsigned of the same width: every NaN maps to the
 // largest value, -0 and +0 to the same value, and every real value (-inf included) to something above zero.
+// Written as selects, not early returns: it runs for every candidate, and branches there cost more than the
+// three outcomes.
 template <class T>
 __device__ __forceinline__ uint32_t ordered(uint32_t bits) {
   constexpr uint32_t kSign = 1u << (ElemTraits<T>::kBits - 1);
   constexpr uint32_t kAll = kSign | (kSign - 1u);
   const uint32_t magnitude = bits & (kSign - 1u);
-  if (magnitude > ElemTraits<T>::kInf) return kAll;
-  if (magnitude == 0u) return kSign;
-  return (bits & kSign) ? (~bits & kAll) : (bits | kSign);
+  const uint32_t finite = (bits & kSign) ? (~bits & kAll) : (bits | kSign);
+  const uint32_t signless_zero = magnitude == 0u ? kSign : finite;
+  return magnitude > ElemTraits<T>::kInf ? kAll : signless_zero;
 }
 
 // Inverse of ordered() (a NaN comes back as the canonical quiet NaN).

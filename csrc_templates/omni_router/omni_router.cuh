@@ -9,7 +9,8 @@
 //   2. the candidate pairs of ranks (a, b) (0-based) with (a+1)(b+1) <= k, from a per-block table of
 //      sum_{a=1..k} floor(k/a) ~ k ln k entries (119 for k = 32, 1466 for k = 256);
 //   3. the exact top-k of the candidates by the same warp bitonic top-K on candidate keys (omni_keys.cuh), written
-//      straight to the outputs. Nothing goes through global scratch.
+//      straight to the outputs; when all candidates fit in half a tile (k <= 16 with KB = 32, or small N), a
+//      kernel with half the candidate registers per lane runs instead. Nothing goes through global scratch.
 //
 // Why the candidates hold the answer, ties included. Write i' >=x i when x[i'] > x[i], or x[i'] == x[i] and
 // i' <= i (the axis order), likewise >=y, and let a, b be the 0-based axis ranks of i and j. Take any i' >=x i
@@ -58,7 +59,8 @@ constexpr int candidate_capacity(int kb) {
 // Candidate keys per lane: at least KB/32, so that a tile holds a whole chunk of KB. Packed (64-bit) keys take at
 // least 4, so that each network stage of the candidate selection has 4 independent compare-exchanges in flight
 // (with 1 key per lane the stages form one long chain of shuffle latencies); 96-bit keys would need too many
-// registers for that.
+// registers for that. Candidate sets of at most half such a tile run on half the registers instead (the filler of
+// a mostly empty tile costs more than the lost overlap).
 constexpr int candidate_regs(int kb, int key_bytes) { return key_bytes <= 8 && kb / 32 < 4 ? 4 : kb / 32; }
 
 // Blocks per SM the forward kernel is compiled for. It is latency-bound, so for 16-bit logits and KB <= 128 ptxas
@@ -241,10 +243,10 @@ __device__ __forceinline__ void select_axes(const T* x_row,          // [N]
 }
 
 // One block: kWarps warps, each handling tokens blockIdx.x*kWarps + warp, then a grid's worth of tokens further.
-template <class T, int KB, int VA, class Candidate>
+// VC: candidate keys per lane (candidate_regs, or half of it when all candidates fit: see launch_forward_variant).
+template <class T, int KB, int VA, class Candidate, int VC>
 __global__ void __launch_bounds__(kThreads, forward_min_blocks(sizeof(T), KB, VA))
     omni_router_forward_kernel(ForwardArgs<T> args) {
-  constexpr int VC = candidate_regs(KB, sizeof(typename Candidate::Key));
   using AxisKey = AxisKeyOf<T>;
   using CandKey = typename Candidate::Key;
   __shared__ uint16_t table[candidate_capacity(KB)];  // [count] rank pairs (a << 8) | b
@@ -377,12 +379,34 @@ inline bool rows_vectorizable(const void* p /* [T, N] */, int n) {
   return kPieceBytes >= 4 && n % kPieceElems == 0 && reinterpret_cast<uintptr_t>(p) % kPieceBytes == 0;
 }
 
+// Number of candidate rank pairs for top_k and n: what build_candidate_table counts on the device.
+inline int candidate_count(int top_k, int n) {
+  int count = 0;
+  for (int a = 0; a < std::min(top_k, n); ++a) count += std::min(top_k / (a + 1), n);
+  return count;
+}
+
+template <class T, int KB, int VA, class Candidate, int VC>
+inline void launch_forward_kernel(const ForwardArgs<T>& args, cudaStream_t stream) {
+  constexpr auto kernel = omni_router_forward_kernel<T, KB, VA, Candidate, VC>;
+  kernel<<<resident_grid<kernel>(args.num_tokens), kThreads, 0, stream>>>(args);
+}
+
+// When all candidates fit in half a tile (packed keys with KB = 32: k <= 16, or small N), the candidate selection
+// runs on half the registers per lane: half the network work, none of it on the filler of a mostly empty tile.
+// A separate kernel rather than a run-time branch: both paths in one kernel spill under the 48-register cap.
 template <class T, int KB, int VA, class Candidate>
 inline void launch_forward_variant(ForwardArgs<T> args, cudaStream_t stream) {
   args.vec_x = rows_vectorizable<T, VA>(args.x, args.n);
   args.vec_y = rows_vectorizable<T, VA>(args.y, args.n);
-  constexpr auto kernel = omni_router_forward_kernel<T, KB, VA, Candidate>;
-  kernel<<<resident_grid<kernel>(args.num_tokens), kThreads, 0, stream>>>(args);
+  constexpr int kRegs = candidate_regs(KB, sizeof(typename Candidate::Key));
+  constexpr int kShortRegs = kRegs / 2;
+  if constexpr (KB == 32 && kShortRegs * 32 >= KB) {
+    if (candidate_count(args.top_k, args.n) <= 32 * kShortRegs) {
+      return launch_forward_kernel<T, KB, VA, Candidate, kShortRegs>(args, stream);
+    }
+  }
+  launch_forward_kernel<T, KB, VA, Candidate, kRegs>(args, stream);
 }
 
 // Picks the registers per lane for the axis rows (a tile of 32*VA elements: small rows waste no work on padding)

@@ -84,33 +84,47 @@ struct LaneBest {
   int pos;      // index in the candidate list, -1: none
 };
 
+// A candidate list in shared memory as two arrays: keys ck [n] and ids ci [n] (a removed entry has id -1).
+struct SplitList {
+  uint32_t* ck;
+  int32_t* ci;
+  __device__ __forceinline__ uint32_t key(int f) const { return ck[f]; }
+  __device__ __forceinline__ int32_t id(int f) const { return ci[f]; }
+  __device__ __forceinline__ void remove(int f) const { ci[f] = -1; }
+};
+
 // The best remaining candidate among list positions lane, lane + 32, ... (removed entries have id -1).
-__device__ __forceinline__ LaneBest lane_best(const uint32_t* ck, const int32_t* ci, int n, int lane) {
+template <typename List>
+__device__ __forceinline__ LaneBest lane_best(const List& list, int n, int lane) {
   LaneBest b{0u, INT_MAX, -1};
   for (int f = lane; f < n; f += kWarpSize) {
-    const int32_t id = ci[f];
-    const uint32_t key = ck[f];
+    const int32_t id = list.id(f);
+    const uint32_t key = list.key(f);
     if (id >= 0 && (key > b.key || (key == b.key && id < b.id))) b = {key, id, f};
   }
   return b;
 }
 
-// Step C: k rounds of arg-max over the candidate list ck/ci: [n] (shared; entries are consumed). On round r every
-// lane calls sink(r, key, id) with the r-th best candidate. Needs n >= k (guaranteed by step A).
-// Called by one whole warp.
-template <typename Sink>
-__device__ __forceinline__ void warp_select(uint32_t* ck, int32_t* ci, int n, int k, Sink&& sink) {
+// Step C: k rounds of arg-max over a candidate list of n entries (consumed). On round r every lane calls
+// sink(r, key, id) with the r-th best candidate. Needs n >= k (guaranteed by step A). Called by one whole warp.
+template <typename List, typename Sink>
+__device__ __forceinline__ void warp_select_list(const List& list, int n, int k, Sink&& sink) {
   const int lane = threadIdx.x % kWarpSize;
-  LaneBest b = lane_best(ck, ci, n, lane);
+  LaneBest b = lane_best(list, n, lane);
   for (int r = 0; r < k; ++r) {
     const uint32_t m = __reduce_max_sync(kFullMask, b.key);
     const int32_t w = __reduce_min_sync(kFullMask, b.key == m ? b.id : INT_MAX);
     sink(r, m, w);
     if (b.pos >= 0 && b.id == w) {  // ids are unique: exactly one lane consumed this round
-      ci[b.pos] = -1;
-      b = n <= kWarpSize ? LaneBest{0u, INT_MAX, -1} : lane_best(ck, ci, n, lane);
+      list.remove(b.pos);
+      b = n <= kWarpSize ? LaneBest{0u, INT_MAX, -1} : lane_best(list, n, lane);
     }
   }
+}
+
+template <typename Sink>
+__device__ __forceinline__ void warp_select(uint32_t* ck, int32_t* ci, int n, int k, Sink&& sink) {
+  warp_select_list(SplitList{ck, ci}, n, k, sink);
 }
 
 // Steps A and B for one row: returns the candidate count for warp 0 of the team (call team.sync() first in a

@@ -8,6 +8,9 @@
 // then picks the k best experts under (key desc, id asc) exactly. The weights are the unbiased scores of the
 // winners (recomputed with the same fp32 expression), divided by their sum when renormalising.
 //
+// Rows of k <= 32 on a one-warp team take the leaner kernel of warp_topk.cuh instead (same results up to the
+// weights' last bits: it uses a fast exp2, see there).
+//
 // Compile-time: dtype T, KMAX (32 or 64: result slots per lane = KMAX / 32), the chunks per thread NCH and the
 // team size; everything else (T, E, k, scoring, bias, renormalize) is a run-time argument.
 #pragma once
@@ -15,6 +18,7 @@
 #include <cuda_runtime.h>
 #include "routing/row_team.cuh"
 #include "routing/select.cuh"
+#include "routing/warp_topk.cuh"
 
 namespace jitmoe::routing {
 
@@ -134,12 +138,80 @@ inline void launch_topk_team(const TopkParams& p, cudaStream_t stream) {
   topk_route_kernel<T, NCH, NW, KMAX><<<static_cast<unsigned>(blocks), rows * NW * kWarpSize, smem, stream>>>(p);
 }
 
+// Output slot pick.pos of row t: the weight from the winner's logit, renormalised over the row's winners if asked.
+template <typename T>
+__device__ __forceinline__ void store_pick(const Pick& pick, const T* row /* [E] */, bool biased,
+                                           const FastScorer& sc, const TopkParams& p, int64_t t) {
+  const float logit = biased && pick.have ? to_float(row[pick.id]) : pick.value;
+  float w = pick.have ? sc(logit) : 0.f;
+  if (p.renormalize) w = __fdividef(w, warp_sum(w));
+  if (!pick.have) return;
+  const int64_t out = t * p.k + pick.pos;
+  p.weights[out] = w;
+  p.ids[out] = pick.id;
+  if (p.token_expert_indices != nullptr)
+    p.token_expert_indices[out] = static_cast<int32_t>(pick.pos * p.num_tokens + t);
+}
+
+// The fast path of warp_topk.cuh: one row per warp, k <= 32.
+template <typename T, int NCH>
+__global__ void __launch_bounds__(kWarpTeamRowsPerBlock * kWarpSize) topk_warp_kernel(const TopkParams p) {
+  using L = RowLayout<T, NCH, kWarpSize>;
+  constexpr int S = L::kSlots;
+  __shared__ uint2 cand_smem[kWarpTeamRowsPerBlock][S * kWarpSize + 1];  // per warp: candidates (value bits, id)
+  const int warp = threadIdx.x / kWarpSize;
+  const int lane = threadIdx.x % kWarpSize;
+  const int E = p.num_experts;
+  const int64_t t = static_cast<int64_t>(blockIdx.x) * kWarpTeamRowsPerBlock + warp;
+  if (t >= p.num_tokens) return;  // whole warps leave here; warps share nothing
+  const T* row = static_cast<const T*>(p.logits) + t * E;
+
+  float x[S];
+  load_row_padded<T, NCH>(row, E, lane, p.vec16, x);
+  float lane_max = x[0];
+#pragma unroll
+  for (int s = 1; s < S; ++s) lane_max = fmaxf(lane_max, x[s]);
+  uint32_t lane_key = order_key(lane_max);
+  uint32_t max_key = __reduce_max_sync(kFullMask, lane_key);
+  const float row_max = key_to_float(max_key);
+  const bool biased = p.bias != nullptr;
+  const FastScorer sc = make_fast_scorer(p.scoring, x, row_max, biased || !p.renormalize);
+  if (biased) {  // select by fp32 score + bias; padding slots stay -inf
+    lane_max = -INFINITY;
+#pragma unroll
+    for (int s = 0; s < S; ++s) {
+      const int e = L::expert(lane, s);
+      x[s] = e < E ? sc(x[s]) + __ldg(p.bias + e) : -INFINITY;
+      lane_max = fmaxf(lane_max, x[s]);
+    }
+    lane_key = order_key(lane_max);
+    max_key = __reduce_max_sync(kFullMask, lane_key);
+  }
+  const float bound = key_to_float(kth_largest_lane_key(lane_key, max_key, p.k));
+  uint2* cand = cand_smem[warp];
+  const int n = compact_candidates<S, L::kChunk>(x, bound, lane, cand);
+  __syncwarp();
+  const Pick pick = n <= kWarpSize ? rank_candidates(cand, n, p.k, lane) : select_many(cand, n, p.k, lane);
+  store_pick(pick, row, biased, sc, p, t);
+}
+
+template <typename T, int NCH>
+inline void launch_topk_warp(const TopkParams& p, cudaStream_t stream) {
+  const int64_t blocks = (p.num_tokens + kWarpTeamRowsPerBlock - 1) / kWarpTeamRowsPerBlock;
+  topk_warp_kernel<T, NCH><<<static_cast<unsigned>(blocks), kWarpTeamRowsPerBlock * kWarpSize, 0, stream>>>(p);
+}
+
 // Picks the smallest team shape whose registers cover E (E <= 512 * CH is required: 4096 fp32 experts).
 template <typename T, int KMAX>
 inline void launch_topk_route(const TopkParams& p, cudaStream_t stream) {
   constexpr int CH = 16 / static_cast<int>(sizeof(T));
   const int E = p.num_experts;
   if (p.num_tokens <= 0) return;
+  if constexpr (KMAX == kWarpSize) {
+    if (E <= 32 * CH) return launch_topk_warp<T, 1>(p, stream);
+    if (E <= 64 * CH) return launch_topk_warp<T, 2>(p, stream);
+    if (E <= 128 * CH) return launch_topk_warp<T, 4>(p, stream);
+  }
   if (E <= 32 * CH) return launch_topk_team<T, 1, 1, KMAX>(p, stream);
   if (E <= 64 * CH) return launch_topk_team<T, 2, 1, KMAX>(p, stream);
   if (E <= 128 * CH) return launch_topk_team<T, 4, 1, KMAX>(p, stream);

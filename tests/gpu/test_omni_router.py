@@ -111,6 +111,16 @@ def test_unaligned_and_strided_inputs(n, k, dtype):
     _assert_forward_matches(x, y, k, *jitmoe.omni_router(xt, yt, k))
 
 
+@pytest.mark.parametrize("kind", ["randn", "ties"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("n,k", [(17, 22), (17, 23), (64, 19), (64, 20), (256, 19), (256, 20), (8, 32), (128, 16)])
+def test_short_candidate_tile_boundary(n, k, dtype, kind):
+    """16-bit logits, k <= 32: at most 64 candidate pairs run the half-width candidate kernel (N17 k22/23: 64,
+    N64/256 k19: 60, N8 k32: 51, N128 k16: 50), more run the full one (N64/256 k20: 66)."""
+    x, y = _logits(_num_tokens(n), n, dtype, kind)
+    _assert_forward_matches(x, y, k, *_forward(x, y, k))
+
+
 def test_forward_is_deterministic():
     x, y = _logits(4097, 256, torch.bfloat16, "ties")
     first, second = _forward(x, y, 32), _forward(x, y, 32)

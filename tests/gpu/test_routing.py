@@ -322,3 +322,35 @@ def test_topk_crowded_and_tied_rows(num_experts, dtype):
         shifted = buf[1:].view(33, num_experts)  # contiguous, base not 16-byte aligned: the scalar-load layout
         shifted.copy_(_crowded_rows(33, num_experts, dtype))
         _check_topk(shifted, k, "softmax", False, None)
+
+
+# -- the one-warp fast path (k <= 32): candidate lists around 32 entries, where it switches to arg-max rounds ----------
+@pytest.mark.parametrize("tied", [1, 7, 31, 32, 33, 64])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_topk_candidate_count_around_a_warp(tied, dtype):
+    """Rows whose top value is shared by `tied` experts (the first ones, or scattered in half the rows): the number
+    of candidates at or above the bound crosses 32 for some k, at every one-warp layout (NCH = 1, 2, 4)."""
+    chunk = 16 // torch.empty((), dtype=dtype).element_size()
+    for num_experts in (32 * chunk, 64 * chunk, 128 * chunk):
+        x = torch.randn(66, num_experts, device="cuda")
+        x[:, :tied] = 6.0
+        x[1::2] = x[1::2, torch.randperm(num_experts, device="cuda")]
+        x = x.to(dtype)
+        for k in (1, 8, 9, 31, 32):
+            _check_topk(x, k, "softmax", k % 2 == 0, None)
+            _check_topk(x, k, "sigmoid", k % 2 == 1, None)
+            _check_topk(x, k, "softmax", True, _bias(num_experts, "softmax"), min_clear=0.0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_topk_negative_and_infinite_logits(dtype):
+    """All-negative rows (the bound is negative), -inf logits that must still be picked by id, padding slots."""
+    for num_experts in (5, 60, 160, 1000):
+        x = -torch.rand(33, num_experts, device="cuda") * 4 - 1
+        x[0, :] = float("-inf")
+        x[0, 3 % num_experts] = 0.0
+        x = x.to(dtype)
+        for k in (1, 4, 5):
+            _check_topk(x[1:], k, "softmax", False, None)
+            weights, ids, _ = _run_topk(x, k, "sigmoid", False, None)
+            _assert_ids_equal(ids, ref.topk_sigmoid(x, k)[1])

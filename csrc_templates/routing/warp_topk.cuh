@@ -1,0 +1,182 @@
+// Top-k routing of one row per warp for k <= 32 (E <= 128 * CH, CH = 16 / sizeof(T)): the common router shapes.
+//
+// Built to issue few instructions per row: every step is one warp-wide pass over the lane's S = NCH * CH register
+// slots (RowLayout with a 32-thread team), and no step rescans a lane per selected expert.
+//  1. load: 16-byte loads (scalar ones for unaligned rows); slots past E hold -inf and an id >= E, so they lose
+//     every comparison with a real expert (equal values go to the lower id) and add exp(-inf) = 0 to the softmax sum.
+//  2. row maximum: the lanes' maxima reduced with one redux.sync on order keys; softmax sum of exp2 terms.
+//  3. bound B: the k-th largest lane maximum (k - 1 rounds of redux.sync, each popping every lane that holds the
+//     current maximum). At least k lanes hold an element >= B, so every top-k member is >= B.
+//  4. candidates: the slots >= B (k plus a few on random rows) are compacted into shared memory, each lane at the
+//     offset given by a warp scan of the per-lane counts.
+//  5. rank: with at most 32 candidates, lane i ranks candidate i against all of them under (value desc, id asc) and
+//     writes output slot `rank` when rank < k; more candidates (heavy ties) take k rounds of warp arg-max.
+// Selection values are the logits themselves without a bias (softmax and sigmoid are increasing, so the order is
+// exact and immune to rounding), else the fp32 score + bias. Weights are recomputed from the winners' logits.
+//
+// Exp: ex2.approx.ftz of fma(x, log2e, -max * log2e). Error of a softmax weight w_i = e_i / sum (e_j), y_i = the
+// exponent <= 0: the rounded shift -max * log2e is common to every term and cancels in the ratio; the fma rounds
+// once (absolute 2^-24 |y_i|, i.e. relative ln2 * 2^-24 * |y_i| on e_i, and w_i <= 2^y_i so that w_i * |y_i| <=
+// 1 / (e ln2): <= 2.2e-8 absolute on w_i); fp32(log2e) is off by 2^-25 relative (scales y_i alike, same bound);
+// ex2.approx is within 2 ulp (2.4e-7 relative) on e_i and on the sum. With the fp32 sum (the old expf path had the
+// same) and 1 / sum by rcp.approx (1 ulp), the weight stays well inside the tests' 1e-6 (atol) + 1e-6 (rtol) of the
+// float64 softmax. Sigmoid 1 / (1 + 2^(-x log2e)): ds = s (1 - s) de / e, s (1 - s) <= 1/4 and s (1 - s) |x| <=
+// 0.23, so <= 1e-7 absolute; 2^(...) overflowing to inf gives 0, the limit (true value < 2^-126).
+#pragma once
+#include <climits>
+#include <cstdint>
+#include <cuda_runtime.h>
+#include "routing/row_team.cuh"
+#include "routing/select.cuh"
+
+namespace jitmoe::routing {
+
+constexpr float kLog2e = 1.44269504088896341f;
+
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// 1 / x with rcp.approx.ftz (1 ulp).
+__device__ __forceinline__ float fast_rcp(float x) {
+  float y;
+  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// Scores with the fast exp (error analysis above).
+struct FastScorer {
+  int scoring;
+  float neg_max_log2e;  // softmax: -(row max) * log2e
+  float rcp_sum;        // softmax: 1 / sum of the exp2 terms (1 when the winners' weights are renormalised anyway)
+
+  __device__ __forceinline__ float operator()(float x) const {
+    if (scoring == kScoringSoftmax) return fast_exp2(fmaf(x, kLog2e, neg_max_log2e)) * rcp_sum;
+    return __fdividef(1.0f, 1.0f + fast_exp2(x * -kLog2e));
+  }
+};
+
+// Four bytes of -inf in T (16-bit types: two of them), the value of a padding slot.
+template <typename T>
+__device__ __forceinline__ uint32_t neg_inf_word() {
+  if constexpr (sizeof(T) == 4) return 0xff800000u;
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) return 0xff80ff80u;
+  return 0xfc00fc00u;  // fp16
+}
+
+// Lane `lane`'s slots of one row (layout RowLayout<T, NCH, 32>); slots past E read -inf.
+template <typename T, int NCH>
+__device__ __forceinline__ void load_row_padded(const T* __restrict__ row /* [E] */, int E, int lane, bool vec16,
+                                                float (&x)[RowLayout<T, NCH, kWarpSize>::kSlots]) {
+  constexpr int CH = RowLayout<T, NCH, kWarpSize>::kChunk;
+#pragma unroll
+  for (int c = 0; c < NCH; ++c) {
+    const int e0 = (c * kWarpSize + lane) * CH;
+    if (vec16) {  // every chunk is whole or entirely past E; a chunk past E re-reads the last one (no branch)
+      const uint4 v = __ldg(reinterpret_cast<const uint4*>(row + min(e0, E - CH)));
+      const uint32_t pad = neg_inf_word<T>();
+      const bool real = e0 < E;
+      unpack16<T>(real ? v : make_uint4(pad, pad, pad, pad), x + c * CH);
+    } else {
+#pragma unroll
+      for (int j = 0; j < CH; ++j) x[c * CH + j] = e0 + j < E ? to_float(row[e0 + j]) : -INFINITY;
+    }
+  }
+}
+
+// Softmax: the shift and 1 / sum over the row (padding slots add 0); sigmoid: nothing to compute.
+template <int S>
+__device__ __forceinline__ FastScorer make_fast_scorer(int scoring, const float (&x)[S], float row_max,
+                                                       bool need_sum) {
+  FastScorer sc{scoring, -row_max * kLog2e, 1.0f};
+  if (scoring != kScoringSoftmax || !need_sum) return sc;
+  float acc = 0.f;
+#pragma unroll
+  for (int s = 0; s < S; ++s) acc += fast_exp2(fmaf(x[s], kLog2e, sc.neg_max_log2e));
+  sc.rcp_sum = fast_rcp(warp_sum(acc));
+  return sc;
+}
+
+// A key >= the k-th largest of the lanes' keys (k <= 32; keys > 0), given their maximum: k - 1 rounds that each
+// remove every lane holding the current maximum. Exact when the lanes' keys are distinct; with ties the rounds go
+// past the k-th largest, which only loosens the bound. A round with nothing left keeps the last key.
+__device__ __forceinline__ uint32_t kth_largest_lane_key(uint32_t v, uint32_t max_key, int k) {
+  uint32_t m = max_key;
+  for (int r = 1; r < k; ++r) {
+    v = v == m ? 0u : v;
+    const uint32_t next = __reduce_max_sync(kFullMask, v);
+    m = next != 0u ? next : m;
+  }
+  return m;
+}
+
+// Writes this lane's slots with value >= bound to cand (after those of the lanes below); returns the total. The
+// stores are unconditional: a slot below the bound goes to the spare entry cand[32 * S].
+template <int S, int CH>
+__device__ __forceinline__ int compact_candidates(const float (&x)[S], float bound, int lane,
+                                                  uint2* cand /* [32 * S + 1] (value bits, expert id) */) {
+  int count = 0;
+#pragma unroll
+  for (int s = 0; s < S; ++s) count += x[s] >= bound ? 1 : 0;
+  int incl = count;
+#pragma unroll
+  for (int off = 1; off < kWarpSize; off *= 2) {
+    const int up = __shfl_up_sync(kFullMask, incl, off);
+    if (lane >= off) incl += up;
+  }
+  int pos = incl - count;
+#pragma unroll
+  for (int s = 0; s < S; ++s) {
+    const bool take = x[s] >= bound;
+    const int expert = ((s / CH) * kWarpSize + lane) * CH + s % CH;  // RowLayout<T, S / CH, 32>::expert
+    cand[take ? pos : kWarpSize * S] = make_uint2(__float_as_uint(x[s]), static_cast<uint32_t>(expert));
+    pos += take ? 1 : 0;
+  }
+  return __shfl_sync(kFullMask, incl, kWarpSize - 1);
+}
+
+// A lane's result: output slot `pos` of the row gets expert `id` whose selection value is `value`.
+struct Pick {
+  bool have;
+  int pos;
+  float value;
+  int32_t id;
+};
+
+// n <= 32 candidates: lane i ranks candidate i against all of them.
+__device__ __forceinline__ Pick rank_candidates(const uint2* cand /* [n] */, int n, int k, int lane) {
+  const uint2 mine = cand[min(lane, n - 1)];  // lanes >= n hold a copy and are masked out below
+  const float v = __uint_as_float(mine.x);
+  int rank = 0;
+#pragma unroll 4
+  for (int j = 0; j < n; ++j) {
+    const uint2 other = cand[j];
+    const float ov = __uint_as_float(other.x);
+    rank += (ov > v || (ov == v && other.y < mine.y)) ? 1 : 0;
+  }
+  return {lane < n && rank < k, rank, v, static_cast<int32_t>(mine.y)};
+}
+
+// The candidate list of step 5 for warp_select_list: float values read as order keys, removal marks the id -1.
+struct PairList {
+  uint2* cand;  // [n]
+  __device__ __forceinline__ uint32_t key(int f) const { return order_key(__uint_as_float(cand[f].x)); }
+  __device__ __forceinline__ int32_t id(int f) const { return static_cast<int32_t>(cand[f].y); }
+  __device__ __forceinline__ void remove(int f) const { cand[f].y = 0xffffffffu; }
+};
+
+// More than 32 candidates (ties at the bound): k rounds of warp arg-max; lane r keeps the r-th winner.
+__device__ __forceinline__ Pick select_many(uint2* cand /* [n] */, int n, int k, int lane) {
+  Pick pick{lane < k, lane, 0.f, 0};
+  warp_select_list(PairList{cand}, n, k, [&](int r, uint32_t key, int32_t id) {
+    if (r == lane) {
+      pick.value = key_to_float(key);
+      pick.id = id;
+    }
+  });
+  return pick;
+}
+
+}  // namespace jitmoe::routing
