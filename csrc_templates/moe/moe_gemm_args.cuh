@@ -6,6 +6,11 @@
 //   GEMM1 (gather):  inter[p, :]      = act( x[s / topk, :] @ fc1[e]^T + b1[e] )           for real rows
 //   GEMM2 (scatter): out_slots[s, :]  = w[s] * ( inter[p, :] @ fc2[e]^T + b2[e] )           for real rows
 // Padding rows are never written by GEMM2; GEMM1 may write anything into them (GEMM2 ignores them).
+//
+// Split-K (k_splits > 1; kernels that support it): the K range is cut into k_splits slices of whole BLOCK_K tiles;
+// slice z writes its fp32 sums to partials[z] and a second launch reduces the slices in a fixed order (deterministic)
+// and applies the epilogue. GEMM1: partials [k_splits, m_pad_max, n_b] raw sums (bias and activation come in the
+// reduce); GEMM2: partials [k_splits, num_slots, N] raw sums (bias and routing weight come in the reduce).
 #pragma once
 #include <cuda_runtime_api.h>
 #include <cstdint>
@@ -25,12 +30,16 @@ struct MoeGemmArgs {
   const float* act_alpha;       // [E] SwigluBias alpha, or nullptr (1)
   const float* act_beta;        // [E] SwigluBias beta, or nullptr (0)
   const float* act_limit;       // [E] SwigluBias/SwigluStep limit, or nullptr (inf; 7 for SwigluStep)
+  float* partials;              // split-K scratch (see above), or nullptr when k_splits == 1
+  void* a_sorted;               // GEMM1 on kernels that load A in sorted order with TMA: [m_pad_max, K] scratch the
+                                // launch fills with x[sorted_ids[p] / topk] first; nullptr for the other kernels
   int num_slots;                // T * topk
   int topk;
   int m_pad_max;                // length of sorted_ids (a multiple of BLOCK_M)
   int n;                        // output columns: GEMM1 I, GEMM2 H
   int k;                        // reduction length: GEMM1 H, GEMM2 I
   int num_experts;              // local experts
+  int k_splits;                 // >= 1
 };
 
 // Each rendered GEMM source (sm80/gemm.cu or sm90/gemm.cu, one spec = one GEMM of one kind) defines this;

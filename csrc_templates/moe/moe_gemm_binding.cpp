@@ -16,7 +16,8 @@ void run(const at::Tensor& a, const at::Tensor& b, const std::optional<at::Tenso
          const at::Tensor& sorted_ids, const at::Tensor& block_expert, const at::Tensor& num_padded,
          const std::optional<at::Tensor>& slot_weights, const std::optional<at::Tensor>& act_alpha,
          const std::optional<at::Tensor>& act_beta, const std::optional<at::Tensor>& act_limit, int64_t num_slots,
-         int64_t topk, int64_t n, int64_t k) {
+         int64_t topk, int64_t n, int64_t k, const std::optional<at::Tensor>& partials,
+         const std::optional<at::Tensor>& a_sorted, int64_t k_splits) {
   const c10::cuda::CUDAGuard guard(a.device());
   jitmoe::moe::MoeGemmArgs args{};
   args.a = a.data_ptr();
@@ -30,12 +31,15 @@ void run(const at::Tensor& a, const at::Tensor& b, const std::optional<at::Tenso
   args.act_alpha = ptr_or_null<float>(act_alpha);
   args.act_beta = ptr_or_null<float>(act_beta);
   args.act_limit = ptr_or_null<float>(act_limit);
+  args.partials = partials.has_value() ? partials->data_ptr<float>() : nullptr;
+  args.a_sorted = a_sorted.has_value() ? a_sorted->data_ptr() : nullptr;
   args.num_slots = static_cast<int>(num_slots);
   args.topk = static_cast<int>(topk);
   args.m_pad_max = static_cast<int>(sorted_ids.numel());
   args.n = static_cast<int>(n);
   args.k = static_cast<int>(k);
   args.num_experts = static_cast<int>(b.size(0));
+  args.k_splits = static_cast<int>(k_splits);
   jitmoe::moe::moe_gemm_launch(args, jitmoe::current_stream(a));
   JITMOE_CHECK_LAUNCH("moe_gemm");
 }

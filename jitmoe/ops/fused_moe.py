@@ -65,6 +65,7 @@ def autotune(tune_mode: bool = True, cache: Optional[str] = None, tuning_buckets
 
 
 _forced_kernel = ""  # '' (heuristic), 'sm80' or 'sm90'; a plain global so torch.compile can guard on it
+_forced_split_k = 0  # 0 (heuristic) or the K slices of both GEMMs
 
 
 @contextlib.contextmanager
@@ -79,6 +80,20 @@ def force_kernel(kernel: Optional[str]):
         yield
     finally:
         _forced_kernel = previous
+
+
+@contextlib.contextmanager
+def force_split_k(k_splits: Optional[int]):
+    """Run both grouped GEMMs with ``k_splits`` K slices inside the context (1: no split); None restores the
+    heuristic (``moe_gemm.split_k_for``). For the split-K sweep of the benchmark and for tests; not thread-safe."""
+    global _forced_split_k
+    if k_splits is not None:
+        check_int("k_splits", k_splits, low=1, high=_gemm.MAX_K_SPLITS)
+    previous, _forced_split_k = _forced_split_k, k_splits or 0
+    try:
+        yield
+    finally:
+        _forced_split_k = previous
 
 
 @dataclass(frozen=True)
@@ -314,19 +329,33 @@ def _device_arch(index: int) -> str:
     return arch_of_capability(*torch.cuda.get_device_capability(index))
 
 
+@functools.lru_cache(maxsize=None)
+def _device_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _gemm_configs(num_slots: int, num_local: int, hidden: int, inter: int, x: torch.Tensor, kernel: str,
+                  k_splits: int):
+    """Configs of GEMM1 (n = I, k = H) and GEMM2 (n = H, k = I): same block_m, split-K chosen per GEMM."""
+    device = x.device
+    common = dict(arch=_device_arch(device.index), dtype=x.dtype, kernel=kernel or None,
+                  num_sms=_device_sms(device.index), k_splits=k_splits or None)
+    return (_gemm.select_config(num_slots, num_local, inter, hidden, **common),
+            _gemm.select_config(num_slots, num_local, hidden, inter, **common))
+
+
 def _run_cuda(output, x, topk_ids, slot_weights, fc1, fc2, fc1_bias, fc2_bias, act_params: dict, activation: str,
-              local_expert_offset: int, kernel: str) -> None:
+              local_expert_offset: int, kernel: str, k_splits: int) -> None:
     """moe_align -> GEMM1 -> GEMM2 -> combine on the current stream; scratch from the caching allocator."""
     num_tokens, topk = topk_ids.shape
     num_local, hidden, inter = fc2.shape
-    cfg = _gemm.select_config(num_tokens * topk, num_local, inter, hidden, _device_arch(x.device.index), x.dtype,
-                              kernel=kernel or None)
-    routing = _permute.empty_align_outputs(num_tokens * topk, num_local, cfg.block_m, x.device)
-    _permute.align_into(topk_ids, num_local, cfg.block_m, local_expert_offset, routing)
+    cfg1, cfg2 = _gemm_configs(num_tokens * topk, num_local, hidden, inter, x, kernel, k_splits)
+    routing = _permute.empty_align_outputs(num_tokens * topk, num_local, cfg1.block_m, x.device)
+    _permute.align_into(topk_ids, num_local, cfg1.block_m, local_expert_offset, routing)
     sorted_ids, block_expert, num_padded, _ = routing
     h = torch.empty(sorted_ids.shape[0], inter, dtype=x.dtype, device=x.device)
     _gemm.moe_gemm1(x, fc1, sorted_ids, block_expert, num_padded, out=h, topk=topk, activation=activation,
-                    fc1_bias=fc1_bias, config=cfg, **act_params)
+                    fc1_bias=fc1_bias, config=cfg1, **act_params)
     # top-1: each token has one slot, so GEMM2 can write the output rows itself (zeroed: rows without a local
     # expert are never written); otherwise it writes per-slot rows that the combine sums in a fixed order.
     direct = topk == 1 and output.data_ptr() % 16 == 0
@@ -334,7 +363,7 @@ def _run_cuda(output, x, topk_ids, slot_weights, fc1, fc2, fc1_bias, fc2_bias, a
     if direct:
         output.zero_()
     _gemm.moe_gemm2(h, fc2, sorted_ids, block_expert, num_padded, slot_weights, out=out_slots, fc2_bias=fc2_bias,
-                    config=cfg)
+                    config=cfg2)
     if not direct:
         _permute.combine_into(out_slots, topk_ids, output, num_local, local_expert_offset)
 
@@ -351,7 +380,7 @@ def _fused_moe_op(output: torch.Tensor, x: torch.Tensor, topk_ids: torch.Tensor,
                   fc1: torch.Tensor, fc2: torch.Tensor, fc1_bias: Optional[torch.Tensor],
                   fc2_bias: Optional[torch.Tensor], swiglu_alpha: Optional[torch.Tensor],
                   swiglu_beta: Optional[torch.Tensor], swiglu_limit: Optional[torch.Tensor], activation: str,
-                  ep_size: int, ep_rank: int, kernel: str) -> None:
+                  ep_size: int, ep_rank: int, kernel: str, k_splits: int) -> None:
     """output <- fused MoE. fc2_bias arrives already dropped on TP ranks other than 0; slot_weights is [T * k]."""
     num_local = fc2.shape[0]
     act_params = {name: value for name, value in (("swiglu_alpha", swiglu_alpha), ("swiglu_beta", swiglu_beta),
@@ -359,7 +388,7 @@ def _fused_moe_op(output: torch.Tensor, x: torch.Tensor, topk_ids: torch.Tensor,
                   if name in _SWIGLU_PARAMS.get(activation, ())}
     if x.is_cuda:
         _run_cuda(output, x, topk_ids, slot_weights, fc1, fc2, fc1_bias, fc2_bias, act_params, activation,
-                  ep_rank * num_local, kernel)
+                  ep_rank * num_local, kernel, k_splits)
         return
     _check_ids_in_range(topk_ids, num_local * ep_size)
     output.copy_(_ref.fused_moe_reference(x, topk_ids, slot_weights.view(topk_ids.shape), fc1, fc2,
@@ -369,7 +398,7 @@ def _fused_moe_op(output: torch.Tensor, x: torch.Tensor, topk_ids: torch.Tensor,
 
 @_fused_moe_op.register_fake
 def _(output, x, topk_ids, slot_weights, fc1, fc2, fc1_bias, fc2_bias, swiglu_alpha, swiglu_beta, swiglu_limit,
-      activation, ep_size, ep_rank, kernel) -> None:
+      activation, ep_size, ep_rank, kernel, k_splits) -> None:
     return None
 
 
@@ -381,7 +410,8 @@ def run_fused_moe(cfg: MoeConfig, t: MoeTensors) -> torch.Tensor:
                     else torch.ones(cfg.num_tokens * cfg.topk, dtype=torch.float32, device=t.x.device))
     fc2_bias = t.fc2_bias if cfg.apply_fc2_bias else None
     _fused_moe_op(t.output, t.x, t.topk_ids, slot_weights, t.fc1, t.fc2, t.fc1_bias, fc2_bias, t.swiglu_alpha,
-                  t.swiglu_beta, t.swiglu_limit, cfg.activation.name, cfg.ep_size, cfg.ep_rank, _forced_kernel)
+                  t.swiglu_beta, t.swiglu_limit, cfg.activation.name, cfg.ep_size, cfg.ep_rank, _forced_kernel,
+                  _forced_split_k)
     return t.output
 
 

@@ -8,6 +8,7 @@ torch ops, the public functions and the prewarm table.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import re
 from dataclasses import dataclass
@@ -28,7 +29,9 @@ ACTIVATIONS = ("Gelu", "Relu", "Silu", "Swiglu", "Geglu", "SwigluBias", "Relu2",
                "Identity", "Situ")
 GATED_ACTIVATIONS = frozenset({"Swiglu", "Geglu", "SwigluBias", "SwigluStep", "GegluTanh", "Situ"})
 KERNELS = ("sm80", "sm90")
+TMA_A_KERNELS = frozenset()  # kernels whose GEMM1 reads a sorted copy of x (MoeGemmArgs::a_sorted)
 BLOCK_MS = (16, 32, 64, 128)
+MAX_K_SPLITS = 16
 GEMM_DTYPES = (torch.bfloat16, torch.float16)
 
 # --------------------------------------------------------------------------------------------------------------
@@ -38,13 +41,15 @@ GEMM_DTYPES = (torch.bfloat16, torch.float16)
 @dataclass(frozen=True)
 class GemmConfig:
     """One tile configuration of one kernel. block_m is also moe_align's block size: GEMM1 and GEMM2 of one call
-    must share it (select_config guarantees that for equal num_slots, num_experts, arch and kernel)."""
+    must share it (select_config guarantees that for equal num_slots, num_experts, arch and kernel). k_splits is a
+    run-time choice (split-K, csrc_templates/moe/split_k.cuh): it does not change the compiled module."""
 
     kernel: str
     block_m: int
     block_n: int
     block_k: int
     stages: int
+    k_splits: int = 1
 
     def __post_init__(self):
         check_choice("config.kernel", self.kernel, KERNELS)
@@ -54,6 +59,7 @@ class GemmConfig:
             if value % 16:
                 raise ValueError(f"config.{name}: expected a multiple of 16, got {value}")
         check_int("config.stages", self.stages, low=2, high=8)
+        check_int("config.k_splits", self.k_splits, low=1, high=MAX_K_SPLITS)
 
 
 # Shared memory a block may use (static + dynamic, opt-in maximum) per SM major.minor; unknown archs get the smallest.
@@ -140,14 +146,41 @@ def kernels_for_arch(arch: str, kernels=None) -> tuple[str, ...]:
     return tuple(on_arch + (["sm80"] if "sm80" in kernels else []))
 
 
+# Split-K: at most this many K slices, each of at least this many BLOCK_K tiles.
+_SPLIT_K_MAX = 8
+_SPLIT_K_MIN_TILES = 4
+
+
+def expected_tiles(num_slots: int, num_experts: int, n: int, block_m: int, block_n: int) -> int:
+    """Output tiles a GEMM is expected to have: tokens spread evenly over min(num_slots, E) experts (at least one
+    M block, so an empty batch never asks for a split)."""
+    used = max(1, min(num_slots, num_experts))
+    rows = max(1, -(-num_slots // used))
+    return used * -(-rows // block_m) * -(-n // block_n)
+
+
+def split_k_for(tiles: int, k: int, block_k: int, num_sms: int) -> int:
+    """K slices for a GEMM of ``tiles`` output tiles: the largest power of two that keeps tiles x slices within
+    one wave of ``num_sms`` CTAs and every slice at least _SPLIT_K_MIN_TILES k tiles long (1 = no split)."""
+    k_tiles = -(-k // block_k)
+    splits = 1
+    while (splits * 2 <= _SPLIT_K_MAX and tiles * splits * 2 <= num_sms
+           and k_tiles >= splits * 2 * _SPLIT_K_MIN_TILES):
+        splits *= 2
+    return splits
+
+
 def select_config(num_slots: int, num_experts: int, n: int, k: int, arch: str, dtype, *,
-                  kernel: str | None = None, kernels=None) -> GemmConfig:
-    """Tile config for one grouped GEMM of ``num_slots`` (token, choice) rows over ``num_experts`` local experts.
+                  kernel: str | None = None, kernels=None, num_sms: int | None = None,
+                  k_splits: int | None = None) -> GemmConfig:
+    """Tile config for one grouped GEMM of ``num_slots`` (token, choice) rows over ``num_experts`` local experts,
+    ``n`` output columns and reduction length ``k``.
 
     block_m grows with the expected rows per expert (decode: 16, prefill: 128) and depends only on (num_slots,
     num_experts, arch, kernel), so GEMM1 and GEMM2 of one call get the same one. ``kernel`` forces 'sm80' or 'sm90';
-    by default 'sm90' on arch 90a when its template exists (``kernels`` overrides that list), else 'sm80'. ``n`` and
-    ``k`` (output columns, reduction length) are validated; the tuning issue will use them.
+    by default 'sm90' on arch 90a when its template exists (``kernels`` overrides that list), else 'sm80'.
+    Split-K (``split_k_for``) is chosen when ``num_sms`` is given and the GEMM has less than a wave of tiles;
+    ``k_splits`` forces a value.
     """
     check_int("num_slots", num_slots, low=0)
     check_int("num_experts", num_experts, low=1)
@@ -163,10 +196,18 @@ def select_config(num_slots: int, num_experts: int, n: int, k: int, arch: str, d
         kernel = candidates[0]
     elif kernel not in candidates:
         raise ValueError(f"kernel: expected one of {candidates} on arch {arch!r}, got {kernel!r}")
+    if num_sms is not None:
+        check_int("num_sms", num_sms, low=1)
+    if k_splits is not None:
+        check_int("k_splits", k_splits, low=1, high=MAX_K_SPLITS)
     rows_per_expert = num_slots / num_experts
     tiers = _SM90_TIERS if kernel == "sm90" else _SM80_TIERS
     block_m = next(bm for bound, bm in tiers if rows_per_expert <= bound)
-    return _fit_stages(kernel, block_m, normalize_arch(arch))
+    cfg = _fit_stages(kernel, block_m, normalize_arch(arch))
+    if k_splits is None:
+        tiles = expected_tiles(num_slots, num_experts, n, cfg.block_m, cfg.block_n)
+        k_splits = split_k_for(tiles, k, cfg.block_k, num_sms) if num_sms else 1
+    return dataclasses.replace(cfg, k_splits=k_splits)
 
 
 def default_configs(kernel: str, arch: str) -> list[GemmConfig]:
@@ -396,26 +437,39 @@ def gemm2_reference(inter, fc2, sorted_ids, block_expert, num_padded, slot_weigh
 # torch ops: CUDA tensors run the kernel, CPU tensors the reference. The config travels as plain fields.
 
 
+def _scratch(cfg: GemmConfig, rows: int, width: int, a: torch.Tensor, a_rows: int, gemm1: bool):
+    """(partials, a_sorted) the launch needs: split-K slices [k_splits, rows, width] fp32, and the sorted copy of
+    GEMM1's A for kernels that load A with TMA ([a_rows, K]). None where not needed. From the caching allocator,
+    so CUDA graphs capture them."""
+    partials = (torch.empty(cfg.k_splits, rows, width, dtype=torch.float32, device=a.device)
+                if cfg.k_splits > 1 else None)
+    a_sorted = (torch.empty(a_rows, a.shape[1], dtype=a.dtype, device=a.device)
+                if gemm1 and cfg.kernel in TMA_A_KERNELS else None)
+    return partials, a_sorted
+
+
 @custom_op("jitmoe::moe_gemm1", mutates_args=("out",))
 def _moe_gemm1_op(x: torch.Tensor, fc1: torch.Tensor, sorted_ids: torch.Tensor, block_expert: torch.Tensor,
                   num_padded: torch.Tensor, out: torch.Tensor, topk: int, activation: str,
                   fc1_bias: Optional[torch.Tensor], swiglu_alpha: Optional[torch.Tensor],
                   swiglu_beta: Optional[torch.Tensor], swiglu_limit: Optional[torch.Tensor], kernel: str,
-                  block_m: int, block_n: int, block_k: int, stages: int) -> None:
+                  block_m: int, block_n: int, block_k: int, stages: int, k_splits: int) -> None:
     if not x.is_cuda:
         gemm1_reference(x, fc1, sorted_ids, block_expert, num_padded, out, topk, activation, fc1_bias,
                         swiglu_alpha, swiglu_beta, swiglu_limit, block_m)
         return
     _check_aligned(x=x, fc1=fc1, out=out)
-    cfg = GemmConfig(kernel, block_m, block_n, block_k, stages)
+    cfg = GemmConfig(kernel, block_m, block_n, block_k, stages, k_splits)
     spec = gemm_spec(cfg, DTYPE_TAG[x.dtype], "gemm1", activation, device_archs(x.device))
+    partials, a_sorted = _scratch(cfg, out.shape[0], fc1.shape[1], x, sorted_ids.shape[0], gemm1=True)
     load_module(spec).run(x, fc1, fc1_bias, out, sorted_ids, block_expert, num_padded, None, swiglu_alpha,
-                          swiglu_beta, swiglu_limit, x.shape[0] * topk, topk, out.shape[1], x.shape[1])
+                          swiglu_beta, swiglu_limit, x.shape[0] * topk, topk, out.shape[1], x.shape[1], partials,
+                          a_sorted, k_splits)
 
 
 @_moe_gemm1_op.register_fake
 def _(x, fc1, sorted_ids, block_expert, num_padded, out, topk, activation, fc1_bias, swiglu_alpha, swiglu_beta,
-      swiglu_limit, kernel, block_m, block_n, block_k, stages) -> None:
+      swiglu_limit, kernel, block_m, block_n, block_k, stages, k_splits) -> None:
     return None
 
 
@@ -423,20 +477,21 @@ def _(x, fc1, sorted_ids, block_expert, num_padded, out, topk, activation, fc1_b
 def _moe_gemm2_op(inter: torch.Tensor, fc2: torch.Tensor, sorted_ids: torch.Tensor, block_expert: torch.Tensor,
                   num_padded: torch.Tensor, slot_weights: Optional[torch.Tensor], out: torch.Tensor,
                   fc2_bias: Optional[torch.Tensor], kernel: str, block_m: int, block_n: int, block_k: int,
-                  stages: int) -> None:
+                  stages: int, k_splits: int) -> None:
     if not inter.is_cuda:
         gemm2_reference(inter, fc2, sorted_ids, block_expert, num_padded, slot_weights, out, fc2_bias, block_m)
         return
     _check_aligned(inter=inter, fc2=fc2, out=out)
-    cfg = GemmConfig(kernel, block_m, block_n, block_k, stages)
+    cfg = GemmConfig(kernel, block_m, block_n, block_k, stages, k_splits)
     spec = gemm_spec(cfg, DTYPE_TAG[inter.dtype], "gemm2", "Identity", device_archs(inter.device))
+    partials, _ = _scratch(cfg, out.shape[0], out.shape[1], inter, 0, gemm1=False)
     load_module(spec).run(inter, fc2, fc2_bias, out, sorted_ids, block_expert, num_padded, slot_weights, None, None,
-                          None, out.shape[0], 1, out.shape[1], inter.shape[1])
+                          None, out.shape[0], 1, out.shape[1], inter.shape[1], partials, None, k_splits)
 
 
 @_moe_gemm2_op.register_fake
 def _(inter, fc2, sorted_ids, block_expert, num_padded, slot_weights, out, fc2_bias, kernel, block_m, block_n,
-      block_k, stages) -> None:
+      block_k, stages, k_splits) -> None:
     return None
 
 
@@ -458,7 +513,7 @@ def moe_gemm1(x, fc1, sorted_ids, block_expert, num_padded, *, out, topk, activa
     _check_gemm1(x, fc1, sorted_ids, block_expert, num_padded, out, topk, activation, fc1_bias, params, config)
     _moe_gemm1_op(x, fc1, sorted_ids, block_expert, num_padded, out, topk, activation, fc1_bias, swiglu_alpha,
                   swiglu_beta, swiglu_limit, config.kernel, config.block_m, config.block_n, config.block_k,
-                  config.stages)
+                  config.stages, config.k_splits)
     return out
 
 
@@ -471,7 +526,7 @@ def moe_gemm2(inter, fc2, sorted_ids, block_expert, num_padded, slot_weights, *,
     """
     _check_gemm2(inter, fc2, sorted_ids, block_expert, num_padded, slot_weights, out, fc2_bias, config)
     _moe_gemm2_op(inter, fc2, sorted_ids, block_expert, num_padded, slot_weights, out, fc2_bias, config.kernel,
-                  config.block_m, config.block_n, config.block_k, config.stages)
+                  config.block_m, config.block_n, config.block_k, config.stages, config.k_splits)
     return out
 
 

@@ -280,10 +280,22 @@ def test_force_kernel_validates_and_restores():
     assert fm._forced_kernel == ""
 
 
+def test_force_split_k_validates_and_restores():
+    for bad in (0, 17, -1):
+        with pytest.raises(ValueError, match="k_splits"):
+            with fm.force_split_k(bad):
+                pass
+    with fm.force_split_k(4):
+        assert fm._forced_split_k == 4
+        with fm.force_split_k(None):
+            assert fm._forced_split_k == 0
+    assert fm._forced_split_k == 0
+
+
 def test_op_passes_opcheck():
     x, ids, scales, fc1, fc2, b1, b2 = make_problem(bias=True)
     out = torch.empty_like(x)
-    args = (out, x, ids, scales.reshape(-1), fc1, fc2, b1, b2, None, None, None, "Swiglu", 1, 0, "")
+    args = (out, x, ids, scales.reshape(-1), fc1, fc2, b1, b2, None, None, None, "Swiglu", 1, 0, "", 0)
     torch.library.opcheck(torch.ops.jitmoe.fused_moe.default, args)
 
 
@@ -407,13 +419,15 @@ def cpu_pipeline(monkeypatch):
         output.copy_(moe_combine_reference(out_slots, ids, num_local, offset))
 
     monkeypatch.setattr(fm, "_device_arch", lambda index: "90a")
+    monkeypatch.setattr(fm, "_device_sms", lambda index: 132)
     monkeypatch.setattr(fm._permute, "align_into", align_into)
     monkeypatch.setattr(fm._permute, "combine_into", combine_into)
 
 
+@pytest.mark.parametrize("k_splits", [0, 2])
 @pytest.mark.parametrize("kernel", ["", "sm80", "sm90"])
 @pytest.mark.parametrize("k,act,ep_rank", [(1, "Swiglu", 0), (2, "SwigluBias", 1), (3, "Relu2", 0)])
-def test_cuda_pipeline_plumbing_on_cpu_tensors(cpu_pipeline, kernel, k, act, ep_rank):
+def test_cuda_pipeline_plumbing_on_cpu_tensors(cpu_pipeline, kernel, k, act, ep_rank, k_splits):
     if kernel == "sm90" and "sm90" not in fm._gemm.available_kernels():
         pytest.skip("the sm90 GEMM template is not in the tree")
     E_l, ep = 4, 2
@@ -423,7 +437,7 @@ def test_cuda_pipeline_plumbing_on_cpu_tensors(cpu_pipeline, kernel, k, act, ep_
     if act == "SwigluBias":
         params = {"swiglu_alpha": torch.rand(E_l) + 0.5, "swiglu_limit": torch.rand(E_l) + 1}
     output = torch.full(x.shape, float("nan"), dtype=x.dtype)
-    fm._run_cuda(output, x, ids, scales.reshape(-1), fc1, fc2, b1, b2, params, act, ep_rank * E_l, kernel)
+    fm._run_cuda(output, x, ids, scales.reshape(-1), fc1, fc2, b1, b2, params, act, ep_rank * E_l, kernel, k_splits)
     ref = fused_moe_reference(x, ids, scales, fc1, fc2, fc1_expert_biases=b1, fc2_expert_biases=b2,
                               activation=act, ep_size=ep, ep_rank=ep_rank, out_dtype=torch.float32, **params)
     assert rel_error(output, ref) < 1e-2

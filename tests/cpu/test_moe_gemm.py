@@ -58,6 +58,38 @@ def test_select_config_returns_only_default_configs():
                 assert select_config(slots, 16, 512, 512, arch, "fp16", kernel=kernel, kernels=BOTH) in defaults
 
 
+def test_split_k_fills_one_wave_and_keeps_slices_long():
+    assert mg.split_k_for(tiles=200, k=4096, block_k=64, num_sms=132) == 1   # already more than a wave
+    assert mg.split_k_for(tiles=64, k=14336, block_k=64, num_sms=132) == 2   # Mixtral decode GEMM2
+    assert mg.split_k_for(tiles=8, k=14336, block_k=64, num_sms=132) == 8    # capped at 8
+    assert mg.split_k_for(tiles=8, k=512, block_k=64, num_sms=132) == 2     # 8 k tiles: slices of >= 4
+    assert mg.split_k_for(tiles=8, k=192, block_k=64, num_sms=132) == 1
+    for tiles in (1, 5, 33, 66, 131):
+        s = mg.split_k_for(tiles, 1 << 16, 64, 132)
+        assert s & (s - 1) == 0 and tiles * s <= 132 < tiles * s * 2 or s == 8
+
+
+def test_select_config_picks_split_k_only_for_small_grids():
+    mixtral_decode_gemm2 = select_config(2, 8, 4096, 14336, "90a", "bf16", kernels=BOTH, num_sms=132)
+    assert mixtral_decode_gemm2.k_splits == 2
+    prefill = select_config(8192, 8, 4096, 14336, "90a", "bf16", kernels=BOTH, num_sms=132)
+    assert prefill.k_splits == 1
+    assert select_config(2, 8, 4096, 14336, "90a", "bf16", kernels=BOTH).k_splits == 1  # no SM count: no split
+    forced = select_config(8192, 8, 4096, 14336, "90a", "bf16", kernels=BOTH, num_sms=132, k_splits=4)
+    assert forced.k_splits == 4
+    assert dataclasses.replace(forced, k_splits=1) == prefill
+    with pytest.raises(ValueError, match="k_splits"):
+        select_config(2, 8, 64, 64, "90a", "bf16", kernels=BOTH, k_splits=0)
+    with pytest.raises(ValueError, match="num_sms"):
+        select_config(2, 8, 64, 64, "90a", "bf16", kernels=BOTH, num_sms=0)
+
+
+def test_expected_tiles():
+    assert mg.expected_tiles(2, 8, 4096, 64, 128) == 2 * 32           # two experts, one M block each
+    assert mg.expected_tiles(8192, 8, 4096, 128, 128) == 8 * 8 * 32   # 1024 rows per expert
+    assert mg.expected_tiles(0, 8, 256, 64, 128) == 2                  # no rows: still one (empty) block
+
+
 def test_kernel_choice():
     assert select_config(64, 8, 256, 256, "90a", "bf16", kernels=BOTH).kernel == "sm90"
     assert select_config(64, 8, 256, 256, "90a", "bf16", kernels=("sm80",)).kernel == "sm80"
@@ -377,11 +409,11 @@ def test_ops_pass_opcheck():
     c = a["config"]
     torch.library.opcheck(torch.ops.jitmoe.moe_gemm1.default,
                           (a["x"], a["fc1"], a["sorted_ids"], a["block_expert"], a["num_padded"], a["out"], a["topk"],
-                           "Swiglu", None, None, None, None, c.kernel, c.block_m, c.block_n, c.block_k, c.stages))
+                           "Swiglu", None, None, None, None, c.kernel, c.block_m, c.block_n, c.block_k, c.stages, 1))
     b = _gemm2_args()
     torch.library.opcheck(torch.ops.jitmoe.moe_gemm2.default,
                           (b["inter"], b["fc2"], b["sorted_ids"], b["block_expert"], b["num_padded"],
-                           b["slot_weights"], b["out"], None, c.kernel, c.block_m, c.block_n, c.block_k, c.stages))
+                           b["slot_weights"], b["out"], None, c.kernel, c.block_m, c.block_n, c.block_k, c.stages, 1))
 
 
 # ---------------------------------------------------------------------------------------------------------------

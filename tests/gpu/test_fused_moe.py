@@ -172,6 +172,40 @@ def test_cuda_graph_capture_and_replay(kernel, T, k):
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("k_splits", [1, 2, 3, 8])
+@pytest.mark.parametrize("T,E,k,act", [(1, 8, 2, "Swiglu"), (5, 8, 2, "SwigluBias"), (40, 4, 1, "Gelu"),
+                                       (300, 16, 4, "Swiglu")])
+def test_forced_split_k_matches_reference_and_is_deterministic(kernel, k_splits, T, E, k, act):
+    p = make_problem(T, E, k, 1032, 776, BF16, act=act, bias=True)  # K and N tails; 17 / 13 k tiles of 64
+    with fm.force_split_k(k_splits):
+        first = run(p, kernel, activation_type=fm.ActivationType[act]).clone()
+        second = run(p, kernel, activation_type=fm.ActivationType[act])
+    assert rel_error(first, reference(p, activation=act)) <= TOL
+    assert torch.equal(first, second)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_split_k_graph_capture_and_replay(kernel):
+    p = make_problem(2, 8, 2, 2048, 1024, BF16, bias=True)
+    output = torch.empty_like(p["x"])
+    with fm.force_split_k(4):
+        run(p, kernel, output=output)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with on_kernel(kernel), torch.cuda.graph(graph):
+            jitmoe.cutlass_fused_moe(p["x"], p["ids"], p["scales"], p["fc1"], p["fc2"], BF16, None,
+                                     fc1_expert_biases=p["b1"], fc2_expert_biases=p["b2"], output=output)
+    for _ in range(2):
+        fresh = make_problem(2, 8, 2, 2048, 1024, BF16)
+        for name in ("x", "ids", "scales"):
+            p[name].copy_(fresh[name])
+        poison_(output)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert rel_error(output, reference(p)) <= TOL
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
 def test_two_runs_are_bitwise_equal_in_both_finalize_modes(kernel):
     p = make_problem(1024, 64, 8, 1024, 768, BF16, bias=True)
     runs = [run(p, kernel, use_fused_finalize=mode) for mode in (False, False, True, True)]

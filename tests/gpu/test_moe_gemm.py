@@ -8,6 +8,7 @@ Configs come from select_config, so every module the tests need is in `jitmoe pr
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -176,6 +177,37 @@ def test_gemm1_then_gemm2_at_every_tier(kernel, dtype, tokens, topk, experts):
     assert rel_error(inter[r.positions.cuda()], ref_inter[r.positions]) <= TOL
     ref = reference_gemm2(ref_inter, fc2, r, slot_weights, b2, cfg.block_m)
     assert rel_error(out, ref) <= TOL  # every slot is real here: no NaN may be left
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("k_splits", [2, 3, 8])
+@pytest.mark.parametrize("act", ["Swiglu", "Gelu", "SwigluBias"])
+def test_split_k_matches_reference_and_skips_padding(kernel, k_splits, act):
+    # K = 264: 5 k tiles of 64 (or 9 of 32), so 8 slices leave some empty; EP-dropped slots must stay untouched.
+    tokens, topk, total_experts, local_experts, hidden, inter_size, dtype = 21, 3, 9, 6, 264, 200, torch.float16
+    cfg = dataclasses.replace(_config(kernel, tokens * topk, local_experts, inter_size, hidden, dtype),
+                              k_splits=k_splits)
+    r = build_routing(random_ids(tokens, topk, total_experts), local_experts, cfg.block_m, tail_blocks=2)
+    gated = act in mg.GATED_ACTIVATIONS
+    x = torch.randn(tokens, hidden, device="cuda").to(dtype)
+    fc1 = weights(local_experts, 2 * inter_size if gated else inter_size, hidden, dtype)
+    fc2 = weights(local_experts, hidden, inter_size, dtype)
+    b1 = (0.5 * torch.randn(local_experts, fc1.shape[1], device="cuda")).to(dtype)
+    b2 = torch.randn(local_experts, hidden, device="cuda").to(dtype)
+    params = {"swiglu_alpha": torch.rand(local_experts, device="cuda") + 0.5,
+              "swiglu_limit": torch.rand(local_experts, device="cuda") + 0.5} if act == "SwigluBias" else {}
+    slot_weights = torch.rand(r.num_slots, device="cuda")
+    inter = poison_(torch.empty(r.sorted_ids.shape[0], inter_size, dtype=dtype, device="cuda"))
+    out = poison_(torch.empty(r.num_slots, hidden, dtype=dtype, device="cuda"))
+    mg.moe_gemm1(x, fc1, r.sorted_ids, r.block_expert, r.num_padded, out=inter, topk=topk, activation=act,
+                 fc1_bias=b1, config=cfg, **params)
+    mg.moe_gemm2(inter, fc2, r.sorted_ids, r.block_expert, r.num_padded, slot_weights, out=out, fc2_bias=b2,
+                 config=cfg)
+    ref_inter = reference_gemm1(x, fc1, r, topk, act, b1, params, cfg.block_m)
+    assert rel_error(inter[r.positions.cuda()], ref_inter[r.positions]) <= TOL
+    ref = reference_gemm2(ref_inter, fc2, r, slot_weights, b2, cfg.block_m)
+    assert rel_error(out[r.slots.cuda()], ref[r.slots]) <= TOL
+    assert out[r.dropped.cuda()].isnan().all(), "slots without a local expert were written"
 
 
 @pytest.mark.parametrize("kernel", KERNELS)

@@ -20,8 +20,10 @@
 #include <type_traits>
 
 #include "common/dtypes.cuh"
+#include "common/launch.cuh"
 #include "moe/activation.cuh"
 #include "moe/moe_gemm_args.cuh"
+#include "moe/split_k.cuh"
 
 namespace jitmoe::moe::sm80 {
 
@@ -215,25 +217,27 @@ __device__ __forceinline__ void mma_stage(float (&acc)[Cfg::kHalves][Cfg::kMmaM]
   }
 }
 
-// The multi-stage mainloop: STAGES - 1 slices in flight while one is multiplied. Slice kt lives in stage kt % STAGES;
-// the stage refilled at iteration kt was consumed at kt - 1, which every warp finished before the barrier.
+// The multi-stage mainloop over the k tiles [kr.begin, kr.end): STAGES - 1 slices in flight while one is
+// multiplied. Slice kt (counted from kr.begin) lives in stage kt % STAGES; the stage refilled at iteration kt was
+// consumed at kt - 1, which every warp finished before the barrier.
 template <class Cfg, typename Elem, class LoaderA, class LoaderB>
 __device__ __forceinline__ void mainloop(float (&acc)[Cfg::kHalves][Cfg::kMmaM][Cfg::kMmaN][4], const LoaderA& ld_a,
-                                         const LoaderB& ld_b, uint32_t smem, int k, int warp_m, int warp_n,
-                                         int lane) {
+                                         const LoaderB& ld_b, uint32_t smem, int k, KTileRange kr, int warp_m,
+                                         int warp_n, int lane) {
   constexpr uint32_t kStageBytes = Cfg::kStageElems * sizeof(Elem);
   constexpr uint32_t kOffsetB = Cfg::kBlockM * Cfg::kLdsAB * sizeof(Elem);
   const uint32_t a_lane =
       smem + ((warp_m * Cfg::kWarpM + lane % 16) * Cfg::kLdsAB + (lane / 16) * 8) * sizeof(Elem);
   const uint32_t b_lane = smem + kOffsetB +
       ((warp_n * Cfg::kWarpN + (lane / 16) * 8 + lane % 8) * Cfg::kLdsAB + ((lane / 8) % 2) * 8) * sizeof(Elem);
-  const int k_tiles = (k + Cfg::kBlockK - 1) / Cfg::kBlockK;
+  const int k_tiles = kr.end - kr.begin;
+  const int k_first = kr.begin * Cfg::kBlockK;
 
 #pragma unroll
   for (int s = 0; s < Cfg::kStages - 1; ++s) {
     if (s < k_tiles) {
-      ld_a.load(smem + s * kStageBytes, s * Cfg::kBlockK, k);
-      ld_b.load(smem + s * kStageBytes + kOffsetB, s * Cfg::kBlockK, k);
+      ld_a.load(smem + s * kStageBytes, k_first + s * Cfg::kBlockK, k);
+      ld_b.load(smem + s * kStageBytes + kOffsetB, k_first + s * Cfg::kBlockK, k);
     }
     cp_async_commit();
   }
@@ -243,8 +247,8 @@ __device__ __forceinline__ void mainloop(float (&acc)[Cfg::kHalves][Cfg::kMmaM][
     __syncthreads();
     const int next = kt + Cfg::kStages - 1;
     if (next < k_tiles) {
-      ld_a.load(smem + write_stage * kStageBytes, next * Cfg::kBlockK, k);
-      ld_b.load(smem + write_stage * kStageBytes + kOffsetB, next * Cfg::kBlockK, k);
+      ld_a.load(smem + write_stage * kStageBytes, k_first + next * Cfg::kBlockK, k);
+      ld_b.load(smem + write_stage * kStageBytes + kOffsetB, k_first + next * Cfg::kBlockK, k);
     }
     cp_async_commit();  // possibly empty: keeps the group count in step with kt
     mma_stage<Cfg, Elem>(acc, a_lane + read_stage * kStageBytes, b_lane + read_stage * kStageBytes);
@@ -265,10 +269,7 @@ __device__ __forceinline__ void epilogue_math(const float (&acc)[Cfg::kHalves][C
                                               int n0, int warp_m, int warp_n, int lane) {
   const Elem* bias = static_cast<const Elem*>(args.bias);  // [E, n_b] or nullptr
   const Elem* bias_e = bias ? bias + static_cast<int64_t>(expert) * args.n * Cfg::kHalves : nullptr;
-  ActParams prm;
-  if (args.act_alpha) prm.alpha = args.act_alpha[expert];
-  if (args.act_beta) prm.beta = args.act_beta[expert];
-  prm.limit = args.act_limit ? args.act_limit[expert] : (kAct == Act::SwigluStep ? 7.f : INFINITY);
+  const ActParams prm = load_act_params<kAct>(args, expert);
 
   float row_scale[Cfg::kMmaM][2];  // GEMM2: the routing weight of each of this thread's rows
 #pragma unroll
@@ -311,6 +312,37 @@ __device__ __forceinline__ void epilogue_math(const float (&acc)[Cfg::kHalves][C
           }
         }
         store_pair(tile + r * Cfg::kLdsC + c, v[0], v[1]);
+      }
+    }
+  }
+}
+
+// Split-K: slice z's raw fp32 sums of the real rows go to args.partials (layout in split_k.cuh). Same accumulator
+// coordinates as epilogue_math.
+template <class Cfg, GemmMode kMode>
+__device__ __forceinline__ void store_partials(const float (&acc)[Cfg::kHalves][Cfg::kMmaM][Cfg::kMmaN][4],
+                                               const MoeGemmArgs& args, const int* row_src, int m0, int n0, int z,
+                                               int warp_m, int warp_n, int lane) {
+  constexpr bool kGemm2 = kMode == GemmMode::gemm2;
+  const PartialsView pv = partials_view<kGemm2, Cfg::kGated>(args);
+  float* part = pv.base + z * pv.slice;
+#pragma unroll
+  for (int mi = 0; mi < Cfg::kMmaM; ++mi) {
+#pragma unroll
+    for (int hr = 0; hr < 2; ++hr) {
+      const int r = warp_m * Cfg::kWarpM + mi * 16 + lane / 4 + 8 * hr;
+      const int src = row_src[r];  // GEMM2: the slot
+      if (src < 0) continue;
+      float* row = part + (kGemm2 ? src : m0 + r) * pv.ld;
+#pragma unroll
+      for (int ni = 0; ni < Cfg::kMmaN; ++ni) {
+        const int n = n0 + warp_n * Cfg::kWarpN + ni * 8 + 2 * (lane % 4);
+        if (n >= args.n) continue;  // n < N implies n + 1 < N
+#pragma unroll
+        for (int h = 0; h < Cfg::kHalves; ++h) {
+          *reinterpret_cast<float2*>(row + h * args.n + n) =
+              make_float2(acc[h][mi][ni][2 * hr], acc[h][mi][ni][2 * hr + 1]);
+        }
       }
     }
   }
@@ -374,7 +406,12 @@ __global__ void __launch_bounds__(Cfg::kThreads) moe_gemm_kernel(const __grid_co
   {
     const auto ld_a = make_a_loader<Cfg, Elem, kMode>(args, row_src, m0);
     const auto ld_b = make_b_loader<Cfg, Elem>(args, expert, n0);
-    mainloop<Cfg, Elem>(acc, ld_a, ld_b, smem_u32(smem), args.k, warp_m, warp_n, lane);
+    const KTileRange kr = k_tile_range((args.k + Cfg::kBlockK - 1) / Cfg::kBlockK, args.k_splits, blockIdx.y);
+    mainloop<Cfg, Elem>(acc, ld_a, ld_b, smem_u32(smem), args.k, kr, warp_m, warp_n, lane);
+  }
+  if (args.k_splits > 1) {  // uniform: the reduce launch applies the epilogue
+    store_partials<Cfg, kMode>(acc, args, row_src, m0, n0, blockIdx.y, warp_m, warp_n, lane);
+    return;
   }
   Elem* tile = reinterpret_cast<Elem*>(smem);
   epilogue_math<Cfg, Elem, kAct, kMode>(acc, args, row_src, tile, expert, n0, warp_m, warp_n, lane);
@@ -382,8 +419,8 @@ __global__ void __launch_bounds__(Cfg::kThreads) moe_gemm_kernel(const __grid_co
   epilogue_store<Cfg, Elem, kMode>(args, row_src, tile, m0, n0);
 }
 
-// Host side: one launch over all M blocks x N blocks (the caller keeps their product below 2^31); unused blocks
-// exit on the device (no host sync).
+// Host side: one launch over all M blocks x N blocks (the caller keeps their product below 2^31) x K slices; unused
+// blocks exit on the device (no host sync); with k_splits > 1 the split-K reduce follows on the same stream.
 template <typename Elem, Act kAct, GemmMode kMode, int kBlockM, int kBlockN, int kBlockK, int kStages>
 void launch(const MoeGemmArgs& args, cudaStream_t stream) {
   static_assert(std::is_same_v<Elem, __nv_bfloat16> || std::is_same_v<Elem, __half>, "bf16 or fp16 only");
@@ -395,9 +432,10 @@ void launch(const MoeGemmArgs& args, cudaStream_t stream) {
   auto* kernel = &moe_gemm_kernel<Elem, kAct, kMode, Cfg>;
   if constexpr (Cfg::kSmemBytes > 48 * 1024) {
     // A failure here (tile too large for this GPU) makes the launch fail too; the binding reports it.
-    cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes);
+    set_max_dynamic_smem_once<&moe_gemm_kernel<Elem, kAct, kMode, Cfg>>(Cfg::kSmemBytes);
   }
-  kernel<<<m_blocks * n_blocks, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(args);
+  kernel<<<dim3(m_blocks * n_blocks, args.k_splits), Cfg::kThreads, Cfg::kSmemBytes, stream>>>(args);
+  launch_split_k_reduce<Elem, kAct, kMode == GemmMode::gemm2>(args, kBlockM, stream);
 }
 
 }  // namespace jitmoe::moe::sm80

@@ -27,8 +27,10 @@
 #include <cutlass/numeric_types.h>
 
 #include "common/dtypes.cuh"
+#include "common/launch.cuh"
 #include "moe/activation.cuh"
 #include "moe/moe_gemm_args.cuh"
+#include "moe/split_k.cuh"
 
 namespace jitmoe::moe::sm90 {
 
@@ -184,9 +186,10 @@ __device__ __forceinline__ void mma_tile(typename Cfg::TiledMma& mma, int stage,
   warpgroup_commit_batch();
 }
 
-// The main loop: accumulates A[BM, K] x B[BN, K]^T of this tile into acc_up (and acc_gate).
+// The main loop: accumulates A[BM, K] x B[BN, K]^T over the k tiles [kr.begin, kr.end) of this tile into acc_up
+// (and acc_gate).
 template <class Cfg, class Acc>
-__device__ __forceinline__ void mainloop(const TileLoader<Cfg>& loader, typename Cfg::Elem* smem_a,
+__device__ __forceinline__ void mainloop(const TileLoader<Cfg>& loader, KTileRange kr, typename Cfg::Elem* smem_a,
                                          typename Cfg::Elem* smem_b, Acc& acc_up, Acc& acc_gate) {
   using namespace cute;
   constexpr int S = Cfg::kStages;
@@ -203,10 +206,10 @@ __device__ __forceinline__ void mainloop(const TileLoader<Cfg>& loader, typename
   Tensor tCrB0 = wg_mma.make_fragment_B(wg_mma.partition_B(sB0));   // (MMA,MMA_N,MMA_K,S)
   Tensor tCrB1 = wg_mma.make_fragment_B(wg_mma.partition_B(sB1));
 
-  const int k_tiles = (loader.k + Cfg::kBlockK - 1) / Cfg::kBlockK;
+  const int k_tiles = kr.end - kr.begin;  // tile kt of this loop is k tile kr.begin + kt
   CUTE_UNROLL
   for (int t = 0; t < S - 2; ++t) {  // one commit group per tile, empty past the end, so counts stay uniform
-    if (t < k_tiles) loader.load(t, t, sA, sB0, sB1);
+    if (t < k_tiles) loader.load(kr.begin + t, t, sA, sB0, sB1);
     cp_async_fence();
   }
   clear(acc_up);
@@ -222,7 +225,7 @@ __device__ __forceinline__ void mainloop(const TileLoader<Cfg>& loader, typename
     cutlass::arch::fence_view_async_shared(); // ... and are visible to wgmma (async proxy)
     __syncthreads();                          // everyone's copies of kt landed; every wgmma kt-2 retired
     const int next = kt + S - 2;
-    if (next < k_tiles) loader.load(next, next % S, sA, sB0, sB1);  // refills the stage of tile kt-2
+    if (next < k_tiles) loader.load(kr.begin + next, next % S, sA, sB0, sB1);  // refills the stage of tile kt-2
     cp_async_fence();
     mma_tile<Cfg>(mma, kt % S, tCrA, tCrB0, tCrB1, acc_up, acc_gate);
     warpgroup_wait<1>();                      // wgmma kt-1 retired: kt stays in flight across the barrier
@@ -233,17 +236,6 @@ __device__ __forceinline__ void mainloop(const TileLoader<Cfg>& loader, typename
   warpgroup_fence_operand(acc_up);
   if constexpr (Cfg::kGated) warpgroup_fence_operand(acc_gate);
   cp_async_wait<0>();
-}
-
-// Activation parameters of expert e (ActParams defaults when the pointers are null).
-template <Act A>
-__device__ __forceinline__ ActParams load_act_params(const MoeGemmArgs& args, int e) {
-  ActParams p;
-  if (args.act_alpha) p.alpha = args.act_alpha[e];
-  if (args.act_beta) p.beta = args.act_beta[e];
-  if (args.act_limit) p.limit = args.act_limit[e];
-  else if constexpr (A == Act::SwigluStep) p.limit = 7.f;
-  return p;
 }
 
 // fp32 epilogue math of every accumulator element, written as T into the staging tile [BM, kStageLd].
@@ -277,6 +269,28 @@ __device__ __forceinline__ void epilogue_to_smem(const MoeGemmArgs& args, const 
       v = apply_act<Cfg::kAct>(v, 0.f, params);
     }
     staging[m * Cfg::kStageLd + n] = from_float<T>(v);
+  }
+}
+
+// Split-K: slice z's raw fp32 sums of the real rows go to args.partials (layout in split_k.cuh).
+template <class Cfg, class Acc>
+__device__ __forceinline__ void store_partials(const MoeGemmArgs& args, const Acc& acc_up, const Acc& acc_gate,
+                                               const RowInfo<Cfg::kBlockM>& rows, int m0, int n0, int z) {
+  using namespace cute;
+  typename Cfg::TiledMma mma;
+  auto thr_mma = mma.get_slice(threadIdx.x);
+  Tensor tCcC = thr_mma.partition_C(make_identity_tensor(Shape<Int<Cfg::kBlockM>, Int<Cfg::kBlockN>>{}));
+  const PartialsView pv = partials_view<Cfg::kGemm2, Cfg::kGated>(args);
+  float* part = pv.base + z * pv.slice;
+  CUTE_UNROLL
+  for (int i = 0; i < size(acc_up); ++i) {
+    const int m = get<0>(tCcC(i));
+    const int col = n0 + get<1>(tCcC(i));
+    const int out_row = rows.out_row[m];  // GEMM1: p = m0 + m; GEMM2: the slot
+    if (out_row < 0 || col >= args.n) continue;
+    float* dst = part + (Cfg::kGemm2 ? out_row : m0 + m) * pv.ld + col;
+    dst[0] = acc_up(i);
+    if constexpr (Cfg::kGated) dst[args.n] = acc_gate(i);
   }
 }
 
@@ -322,7 +336,12 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) moe_gemm_sm90_kernel(const _
 
   auto acc_up = partition_fragment_C(typename Cfg::TiledMma{}, Shape<Int<Cfg::kBlockM>, Int<Cfg::kBlockN>>{});
   auto acc_gate = make_fragment_like(acc_up);
-  mainloop<Cfg>(TileLoader<Cfg>(args, rows, e, n0), smem_a, smem_b, acc_up, acc_gate);
+  const KTileRange kr = k_tile_range((args.k + Cfg::kBlockK - 1) / Cfg::kBlockK, args.k_splits, blockIdx.z);
+  mainloop<Cfg>(TileLoader<Cfg>(args, rows, e, n0), kr, smem_a, smem_b, acc_up, acc_gate);
+  if (args.k_splits > 1) {  // uniform: the reduce launch applies the epilogue
+    store_partials<Cfg>(args, acc_up, acc_gate, rows, m0, n0, blockIdx.z);
+    return;
+  }
 
   __syncthreads();  // every warpgroup's wgmma has retired: the pipeline buffers become the staging tile
   epilogue_to_smem<Cfg>(args, acc_up, acc_gate, rows, staging, e, n0);
@@ -330,7 +349,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) moe_gemm_sm90_kernel(const _
   store_tile<Cfg>(args, staging, rows, n0);
 }
 
-// Host side: one CTA per (M block, N block); unused blocks exit on the device. Never synchronises.
+// Host side: one CTA per (M block, N block, K slice); unused blocks exit on the device; with k_splits > 1 the
+// split-K reduce follows on the same stream. Never synchronises.
 template <typename T, Act A, GemmMode Mode, int BM, int BN, int BK, int Stages>
 void launch(const MoeGemmArgs& args, cudaStream_t stream) {
   static_assert(Mode == GemmMode::gemm1 || A == Act::Identity, "GEMM2 is rendered with act=Identity");
@@ -340,8 +360,9 @@ void launch(const MoeGemmArgs& args, cudaStream_t stream) {
   if (m_blocks <= 0 || n_blocks <= 0 || args.num_slots <= 0) return;
   auto* kernel = &moe_gemm_sm90_kernel<Cfg>;
   // A failure here (tile too large for this GPU) makes the launch fail too; the binding reports it.
-  cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes);
-  kernel<<<dim3(m_blocks, n_blocks), Cfg::kThreads, Cfg::kSmemBytes, stream>>>(args);
+  set_max_dynamic_smem_once<&moe_gemm_sm90_kernel<Cfg>>(Cfg::kSmemBytes);
+  kernel<<<dim3(m_blocks, n_blocks, args.k_splits), Cfg::kThreads, Cfg::kSmemBytes, stream>>>(args);
+  launch_split_k_reduce<T, A, Mode == GemmMode::gemm2>(args, BM, stream);
 }
 
 }  // namespace jitmoe::moe::sm90
