@@ -64,17 +64,17 @@ def autotune(tune_mode: bool = True, cache: Optional[str] = None, tuning_buckets
     yield
 
 
-_forced_kernel = ""  # '' (heuristic), 'sm80' or 'sm90'; a plain global so torch.compile can guard on it
+_forced_kernel = ""  # '' (heuristic) or a moe_gemm.KERNELS name; a plain global so torch.compile can guard on it
 _forced_split_k = 0  # 0 (heuristic) or the K slices of both GEMMs
 
 
 @contextlib.contextmanager
 def force_kernel(kernel: Optional[str]):
-    """Run the grouped GEMMs on one kernel family ('sm80' or 'sm90') inside the context, e.g. the SM80 kernels
-    on an H100 to test them. None restores the heuristic. For tests and benchmarks; not thread-safe."""
+    """Run the grouped GEMMs on one kernel family ('sm80', 'sm90' or 'sm90ws') inside the context, e.g. the SM80
+    kernels on an H100 to test them. None restores the heuristic. For tests and benchmarks; not thread-safe."""
     global _forced_kernel
-    if kernel not in (None, "sm80", "sm90"):
-        raise ValueError(f"kernel: expected None, 'sm80' or 'sm90', got {kernel!r}")
+    if kernel is not None and kernel not in _gemm.KERNELS:
+        raise ValueError(f"kernel: expected None or one of {_gemm.KERNELS}, got {kernel!r}")
     previous, _forced_kernel = _forced_kernel, kernel or ""
     try:
         yield

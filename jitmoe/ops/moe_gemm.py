@@ -2,7 +2,8 @@
 
 GEMM1: ``inter[p] = act(x[slot // topk] @ fc1[e]^T + b1[e])``; GEMM2: ``out_slots[slot] = w[slot] * (inter[p] @
 fc2[e]^T + b2[e])`` for the real rows p (contract: csrc_templates/moe/moe_gemm_args.cuh). Two kernels implement
-it: 'sm80' (mma.sync + cp.async, any GPU from SM80 on) and 'sm90' (wgmma, sm_90a only, when its template exists).
+it: 'sm80' (mma.sync + cp.async, any GPU from SM80 on), 'sm90' (wgmma + cp.async, sm_90a only) and 'sm90ws'
+(persistent, warp-specialised, TMA-fed wgmma, sm_90a only, BLOCK_M 128: the prefill kernel).
 In this module, in order: tile configs and their heuristic, the spec builder, validation, the CPU reference, the
 torch ops, the public functions and the prewarm table.
 """
@@ -28,8 +29,10 @@ __all__ = ["GemmConfig", "select_config", "gemm_spec", "moe_gemm1", "moe_gemm2",
 ACTIVATIONS = ("Gelu", "Relu", "Silu", "Swiglu", "Geglu", "SwigluBias", "Relu2", "SwigluStep", "GegluTanh",
                "Identity", "Situ")
 GATED_ACTIVATIONS = frozenset({"Swiglu", "Geglu", "SwigluBias", "SwigluStep", "GegluTanh", "Situ"})
-KERNELS = ("sm80", "sm90")
-TMA_A_KERNELS = frozenset()  # kernels whose GEMM1 reads a sorted copy of x (MoeGemmArgs::a_sorted)
+KERNELS = ("sm80", "sm90", "sm90ws")
+SM90A_KERNELS = frozenset({"sm90", "sm90ws"})   # wgmma / TMA: built for arch 90a only
+TMA_A_KERNELS = frozenset({"sm90ws"})           # GEMM1 reads a sorted copy of x (MoeGemmArgs::a_sorted)
+SPLIT_K_KERNELS = frozenset({"sm80", "sm90"})   # kernels that implement k_splits > 1
 BLOCK_MS = (16, 32, 64, 128)
 MAX_K_SPLITS = 16
 GEMM_DTYPES = (torch.bfloat16, torch.float16)
@@ -70,9 +73,10 @@ _SMEM_LIMIT_DEFAULT = 101376
 # block_m tiers by expected rows per expert (num_slots / num_experts): (upper bound, block_m); the last is open.
 _SM80_TIERS = ((24.0, 16), (96.0, 64), (float("inf"), 128))
 _SM90_TIERS = ((96.0, 64), (float("inf"), 128))
+_TIERS = {"sm80": _SM80_TIERS, "sm90": _SM90_TIERS, "sm90ws": ((float("inf"), 128),)}
 # (kernel, block_m) -> (block_n, block_k, stages before fitting the arch's shared memory).
 _TILES = {("sm80", 16): (64, 64, 4), ("sm80", 64): (128, 32, 4), ("sm80", 128): (128, 32, 4),
-          ("sm90", 64): (128, 64, 4), ("sm90", 128): (128, 64, 4)}
+          ("sm90", 64): (128, 64, 4), ("sm90", 128): (128, 64, 4), ("sm90ws", 128): (128, 64, 4)}
 
 
 def arch_number(arch: str) -> int:
@@ -142,8 +146,21 @@ def kernels_for_arch(arch: str, kernels=None) -> tuple[str, ...]:
     kernels = available_kernels() if kernels is None else tuple(kernels)
     if arch_number(arch) < 80:
         return ()
-    on_arch = ["sm90"] if normalize_arch(arch) == "90a" and "sm90" in kernels else []
+    on_arch = [k for k in ("sm90ws", "sm90") if k in kernels] if normalize_arch(arch) == "90a" else []
     return tuple(on_arch + (["sm80"] if "sm80" in kernels else []))
+
+
+def _block_m(kernel: str, rows_per_expert: float) -> int:
+    return next(bm for bound, bm in _TIERS[kernel] if rows_per_expert <= bound)
+
+
+def _auto_kernel(candidates: tuple[str, ...], rows_per_expert: float, k_splits: int | None) -> str:
+    """The preferred kernel: the persistent TMA one (sm90ws) for prefill-sized blocks without a forced split,
+    else the first kernel that runs every tier and split-K."""
+    if ("sm90ws" in candidates and "sm90" in candidates and _block_m("sm90", rows_per_expert) == 128
+            and (k_splits or 1) == 1):
+        return "sm90ws"
+    return next(k for k in candidates if k in SPLIT_K_KERNELS)
 
 
 # Split-K: at most this many K slices, each of at least this many BLOCK_K tiles.
@@ -177,8 +194,9 @@ def select_config(num_slots: int, num_experts: int, n: int, k: int, arch: str, d
     ``n`` output columns and reduction length ``k``.
 
     block_m grows with the expected rows per expert (decode: 16, prefill: 128) and depends only on (num_slots,
-    num_experts, arch, kernel), so GEMM1 and GEMM2 of one call get the same one. ``kernel`` forces 'sm80' or 'sm90';
-    by default 'sm90' on arch 90a when its template exists (``kernels`` overrides that list), else 'sm80'.
+    num_experts, arch, kernel), so GEMM1 and GEMM2 of one call get the same one. ``kernel`` forces one of KERNELS;
+    by default, on arch 90a, 'sm90ws' for prefill-sized blocks (128 rows) and 'sm90' below (``_auto_kernel``;
+    ``kernels`` overrides the list of available templates), elsewhere 'sm80'.
     Split-K (``split_k_for``) is chosen when ``num_sms`` is given and the GEMM has less than a wave of tiles;
     ``k_splits`` forces a value.
     """
@@ -192,18 +210,20 @@ def select_config(num_slots: int, num_experts: int, n: int, k: int, arch: str, d
     if not candidates:
         raise ValueError(f"arch: the MoE GEMM kernels need SM80 or newer with kernels {kernels or available_kernels()},"
                          f" got {arch!r}")
-    if kernel is None:
-        kernel = candidates[0]
-    elif kernel not in candidates:
-        raise ValueError(f"kernel: expected one of {candidates} on arch {arch!r}, got {kernel!r}")
     if num_sms is not None:
         check_int("num_sms", num_sms, low=1)
     if k_splits is not None:
         check_int("k_splits", k_splits, low=1, high=MAX_K_SPLITS)
     rows_per_expert = num_slots / num_experts
-    tiers = _SM90_TIERS if kernel == "sm90" else _SM80_TIERS
-    block_m = next(bm for bound, bm in tiers if rows_per_expert <= bound)
-    cfg = _fit_stages(kernel, block_m, normalize_arch(arch))
+    if kernel is None:
+        kernel = _auto_kernel(candidates, rows_per_expert, k_splits)
+    elif kernel not in candidates:
+        raise ValueError(f"kernel: expected one of {candidates} on arch {arch!r}, got {kernel!r}")
+    if kernel not in SPLIT_K_KERNELS:
+        if (k_splits or 1) != 1:
+            raise ValueError(f"k_splits: the {kernel} kernel does not split K, got {k_splits}")
+        k_splits = 1
+    cfg = _fit_stages(kernel, _block_m(kernel, rows_per_expert), normalize_arch(arch))
     if k_splits is None:
         tiles = expected_tiles(num_slots, num_experts, n, cfg.block_m, cfg.block_n)
         k_splits = split_k_for(tiles, k, cfg.block_k, num_sms) if num_sms else 1
@@ -212,8 +232,7 @@ def select_config(num_slots: int, num_experts: int, n: int, k: int, arch: str, d
 
 def default_configs(kernel: str, arch: str) -> list[GemmConfig]:
     """Every config select_config can return for ``kernel`` on ``arch`` (what prewarm builds)."""
-    tiers = _SM90_TIERS if kernel == "sm90" else _SM80_TIERS
-    return [_fit_stages(kernel, bm, normalize_arch(arch)) for _, bm in tiers]
+    return [_fit_stages(kernel, bm, normalize_arch(arch)) for _, bm in _TIERS[kernel]]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -237,8 +256,8 @@ def gemm_spec(cfg: GemmConfig, dtype: str, mode: str, activation: str, archs: tu
         raise UnsupportedSpecError(f"moe_gemm: GEMM2 is built with activation 'Identity', got {activation!r}")
     archs = tuple(normalize_arch(a) for a in archs)
     gated = mode == "gemm1" and activation in GATED_ACTIVATIONS
-    if cfg.kernel == "sm90" and any(a != "90a" for a in archs):
-        raise UnsupportedSpecError(f"moe_gemm: the sm90 kernel needs arch 90a only, got archs {archs}")
+    if cfg.kernel in SM90A_KERNELS and any(a != "90a" for a in archs):
+        raise UnsupportedSpecError(f"moe_gemm: the {cfg.kernel} kernel needs arch 90a only, got archs {archs}")
     if cfg.kernel == "sm80":
         for arch in archs:
             if arch_number(arch) < 80:
@@ -248,9 +267,9 @@ def gemm_spec(cfg: GemmConfig, dtype: str, mode: str, activation: str, archs: tu
                 raise UnsupportedSpecError(f"moe_gemm: tile {cfg} unsupported: {problem}")
     params = {"kernel": cfg.kernel, "dtype": dtype, "act": activation, "mode": mode, "block_m": cfg.block_m,
               "block_n": cfg.block_n, "block_k": cfg.block_k, "stages": cfg.stages}
-    # The SM80 kernel is plain PTX; only the SM90 one needs the CUTLASS/CuTe headers.
+    # The SM80 kernel is plain PTX; only the SM90 ones need the CUTLASS/CuTe headers.
     return KernelSpec.create("moe_gemm", "moe", (f"{cfg.kernel}/gemm.cu", "moe_gemm_binding.cpp"), params, archs,
-                             cutlass=cfg.kernel == "sm90")
+                             cutlass=cfg.kernel in SM90A_KERNELS)
 
 
 # --------------------------------------------------------------------------------------------------------------

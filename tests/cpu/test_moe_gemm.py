@@ -90,6 +90,19 @@ def test_expected_tiles():
     assert mg.expected_tiles(0, 8, 256, 64, 128) == 2                  # no rows: still one (empty) block
 
 
+def test_prefill_blocks_go_to_the_persistent_kernel_unless_split():
+    every = ("sm80", "sm90", "sm90ws")
+    prefill = select_config(8192, 8, 4096, 14336, "90a", "bf16", kernels=every, num_sms=132)
+    assert (prefill.kernel, prefill.block_m, prefill.k_splits) == ("sm90ws", 128, 1)
+    assert select_config(2, 8, 4096, 14336, "90a", "bf16", kernels=every, num_sms=132).kernel == "sm90"
+    assert select_config(8192, 8, 4096, 14336, "90a", "bf16", kernels=every, k_splits=2).kernel == "sm90"
+    assert select_config(8192, 8, 4096, 14336, "80", "bf16", kernels=every).kernel == "sm80"
+    forced = select_config(3, 8, 256, 256, "90a", "bf16", kernel="sm90ws", kernels=every)
+    assert forced.block_m == 128 and forced in mg.default_configs("sm90ws", "90a")
+    with pytest.raises(ValueError, match="k_splits"):
+        select_config(8192, 8, 64, 64, "90a", "bf16", kernel="sm90ws", kernels=every, k_splits=2)
+
+
 def test_kernel_choice():
     assert select_config(64, 8, 256, 256, "90a", "bf16", kernels=BOTH).kernel == "sm90"
     assert select_config(64, 8, 256, 256, "90a", "bf16", kernels=("sm80",)).kernel == "sm80"

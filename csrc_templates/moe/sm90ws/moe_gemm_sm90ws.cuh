@@ -1,0 +1,461 @@
+// MoE grouped GEMM for Hopper (sm_90a): persistent, warp-specialised, TMA-fed wgmma ("sm90ws").
+//
+// Rows are in the expert-sorted, tile-padded order of moe_gemm_args.cuh, so the BLOCK_M rows of an M block are
+// contiguous in A (GEMM1: a_sorted, filled first by a small gather launch; GEMM2: inter) and all belong to one
+// expert e = block_expert[m_block]; the expert's weight tile is a contiguous box of rows of B viewed as one
+// [E * n_b, K] matrix. Both operands are therefore loaded by TMA (128-byte swizzle, hardware zero-fill of the K
+// tail and of rows past the matrix). A grid of one CTA per SM walks the output tiles (m_block, n_block) in a
+// static round-robin; M blocks past num_padded (a device value) do not exist and unused blocks (e = -1) are
+// skipped by every role alike. Tiles are rastered in groups of kRasterGroup M blocks with M fastest, so the CTAs
+// that run at the same time read the same weight tile (and a bounded set of A blocks) and each byte of B comes
+// from HBM about once per group. Each CTA has three warpgroups: a producer (registers given back with setmaxnreg)
+// whose one elected thread issues the TMA loads of every k-tile into a ring of kStages stages, each guarded by a
+// "full" transaction mbarrier (TMA bytes landed) and an "empty" mbarrier (both consumers' wgmma retired); and two
+// consumer warpgroups (registers raised) that each own 64 rows of the 128-row tile ("cooperative"), issue SS
+// wgmma with fp32 accumulators, and release a stage as soon as the wgmma that read it has retired. A gated GEMM1
+// keeps two accumulators with identical layouts, one fed by the up rows [n0, n0+BN) of fc1[e] and one by the gate
+// rows [N+n0, ...): element i of both holds the same (row, column). The epilogue (GEMM1: bias + activation; GEMM2:
+// (acc + bias) * routing weight) runs in fp32, goes through a dedicated XOR-swizzled staging tile (so the producer
+// keeps filling the ring for the next tile meanwhile) and leaves as 16-byte row chunks: GEMM1 to inter[p], GEMM2
+// scattered to out_slots[slot]; padding rows and columns >= N are never written.
+#pragma once
+#include <cuda.h>
+#include <cuda_runtime_api.h>
+#include <cstdint>
+#include <stdexcept>
+#include <type_traits>
+
+#include <cute/tensor.hpp>
+#include <cute/arch/copy_sm90_desc.hpp>
+#include <cute/arch/copy_sm90_tma.hpp>
+#include <cute/arch/mma_sm90.hpp>
+#include <cute/atom/mma_traits_sm90_gmma.hpp>
+#include <cutlass/arch/barrier.h>
+#include <cutlass/arch/reg_reconfig.h>
+#include <cutlass/numeric_types.h>
+
+#include "common/dtypes.cuh"
+#include "moe/activation.cuh"
+#include "moe/moe_gemm_args.cuh"
+#include "moe/sm90ws/gather.cuh"
+#include "moe/sm90ws/tma_host.cuh"
+
+namespace jitmoe::moe::sm90ws {
+
+enum class GemmMode { gemm1, gemm2 };
+
+// Everything a specialization fixes at compile time, the shared-memory plan, and the invariants.
+template <typename T, Act A, GemmMode Mode, int BM, int BN, int BK, int Stages>
+struct Config {
+  static_assert(std::is_same_v<T, __nv_bfloat16> || std::is_same_v<T, __half>, "sm90ws GEMM: bf16 or fp16 only");
+  using Element = T;                                          // CUDA type (conversions, epilogue)
+  using Elem = std::conditional_t<std::is_same_v<T, __nv_bfloat16>, cutlass::bfloat16_t, cutlass::half_t>;
+  static constexpr Act kAct = A;
+  static constexpr bool kGemm2 = Mode == GemmMode::gemm2;
+  static constexpr bool kGated = !kGemm2 && ActTraits<A>::kGated;
+  static constexpr int kHalves = kGated ? 2 : 1;             // B halves: up (+ gate)
+  static constexpr int kBlockM = BM, kBlockN = BN, kBlockK = BK, kStages = Stages;
+
+  static constexpr int kConsumerWarpGroups = 2;              // 64 rows of the tile each
+  static constexpr int kThreads = 128 * (1 + kConsumerWarpGroups);
+  static constexpr int kProducerRegs = 40;                   // 128 x 40 + 256 x 232 <= 64 K registers
+  static constexpr int kConsumerRegs = 232;
+  static constexpr int kConsumerWarps = 4 * kConsumerWarpGroups;  // arrivals that empty a stage
+  static constexpr int kRasterGroup = 8;                     // M blocks per raster group
+
+  static_assert(BM == 128, "BLOCK_M must be 128 (two consumer warpgroups of 64 rows)");
+  static_assert(BK == 64, "BLOCK_K must be 64 (one 128-byte swizzle row per TMA box row)");
+  static_assert(BN % 64 == 0 && BN <= 256, "BLOCK_N: 64, 128, 192 or 256 (TMA box <= 256 rows; the staging swizzle "
+                                           "permutes groups of 8 16-byte chunks)");
+  static_assert(BN * kHalves <= 256, "accumulators: BLOCK_N <= 256, gated BLOCK_N <= 128");
+  static_assert(Stages >= 2, "the ring needs at least two stages to overlap loads and wgmma");
+
+  using SmemAtom = cute::GMMA::Layout_K_SW128_Atom<Elem>;  // 8 rows x 64 elements, 128-byte swizzle (= TMA's)
+  template <int Rows>
+  using SmemLayout = decltype(cute::tile_to_shape(
+      SmemAtom{}, cute::Shape<cute::Int<Rows>, cute::Int<BK>, cute::Int<Stages>>{}));
+  using SmemLayoutA = SmemLayout<BM>;  // (BM, BK, Stages): each stage one contiguous TMA box
+  using SmemLayoutB = SmemLayout<BN>;  // (BN, BK, Stages), one per B half
+  using TiledMma = decltype(cute::make_tiled_mma(
+      cute::GMMA::ss_op_selector<Elem, Elem, float, cute::Shape<cute::_64, cute::Int<BN>, cute::Int<BK>>>(),
+      cute::Layout<cute::Shape<cute::Int<kConsumerWarpGroups>, cute::_1, cute::_1>>{}));
+
+  // Shared memory: [A stages | B stages x halves | staging tile | full barriers | empty barriers].
+  static constexpr int kElemsA = cute::cosize_v<SmemLayoutA>;
+  static constexpr int kElemsB = cute::cosize_v<SmemLayoutB>;
+  static constexpr int kBytesStageA = BM * BK * 2;
+  static constexpr int kBytesStageB = BN * BK * 2;
+  static constexpr int kTxBytes = kBytesStageA + kHalves * kBytesStageB;  // TMA bytes per stage (OOB fill counts)
+  static constexpr int kBytesPipe = (kElemsA + kHalves * kElemsB) * 2;
+  static constexpr int kBytesStaging = BM * BN * 2;
+  static constexpr int kOffsetStaging = kBytesPipe;
+  static constexpr int kOffsetBarriers = kBytesPipe + kBytesStaging;
+  static constexpr int kSwizzleAlign = 1024;                  // the 128-byte swizzle repeats every 1 KiB
+  static constexpr int kSmemBytes = kSwizzleAlign + kOffsetBarriers + 2 * Stages * 8;
+  static_assert(kElemsA == Stages * BM * BK && kElemsB == Stages * BN * BK, "stage buffers are dense");
+  static_assert(kBytesStageA % kSwizzleAlign == 0 && kBytesStageB % kSwizzleAlign == 0, "stages stay aligned");
+  static_assert(kSmemBytes <= 227 * 1024, "shared memory exceeds the 227 KiB an sm_90 CTA may use: fewer stages");
+};
+
+// The static tile order shared by the producer and the consumers (they must skip exactly the same tiles).
+template <class Cfg>
+struct TileScheduler {
+  int rows_used;  // rows of the sorted order in use: min(num_padded, m_pad_max)
+  int m_blocks;   // M blocks that exist: ceil(rows_used / BM)
+  int n_blocks;
+  int num_tiles;
+
+  __device__ __forceinline__ explicit TileScheduler(const MoeGemmArgs& args) {
+    rows_used = max(0, min(*args.num_padded, args.m_pad_max));
+    m_blocks = (rows_used + Cfg::kBlockM - 1) / Cfg::kBlockM;
+    n_blocks = (args.n + Cfg::kBlockN - 1) / Cfg::kBlockN;
+    num_tiles = m_blocks * n_blocks;
+  }
+
+  // Tile t -> (m_block, n_block): groups of kRasterGroup M blocks, M fastest inside a group, then N.
+  __device__ __forceinline__ void coords(int t, int& m_block, int& n_block) const {
+    const int per_group = Cfg::kRasterGroup * n_blocks;
+    const int group = t / per_group;
+    const int first_m = group * Cfg::kRasterGroup;
+    const int group_m = min(Cfg::kRasterGroup, m_blocks - first_m);
+    const int local = t - group * per_group;
+    m_block = first_m + local % group_m;
+    n_block = local / group_m;
+  }
+
+  // The local expert of an M block, or -1 when the block is unused.
+  __device__ __forceinline__ static int expert_of(const MoeGemmArgs& args, int m_block) {
+    const int e = args.block_expert[m_block];
+    return e >= 0 && e < args.num_experts ? e : -1;
+  }
+};
+
+// The ring's position: stage index and the parity of the current pass over the ring.
+template <int Stages>
+struct RingState {
+  int stage = 0;
+  uint32_t phase = 0;
+  __device__ __forceinline__ void advance() {
+    if (++stage == Stages) {
+      stage = 0;
+      phase ^= 1;
+    }
+  }
+};
+
+// Shared-memory pointers of one CTA.
+template <class Cfg>
+struct SmemPlan {
+  using Elem = typename Cfg::Elem;
+  Elem* a;                          // [Stages][BM, BK] swizzled (SmemLayoutA)
+  Elem* b;                          // [halves][Stages][BN, BK] swizzled (SmemLayoutB each)
+  typename Cfg::Element* staging;   // [BM, BN] epilogue tile, 16-byte chunks XOR-swizzled by row % 8
+  uint64_t* full;                   // [Stages] TMA landed (transaction count)
+  uint64_t* empty;                  // [Stages] every consumer warp retired its wgmma on the stage
+
+  __device__ __forceinline__ explicit SmemPlan(uint8_t* base) {
+    a = reinterpret_cast<Elem*>(base);
+    b = reinterpret_cast<Elem*>(base + Cfg::kElemsA * 2);
+    staging = reinterpret_cast<typename Cfg::Element*>(base + Cfg::kOffsetStaging);
+    full = reinterpret_cast<uint64_t*>(base + Cfg::kOffsetBarriers);
+    empty = full + Cfg::kStages;
+  }
+};
+
+// Producer (one thread): for every tile this CTA owns, every k-tile: wait for an empty stage, announce its bytes,
+// issue the TMA boxes of A [BM, 64] and of each B half [BN, 64].
+template <class Cfg>
+__device__ __forceinline__ void produce(const MoeGemmArgs& args, const CUtensorMap* tmap_a,
+                                        const CUtensorMap* tmap_b, const SmemPlan<Cfg>& smem) {
+  using cutlass::arch::ClusterBarrier;
+  using cutlass::arch::ClusterTransactionBarrier;
+  constexpr uint64_t kHint = static_cast<uint64_t>(cute::TMA::CacheHintSm90::EVICT_NORMAL);
+  const TileScheduler<Cfg> sched(args);
+  const int k_tiles = (args.k + Cfg::kBlockK - 1) / Cfg::kBlockK;
+  const int n_b = args.n * Cfg::kHalves;
+  RingState<Cfg::kStages> ring;
+  for (int t = blockIdx.x; t < sched.num_tiles; t += gridDim.x) {
+    int m_block, n_block;
+    sched.coords(t, m_block, n_block);
+    const int e = TileScheduler<Cfg>::expert_of(args, m_block);
+    if (e < 0) continue;
+    const int a_row = m_block * Cfg::kBlockM;
+    const int b_row = e * n_b + n_block * Cfg::kBlockN;  // up half; the gate half is args.n rows further
+    for (int kt = 0; kt < k_tiles; ++kt) {
+      ClusterBarrier::wait(&smem.empty[ring.stage], ring.phase ^ 1);  // the first pass finds every stage empty
+      uint64_t* full = &smem.full[ring.stage];
+      ClusterTransactionBarrier::arrive_and_expect_tx(full, Cfg::kTxBytes);
+      const int k0 = kt * Cfg::kBlockK;
+      cute::SM90_TMA_LOAD_2D::copy(tmap_a, full, kHint, smem.a + ring.stage * Cfg::kBlockM * Cfg::kBlockK, k0,
+                                   a_row);
+      CUTE_UNROLL
+      for (int h = 0; h < Cfg::kHalves; ++h) {
+        auto* dst = smem.b + (h * Cfg::kStages + ring.stage) * Cfg::kBlockN * Cfg::kBlockK;
+        cute::SM90_TMA_LOAD_2D::copy(tmap_b, full, kHint, dst, k0, b_row + h * args.n);
+      }
+      ring.advance();
+    }
+  }
+}
+
+__device__ __forceinline__ void named_barrier_sync(int id, int threads) {
+  asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(threads) : "memory");
+}
+
+// Activation parameters of expert e (ActParams defaults when the pointers are null).
+template <Act A>
+__device__ __forceinline__ ActParams expert_act_params(const MoeGemmArgs& args, int e) {
+  ActParams p;
+  if (args.act_alpha) p.alpha = args.act_alpha[e];
+  if (args.act_beta) p.beta = args.act_beta[e];
+  if (args.act_limit) p.limit = args.act_limit[e];
+  else if constexpr (A == Act::SwigluStep) p.limit = 7.f;
+  return p;
+}
+
+// GEMM2 scale of sorted row p: the routing weight of its slot (1 for padding rows, which are never stored).
+template <class Cfg>
+__device__ __forceinline__ float row_scale(const MoeGemmArgs& args, const TileScheduler<Cfg>& sched, int p) {
+  if (args.slot_weights == nullptr || p >= sched.rows_used) return 1.f;
+  const int s = args.sorted_ids[p];
+  return s >= 0 && s < args.num_slots ? args.slot_weights[s] : 1.f;
+}
+
+// Element offset of (m, n) in the staging tile: 16-byte chunk n / 8 of row m moves to chunk (n / 8) ^ (m % 8), so
+// the 8 rows a warp's accumulator store touches hit 8 different bank groups.
+template <class Cfg>
+__device__ __forceinline__ int staging_offset(int m, int n) {
+  return m * Cfg::kBlockN + ((((n >> 3) ^ (m & 7)) << 3) | (n & 7));
+}
+
+__device__ __forceinline__ uint32_t pack2(__nv_bfloat16 lo, __nv_bfloat16 hi) {
+  __nv_bfloat162 v(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+__device__ __forceinline__ uint32_t pack2(__half lo, __half hi) {
+  __half2 v(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+
+// fp32 epilogue math of this thread's accumulator elements, written as T pairs into its warpgroup's staging rows.
+template <class Cfg, class Acc>
+__device__ __forceinline__ void epilogue_to_staging(const MoeGemmArgs& args, const TileScheduler<Cfg>& sched,
+                                                    const Acc& acc_up, const Acc& acc_gate,
+                                                    typename Cfg::Element* staging, int consumer_tid, int m0, int n0,
+                                                    int e) {
+  using namespace cute;
+  using T = typename Cfg::Element;
+  typename Cfg::TiledMma mma;
+  auto thr_mma = mma.get_slice(consumer_tid);
+  Tensor tCcC = thr_mma.partition_C(make_identity_tensor(Shape<Int<Cfg::kBlockM>, Int<Cfg::kBlockN>>{}));
+  static_assert(decltype(size(tCcC))::value == decltype(size(acc_up))::value, "accumulator / coordinate mismatch");
+  static_assert(decltype(size(acc_up))::value % 2 == 0, "accumulator elements come in column pairs");
+  const T* bias = static_cast<const T*>(args.bias);  // [E, n_b]
+  const int64_t bias_row = static_cast<int64_t>(e) * args.n * Cfg::kHalves;
+  ActParams params;
+  if constexpr (!Cfg::kGemm2) params = expert_act_params<Cfg::kAct>(args, e);
+  // wgmma's C layout gives a thread two rows, m_lo and m_lo + 8; GEMM2 needs their routing weights.
+  const int m_lo = get<0>(tCcC(0));
+  float scale_lo = 1.f, scale_hi = 1.f;
+  if constexpr (Cfg::kGemm2) {
+    scale_lo = row_scale<Cfg>(args, sched, m0 + m_lo);
+    scale_hi = row_scale<Cfg>(args, sched, m0 + m_lo + 8);
+  }
+  CUTE_UNROLL
+  for (int i = 0; i < size(acc_up); i += 2) {  // elements i, i + 1: columns n, n + 1 of row m
+    const int m = get<0>(tCcC(i));
+    const int n = get<1>(tCcC(i));
+    const int col = n0 + n;
+    const bool has_bias = bias != nullptr && col < args.n;  // N % 8 == 0: col + 1 < N too
+    float v[2];
+    CUTE_UNROLL
+    for (int j = 0; j < 2; ++j) {
+      const float up = acc_up(i + j) + (has_bias ? to_float(bias[bias_row + col + j]) : 0.f);
+      if constexpr (Cfg::kGemm2) {
+        v[j] = up * (m == m_lo ? scale_lo : scale_hi);
+      } else if constexpr (Cfg::kGated) {
+        const float gate = acc_gate(i + j) + (has_bias ? to_float(bias[bias_row + args.n + col + j]) : 0.f);
+        v[j] = apply_act<Cfg::kAct>(up, gate, params);
+      } else {
+        v[j] = apply_act<Cfg::kAct>(up, 0.f, params);
+      }
+    }
+    *reinterpret_cast<uint32_t*>(staging + staging_offset<Cfg>(m, n)) =
+        pack2(from_float<T>(v[0]), from_float<T>(v[1]));
+  }
+}
+
+// Copies this warpgroup's 64 staged rows to the output in 16-byte chunks; padding rows and columns >= N skipped.
+template <class Cfg>
+__device__ __forceinline__ void store_rows(const MoeGemmArgs& args, const TileScheduler<Cfg>& sched,
+                                           const typename Cfg::Element* staging, int warp_group, int wg_tid, int m0,
+                                           int n0) {
+  using T = typename Cfg::Element;
+  constexpr int kChunksN = Cfg::kBlockN / 8;
+  T* out = static_cast<T*>(args.out);  // GEMM1: [m_pad_max, N]; GEMM2: [num_slots, N]
+  for (int c = wg_tid; c < 64 * kChunksN; c += 128) {
+    const int m = warp_group * 64 + c / kChunksN;
+    const int chunk = c % kChunksN;
+    const int col = n0 + chunk * 8;
+    const int p = m0 + m;
+    if (col >= args.n || p >= sched.rows_used) continue;
+    const int s = args.sorted_ids[p];
+    if (s < 0 || s >= args.num_slots) continue;  // padding row
+    const int64_t out_row = Cfg::kGemm2 ? s : p;
+    const uint4 v = *reinterpret_cast<const uint4*>(staging + staging_offset<Cfg>(m, chunk * 8));
+    *reinterpret_cast<uint4*>(out + out_row * args.n + col) = v;
+  }
+}
+
+// Issues one k-tile's wgmma batch (up and, when gated, gate) on one ring stage.
+template <class Cfg, class FragA, class FragB, class Acc>
+__device__ __forceinline__ void mma_stage(typename Cfg::TiledMma& mma, int stage, FragA& tCrA, FragB& tCrB0,
+                                          FragB& tCrB1, Acc& acc_up, Acc& acc_gate) {
+  using namespace cute;
+  cute::warpgroup_arrive();
+  gemm(mma, tCrA(_, _, _, stage), tCrB0(_, _, _, stage), acc_up);
+  if constexpr (Cfg::kGated) gemm(mma, tCrA(_, _, _, stage), tCrB1(_, _, _, stage), acc_gate);
+  cute::warpgroup_commit_batch();
+}
+
+// One warp's share of releasing a stage: lane 0 arrives once the warp's wgmma on it retired.
+__device__ __forceinline__ void release_stage(uint64_t* empty, int lane) {
+  if (lane == 0) cutlass::arch::ClusterBarrier::arrive(empty);
+}
+
+template <class Acc>
+__device__ __forceinline__ void fence_accumulators(Acc& acc_up, Acc& acc_gate, bool gated) {
+  cute::warpgroup_fence_operand(acc_up);
+  if (gated) cute::warpgroup_fence_operand(acc_gate);
+}
+
+// Consumer warpgroups: for every tile this CTA owns, accumulate A[BM, K] x B[BN, K]^T over the ring, then run
+// the epilogue through the warpgroup's half of the staging tile.
+template <class Cfg>
+__device__ __forceinline__ void consume(const MoeGemmArgs& args, const SmemPlan<Cfg>& smem) {
+  using namespace cute;
+  constexpr int S = Cfg::kStages;
+  Tensor sA = make_tensor(make_smem_ptr(smem.a), typename Cfg::SmemLayoutA{});                  // (BM,BK,S)
+  Tensor sB0 = make_tensor(make_smem_ptr(smem.b), typename Cfg::SmemLayoutB{});                 // (BN,BK,S) up
+  Tensor sB1 = make_tensor(make_smem_ptr(smem.b + (Cfg::kHalves - 1) * Cfg::kElemsB),           // gate
+                           typename Cfg::SmemLayoutB{});
+  const int consumer_tid = static_cast<int>(threadIdx.x) - 128;
+  const int warp_group = __shfl_sync(0xffffffff, consumer_tid / 128, 0);
+  const int lane = consumer_tid % 32;
+  typename Cfg::TiledMma mma;
+  auto wg_mma = mma.get_slice(warp_group * 128);
+  Tensor tCrA = wg_mma.make_fragment_A(wg_mma.partition_A(sA));     // (MMA,MMA_M,MMA_K,S) smem descriptors
+  Tensor tCrB0 = wg_mma.make_fragment_B(wg_mma.partition_B(sB0));   // (MMA,MMA_N,MMA_K,S)
+  Tensor tCrB1 = wg_mma.make_fragment_B(wg_mma.partition_B(sB1));
+  auto acc_up = partition_fragment_C(mma, Shape<Int<Cfg::kBlockM>, Int<Cfg::kBlockN>>{});
+  auto acc_gate = make_fragment_like(acc_up);
+
+  const TileScheduler<Cfg> sched(args);
+  const int k_tiles = (args.k + Cfg::kBlockK - 1) / Cfg::kBlockK;
+  RingState<S> ring;
+  for (int t = blockIdx.x; t < sched.num_tiles; t += gridDim.x) {
+    int m_block, n_block;
+    sched.coords(t, m_block, n_block);
+    const int e = TileScheduler<Cfg>::expert_of(args, m_block);
+    if (e < 0) continue;
+    clear(acc_up);
+    if constexpr (Cfg::kGated) clear(acc_gate);
+    fence_accumulators(acc_up, acc_gate, Cfg::kGated);
+    int previous = -1;  // stage whose wgmma may still run
+    for (int kt = 0; kt < k_tiles; ++kt) {
+      cutlass::arch::ClusterBarrier::wait(&smem.full[ring.stage], ring.phase);
+      fence_accumulators(acc_up, acc_gate, Cfg::kGated);
+      mma_stage<Cfg>(mma, ring.stage, tCrA, tCrB0, tCrB1, acc_up, acc_gate);
+      cute::warpgroup_wait<1>();  // the batch of k-tile kt-1 retired: its stage can be refilled
+      fence_accumulators(acc_up, acc_gate, Cfg::kGated);
+      if (previous >= 0) release_stage(&smem.empty[previous], lane);
+      previous = ring.stage;
+      ring.advance();
+    }
+    cute::warpgroup_wait<0>();
+    fence_accumulators(acc_up, acc_gate, Cfg::kGated);
+    release_stage(&smem.empty[previous], lane);
+
+    const int m0 = m_block * Cfg::kBlockM;
+    const int n0 = n_block * Cfg::kBlockN;
+    // An opaque copy of the thread index, made here: the epilogue's thread-dependent addresses are then computed
+    // per tile instead of being hoisted out of the tile loop, where they would sit next to the accumulators
+    // through the main loop and push ptxas (capped at 65536 / 384 registers) into spilling.
+    int epilogue_tid = consumer_tid;
+    asm volatile("" : "+r"(epilogue_tid));
+    named_barrier_sync(1 + warp_group, 128);  // this warpgroup finished reading its staging rows of the last tile
+    epilogue_to_staging<Cfg>(args, sched, acc_up, acc_gate, smem.staging, epilogue_tid, m0, n0, e);
+    named_barrier_sync(1 + warp_group, 128);
+    store_rows<Cfg>(args, sched, smem.staging, warp_group, epilogue_tid % 128, m0, n0);
+  }
+}
+
+template <class Cfg>
+__global__ void __launch_bounds__(Cfg::kThreads, 1)
+    moe_gemm_sm90ws_kernel(const __grid_constant__ CUtensorMap tmap_a,  // A [m_pad_max, K], box [BM, 64]
+                           const __grid_constant__ CUtensorMap tmap_b,  // B [E * n_b, K], box [BN, 64]
+                           const __grid_constant__ MoeGemmArgs args) {
+  extern __shared__ uint8_t smem_raw[];
+  uint8_t* base = reinterpret_cast<uint8_t*>(
+      (reinterpret_cast<uintptr_t>(smem_raw) + Cfg::kSwizzleAlign - 1) & ~uintptr_t(Cfg::kSwizzleAlign - 1));
+  const SmemPlan<Cfg> smem(base);
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < Cfg::kStages; ++s) {
+      cutlass::arch::ClusterTransactionBarrier::init(&smem.full[s], 1);
+      cutlass::arch::ClusterBarrier::init(&smem.empty[s], Cfg::kConsumerWarps);
+    }
+    cutlass::arch::fence_barrier_init();
+  }
+  __syncthreads();  // the last CTA-wide barrier: the roles below never wait for each other's threads
+
+  if (threadIdx.x < 128) {
+    cutlass::arch::warpgroup_reg_dealloc<Cfg::kProducerRegs>();
+    if (threadIdx.x == 0) {
+      cute::prefetch_tma_descriptor(&tmap_a);
+      cute::prefetch_tma_descriptor(&tmap_b);
+      produce<Cfg>(args, &tmap_a, &tmap_b, smem);
+    }
+  } else {
+    cutlass::arch::warpgroup_reg_alloc<Cfg::kConsumerRegs>();
+    consume<Cfg>(args, smem);
+  }
+}
+
+// Host side: GEMM1 first gathers x into a_sorted; then one persistent CTA per SM (at most one per tile).
+// Never synchronises; bad arguments throw (pybind11 turns std::invalid_argument into ValueError).
+template <typename T, Act A, GemmMode Mode, int BM, int BN, int BK, int Stages>
+void launch(const MoeGemmArgs& args, cudaStream_t stream) {
+  static_assert(Mode == GemmMode::gemm1 || A == Act::Identity, "GEMM2 is rendered with act=Identity");
+  using Cfg = Config<T, A, Mode, BM, BN, BK, Stages>;
+  if (args.k_splits > 1) {
+    throw std::invalid_argument("moe_gemm sm90ws: k_splits: expected 1 (this kernel does not split K), got " +
+                                std::to_string(args.k_splits));
+  }
+  const int64_t m_blocks = args.m_pad_max / BM;
+  const int64_t n_blocks = (args.n + BN - 1) / BN;
+  if (m_blocks <= 0 || n_blocks <= 0 || args.num_slots <= 0 || args.k <= 0) return;
+  const int sms = sm_count();
+  const void* a = args.a;  // GEMM2: inter [m_pad_max, K]
+  if constexpr (Mode == GemmMode::gemm1) {
+    if (args.a_sorted == nullptr) {
+      throw std::invalid_argument("moe_gemm sm90ws: a_sorted: expected a [m_pad_max, K] scratch tensor for GEMM1, "
+                                  "got None");
+    }
+    launch_gather(args.a, args.sorted_ids, args.num_padded, args.a_sorted, args.m_pad_max, args.num_slots,
+                  args.topk, args.k, sms * 8, stream);
+    a = args.a_sorted;
+  }
+  constexpr CUtensorMapDataType kDtype =
+      std::is_same_v<T, __nv_bfloat16> ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
+  const int64_t b_rows = static_cast<int64_t>(args.num_experts) * args.n * Cfg::kHalves;
+  const CUtensorMap tmap_a = make_tma_map_2d(a, kDtype, args.m_pad_max, args.k, BM);
+  const CUtensorMap tmap_b = make_tma_map_2d(args.b, kDtype, b_rows, args.k, BN);
+  const int64_t tiles = m_blocks * n_blocks;
+  const int grid = static_cast<int>(tiles < sms ? tiles : sms);
+  auto* kernel = &moe_gemm_sm90ws_kernel<Cfg>;
+  // A failure here (tile too large for this GPU) makes the launch fail too; the binding reports it.
+  cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes);
+  kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(tmap_a, tmap_b, args);
+}
+
+}  // namespace jitmoe::moe::sm90ws

@@ -1,0 +1,75 @@
+// Host helpers of the sm90ws kernel: 2-D TMA descriptors and the cached SM count.
+//
+// The descriptors are encoded with the driver's cuTensorMapEncodeTiled, fetched once through the runtime's
+// cudaGetDriverEntryPoint so the extension links only cudart (no -lcuda). Each map views a row-major [rows, cols]
+// matrix of 16-bit elements (cols contiguous) and loads boxes of [box_rows, 64] elements into shared memory with
+// the 128-byte swizzle that CuTe's K-major SW128 GMMA layout expects; out-of-range rows and columns of a box are
+// zero-filled by the hardware. Errors surface as C++ exceptions, which pybind11 turns into Python exceptions.
+#pragma once
+#include <cuda.h>  // CUtensorMap and its enums only (header types; nothing here links libcuda)
+#include <cuda_runtime_api.h>
+
+#include <atomic>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+namespace jitmoe::moe::sm90ws {
+
+using EncodeTiledFn = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*,
+                                   const cuuint64_t*, const cuuint32_t*, const cuuint32_t*, CUtensorMapInterleave,
+                                   CUtensorMapSwizzle, CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
+
+inline EncodeTiledFn encode_tiled_fn() {
+  static const EncodeTiledFn fn = [] {
+    void* ptr = nullptr;
+    cudaDriverEntryPointQueryResult found{};
+#if CUDART_VERSION >= 12050  // the unversioned query is deprecated from 12.5 on
+    const cudaError_t err = cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &ptr, 12000,
+                                                             cudaEnableDefault, &found);
+#else
+    const cudaError_t err = cudaGetDriverEntryPoint("cuTensorMapEncodeTiled", &ptr, cudaEnableDefault, &found);
+#endif
+    if (err != cudaSuccess || found != cudaDriverEntryPointSuccess || ptr == nullptr) {
+      throw std::runtime_error(std::string("moe_gemm sm90ws: cuTensorMapEncodeTiled is not available from the "
+                                           "driver (") + cudaGetErrorString(err) + ")");
+    }
+    return reinterpret_cast<EncodeTiledFn>(ptr);
+  }();
+  return fn;
+}
+
+// A [rows, cols] row-major matrix of 16-bit elements at `base`, loaded in [box_rows, 64]-element boxes.
+inline CUtensorMap make_tma_map_2d(const void* base, CUtensorMapDataType dtype, int64_t rows, int64_t cols,
+                                   int box_rows) {
+  CUtensorMap map{};
+  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(cols), static_cast<cuuint64_t>(rows)};
+  const cuuint64_t row_stride_bytes[1] = {static_cast<cuuint64_t>(cols) * 2};
+  const cuuint32_t box[2] = {64, static_cast<cuuint32_t>(box_rows)};  // 64 x 2 bytes = one 128-byte swizzle row
+  const cuuint32_t elem_strides[2] = {1, 1};
+  const CUresult res = encode_tiled_fn()(&map, dtype, 2, const_cast<void*>(base), dims, row_stride_bytes, box,
+                                         elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                                         CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  if (res != CUDA_SUCCESS) {
+    throw std::runtime_error("moe_gemm sm90ws: cuTensorMapEncodeTiled failed (CUresult " + std::to_string(res) +
+                             ") for a [" + std::to_string(rows) + ", " + std::to_string(cols) + "] matrix, box [" +
+                             std::to_string(box_rows) + ", 64]");
+  }
+  return map;
+}
+
+// Multiprocessors of the current device, queried once per device.
+inline int sm_count() {
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int> cached[kMaxDevices] = {};
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) return 1;
+  std::atomic<int>* slot = device < kMaxDevices ? &cached[device] : nullptr;
+  if (slot != nullptr && slot->load(std::memory_order_relaxed) > 0) return slot->load(std::memory_order_relaxed);
+  int sms = 0;
+  if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || sms <= 0) return 1;
+  if (slot != nullptr) slot->store(sms, std::memory_order_relaxed);
+  return sms;
+}
+
+}  // namespace jitmoe::moe::sm90ws

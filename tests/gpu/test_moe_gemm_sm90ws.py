@@ -1,0 +1,244 @@
+"""The persistent warp-specialised SM90 grouped GEMM ('sm90ws') against the float32 torch reference.
+
+Specs are built and called directly (KernelSpec + load_module + the binding's ``run``), routings come from the real
+moe_align kernel, and every output is poisoned first. Cases: 1 to 256 experts with empty experts, 0 to ~600 rows
+per expert (never a multiple of BLOCK_M), N and K tails, gated and plain GEMM1, with and without bias, slots of
+non-local experts that GEMM2 must leave untouched, the kernel's own argument errors, and a CUDA-graph replay with
+new routing and new data.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from jitmoe.jit import KernelSpec, load_module
+from jitmoe.ops import permute
+from jitmoe.ops.moe_gemm import GATED_ACTIVATIONS, gemm1_reference, gemm2_reference
+from jitmoe.testing import capture_graph, poison_, rel_error
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)),
+                       reason="the sm90ws kernel needs an sm_90 device"),
+]
+
+TOL = 1e-2        # the SM90 tests' tolerance: bf16 outputs rounded on both sides
+BLOCK_M = 128
+SENTINEL = 3.0e4  # GEMM2 rows that must not be written
+DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
+GEMM1_GATED = dict(block_n=128, stages=4)
+GEMM1_PLAIN = dict(block_n=256, stages=3)
+GEMM2_WIDE = dict(block_n=256, stages=3)
+GEMM2_NARROW = dict(block_n=128, stages=6)
+
+
+def module(dtype, act, mode, block_n, stages):
+    params = {"kernel": "sm90ws", "dtype": DTYPES[dtype], "act": act, "mode": mode, "block_m": BLOCK_M,
+              "block_n": block_n, "block_k": 64, "stages": stages}
+    spec = KernelSpec.create("moe_gemm", "moe", ("sm90ws/gemm.cu", "moe_gemm_binding.cpp"), params, ("90a",),
+                             cutlass=True)
+    return load_module(spec)
+
+
+def align(ids: torch.Tensor, num_local: int, offset: int = 0):
+    """(sorted_ids, block_expert, num_padded) from the moe_align kernel; ids int32 [T, k] on the GPU."""
+    outputs = permute.empty_align_outputs(ids.numel(), num_local, BLOCK_M, ids.device)
+    permute.align_into(ids, num_local, BLOCK_M, offset, outputs)
+    return outputs[:3]
+
+
+def random_ids(tokens, topk, num_experts, *, skew=False):
+    """[T, k] distinct experts per token; skew concentrates tokens on few experts so others stay empty."""
+    scores = torch.rand(tokens, num_experts, device="cuda")
+    if skew:
+        scores[:, : max(1, num_experts // 8)] += 1.0
+    return scores.topk(topk, dim=1).indices.to(torch.int32)
+
+
+def weights(num_experts, rows, k, dtype):
+    return (torch.randn(num_experts, rows, k, device="cuda") / math.sqrt(k)).to(dtype)
+
+
+def real_rows(sorted_ids, num_padded, num_slots):
+    """Sorted positions p < num_padded that hold a real slot."""
+    p = torch.arange(sorted_ids.numel(), device=sorted_ids.device)
+    return ((p < num_padded) & (sorted_ids >= 0) & (sorted_ids < num_slots)).nonzero().flatten()
+
+
+def run_gemm1(mod, x, fc1, bias, routing, inter, topk, a_sorted, params=(None, None, None), k_splits=1):
+    sorted_ids, block_expert, num_padded = routing
+    mod.run(x, fc1, bias, inter, sorted_ids, block_expert, num_padded, None, *params, x.shape[0] * topk, topk,
+            inter.shape[1], x.shape[1], None, a_sorted, k_splits)
+
+
+def run_gemm2(mod, inter, fc2, bias, routing, out, slot_weights, k_splits=1):
+    sorted_ids, block_expert, num_padded = routing
+    mod.run(inter, fc2, bias, out, sorted_ids, block_expert, num_padded, slot_weights, None, None, None,
+            out.shape[0], 1, out.shape[1], inter.shape[1], None, None, k_splits)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+def check_gemm1(tokens, experts, topk, hidden, inter_size, act, dtype, *, bias=True, params=None, skew=False):
+    gated = act in GATED_ACTIVATIONS
+    tile = GEMM1_GATED if gated else GEMM1_PLAIN
+    mod = module(dtype, act, "gemm1", **tile)
+    ids = random_ids(tokens, topk, experts, skew=skew)
+    routing = align(ids, experts)
+    m_pad_max = routing[0].numel()
+    n_b = 2 * inter_size if gated else inter_size
+    x = torch.randn(tokens, hidden, device="cuda").to(dtype)
+    fc1 = weights(experts, n_b, hidden, dtype)
+    b1 = (0.5 * torch.randn(experts, n_b, device="cuda")).to(dtype) if bias else None
+    params = params or {}
+    act_params = tuple(params.get(k) for k in ("alpha", "beta", "limit"))
+    inter = poison_(torch.empty(m_pad_max, inter_size, dtype=dtype, device="cuda"))
+    a_sorted = poison_(torch.empty(m_pad_max, hidden, dtype=dtype, device="cuda"))  # padding rows stay NaN
+    run_gemm1(mod, x, fc1, b1, routing, inter, topk, a_sorted, act_params)
+    ref = poison_(torch.empty_like(inter))
+    gemm1_reference(x, fc1, *routing, ref, topk, act, b1, *act_params, BLOCK_M)
+    rows = real_rows(routing[0], routing[2], tokens * topk)
+    assert rows.numel() == tokens * topk
+    err = rel_error(inter[rows], ref[rows])
+    assert err <= TOL, f"{act} {dtype} T={tokens} E={experts} k={topk} H={hidden} I={inter_size}: {err}"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [
+    (1, 1, 1, 64, 64),          # one row, one expert, K and N below one tile
+    (600, 1, 1, 520, 200),      # one expert, 600 rows: 5 blocks, the last partial; K and N tails
+    (1000, 8, 4, 264, 136),     # ~500 rows per expert
+    (300, 64, 8, 1032, 392),    # ~37 rows per expert, some experts empty
+    (40, 256, 8, 136, 264),     # 320 slots over 256 experts: most empty, one row each
+])
+@pytest.mark.parametrize("bias", [True, False])
+def test_gemm1_swiglu_shapes(shape, dtype, bias):
+    check_gemm1(*shape, "Swiglu", dtype, bias=bias)
+
+
+@pytest.mark.parametrize("shape", [(1000, 8, 4, 264, 136), (300, 64, 8, 1032, 392), (40, 256, 8, 136, 520)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_gemm1_gelu_plain_tile(shape, bias):
+    check_gemm1(*shape, "Gelu", torch.bfloat16, bias=bias)
+
+
+def test_gemm1_skewed_routing_leaves_experts_empty():
+    check_gemm1(700, 64, 2, 256, 328, "Swiglu", torch.bfloat16, skew=True)
+
+
+def test_gemm1_per_expert_activation_parameters():
+    e = 8
+    params = {"alpha": 1 + torch.rand(e, device="cuda"), "beta": 0.5 + torch.rand(e, device="cuda"),
+              "limit": 0.5 + 1.5 * torch.rand(e, device="cuda")}
+    check_gemm1(333, e, 2, 392, 200, "SwigluBias", torch.bfloat16, params=params)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+def check_gemm2(tokens, local, topk, hidden, inter_size, dtype, tile, *, bias=True, slot_weights=True,
+                total_experts=None):
+    mod = module(dtype, "Identity", "gemm2", **tile)
+    ids = random_ids(tokens, topk, total_experts or local)
+    routing = align(ids, local)  # ids >= local belong to other ranks: their slots are dropped
+    sorted_ids, _, num_padded = routing
+    num_slots = tokens * topk
+    rows = real_rows(sorted_ids, num_padded, num_slots)
+    inter = poison_(torch.empty(sorted_ids.numel(), inter_size, dtype=dtype, device="cuda"))
+    inter[rows] = torch.randn(rows.numel(), inter_size, device="cuda").to(dtype)
+    fc2 = weights(local, hidden, inter_size, dtype)
+    b2 = (0.5 * torch.randn(local, hidden, device="cuda")).to(dtype) if bias else None
+    w = torch.rand(num_slots, device="cuda") if slot_weights else None
+    buf = torch.full((num_slots + 4, hidden), SENTINEL, dtype=dtype, device="cuda")  # 4 spare rows past the view
+    slots = sorted_ids[rows].long()
+    buf[slots] = float("nan")
+    snapshot = buf.clone()
+    out = buf[:num_slots]
+    run_gemm2(mod, inter, fc2, b2, routing, out, w)
+    ref = torch.zeros(num_slots, hidden, dtype=dtype, device="cuda")
+    gemm2_reference(inter, fc2, *routing, w, ref, b2, BLOCK_M)
+    err = rel_error(out[slots], ref[slots])
+    assert err <= TOL, f"{dtype} T={tokens} E={local} k={topk} H={hidden} I={inter_size} {tile}: {err}"
+    untouched = torch.ones(buf.shape[0], dtype=torch.bool, device="cuda")
+    untouched[slots] = False
+    assert torch.equal(buf[untouched], snapshot[untouched]), "rows without a real slot were written"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(1, 1, 1, 64, 64), (600, 1, 1, 200, 520), (1000, 8, 4, 136, 264),
+                                   (300, 64, 8, 392, 1032), (40, 256, 8, 264, 136)])
+@pytest.mark.parametrize("tile", [GEMM2_WIDE, GEMM2_NARROW], ids=["bn256", "bn128"])
+def test_gemm2_shapes(shape, dtype, tile):
+    check_gemm2(*shape, dtype, tile)
+
+
+@pytest.mark.parametrize("bias, slot_weights", [(False, True), (True, False)])
+def test_gemm2_bias_and_weight_options(bias, slot_weights):
+    check_gemm2(500, 8, 2, 328, 200, torch.bfloat16, GEMM2_WIDE, bias=bias, slot_weights=slot_weights)
+
+
+def test_gemm2_never_writes_dropped_slots():
+    check_gemm2(200, 8, 2, 256, 264, torch.bfloat16, GEMM2_WIDE, total_experts=32)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+def test_kernel_rejects_split_k():
+    mod = module(torch.bfloat16, "Identity", "gemm2", **GEMM2_WIDE)
+    routing = align(random_ids(8, 2, 4), 4)
+    inter = torch.zeros(routing[0].numel(), 64, dtype=torch.bfloat16, device="cuda")
+    out = torch.zeros(16, 64, dtype=torch.bfloat16, device="cuda")
+    with pytest.raises(ValueError, match="k_splits"):
+        run_gemm2(mod, inter, weights(4, 64, 64, torch.bfloat16), None, routing, out, None, k_splits=2)
+
+
+def test_gemm1_requires_a_sorted():
+    mod = module(torch.bfloat16, "Swiglu", "gemm1", **GEMM1_GATED)
+    routing = align(random_ids(8, 2, 4), 4)
+    x = torch.zeros(8, 64, dtype=torch.bfloat16, device="cuda")
+    inter = torch.zeros(routing[0].numel(), 64, dtype=torch.bfloat16, device="cuda")
+    with pytest.raises(ValueError, match="a_sorted"):
+        run_gemm1(mod, x, weights(4, 128, 64, torch.bfloat16), None, routing, inter, 2, None)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+def test_cuda_graph_replay_with_new_routing_and_data():
+    tokens, experts, topk, hidden, inter_size, dtype = 700, 16, 4, 392, 264, torch.bfloat16
+    g1 = module(dtype, "Swiglu", "gemm1", **GEMM1_GATED)
+    g2 = module(dtype, "Identity", "gemm2", **GEMM2_WIDE)
+    ids = random_ids(tokens, topk, experts)
+    routing = permute.empty_align_outputs(ids.numel(), experts, BLOCK_M, ids.device)
+    m_pad_max = routing[0].numel()
+    t = dict(x=torch.randn(tokens, hidden, device="cuda").to(dtype), fc1=weights(experts, 2 * inter_size, hidden, dtype),
+             fc2=weights(experts, hidden, inter_size, dtype),
+             b1=(0.5 * torch.randn(experts, 2 * inter_size, device="cuda")).to(dtype),
+             b2=(0.5 * torch.randn(experts, hidden, device="cuda")).to(dtype),
+             w=torch.rand(tokens * topk, device="cuda"))
+    inter = torch.empty(m_pad_max, inter_size, dtype=dtype, device="cuda")
+    a_sorted = torch.empty(m_pad_max, hidden, dtype=dtype, device="cuda")
+    out = torch.empty(tokens * topk, hidden, dtype=dtype, device="cuda")
+
+    def pipeline():
+        permute.align_into(ids, experts, BLOCK_M, 0, routing)
+        three = tuple(routing[:3])
+        run_gemm1(g1, t["x"], t["fc1"], t["b1"], three, inter, topk, a_sorted)
+        run_gemm2(g2, inter, t["fc2"], t["b2"], three, out, t["w"])
+
+    graph = capture_graph(pipeline)
+    ids.copy_(random_ids(tokens, topk, experts, skew=True))
+    for name, value in t.items():
+        value.copy_(torch.randn_like(value.float()).to(value.dtype) if name != "w" else torch.rand_like(value))
+    t["fc1"].div_(math.sqrt(hidden))
+    t["fc2"].div_(math.sqrt(inter_size))
+    for buffer in (inter, a_sorted, out):
+        poison_(buffer)
+    graph.replay()
+    torch.cuda.synchronize()
+
+    fresh = align(ids, experts)
+    ref_inter = poison_(torch.empty_like(inter))
+    gemm1_reference(t["x"], t["fc1"], *fresh, ref_inter, topk, "Swiglu", t["b1"], None, None, None, BLOCK_M)
+    rows = real_rows(fresh[0], fresh[2], tokens * topk)
+    assert torch.equal(routing[0], fresh[0]), "the replayed moe_align saw other ids"
+    assert rel_error(inter[rows], ref_inter[rows]) <= TOL
+    ref_out = torch.zeros_like(out)
+    gemm2_reference(inter, t["fc2"], *fresh, t["w"], ref_out, t["b2"], BLOCK_M)
+    assert rel_error(out, ref_out) <= TOL
