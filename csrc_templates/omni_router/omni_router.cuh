@@ -5,12 +5,14 @@
 // Forward, one warp per token (a grid-stride loop over tokens; the grid is as large as fits on the device):
 //   1. the best min(k, N) of x and of y, sorted by (value desc, index asc), by the warp bitonic top-K of
 //      warp_bitonic.cuh over each row (for short 16-bit rows over both rows at once as key pairs: two
-//      independent chains per network stage), each row read once with 16-byte loads where it allows;
+//      independent chains per network stage; for 16-bit rows of 129..256 and k <= 32 over the elements that pass
+//      a pruning threshold, warp_prune.cuh), each row read once with 16-byte loads where it allows;
 //   2. the candidate pairs of ranks (a, b) (0-based) with (a+1)(b+1) <= k, from a per-block table of
 //      sum_{a=1..k} floor(k/a) ~ k ln k entries (119 for k = 32, 1466 for k = 256);
 //   3. the exact top-k of the candidates by the same warp bitonic top-K on candidate keys (omni_keys.cuh), written
-//      straight to the outputs; when all candidates fit in half a tile (k <= 16 with KB = 32, or small N), a
-//      kernel with half the candidate registers per lane runs instead. Nothing goes through global scratch.
+//      straight to the outputs. With packed keys and KB = 32 the network runs on half tiles (64 slots): all the
+//      candidates when they fit (k <= 19, or small N), else those whose fp32 sum passes a pruning threshold
+//      (warp_prune.cuh; about 40 of the 119 pairs of k = 32). Nothing goes through global scratch.
 //
 // Why the candidates hold the answer, ties included. Write i' >=x i when x[i'] > x[i], or x[i'] == x[i] and
 // i' <= i (the axis order), likewise >=y, and let a, b be the 0-based axis ranks of i and j. Take any i' >=x i
@@ -42,6 +44,7 @@
 #include "common/dtypes.cuh"
 #include "omni_router/omni_keys.cuh"
 #include "omni_router/warp_bitonic.cuh"
+#include "omni_router/warp_prune.cuh"
 
 namespace jitmoe {
 namespace omni {
@@ -76,6 +79,23 @@ constexpr int forward_min_blocks(int elem_bytes, int kb, int va) {
 // registers, no spills); with VA = 4 or 8 it spills under the 48/64 caps, and with fp32 keys it costs occupancy
 // (40 -> 60+ registers), so those keep the sequential form.
 constexpr bool interleave_axes(int elem_bytes, int va) { return elem_bytes == 2 && va == 2; }
+
+// Pruning (warp_prune.cuh) for the top-k bucket 32 with packed keys (16-bit logits, N <= 256, so a row fits one
+// axis tile). Axis rows of a 256-slot tile (VA = 8) keep the elements at or above a threshold that at least
+// min(k, N) of them reach (about 40 of 256 random logits) and sort those in 64-slot tiles; for 128-slot tiles the
+// threshold and compaction cost about what they save (SASS counts), so those keep the plain network. Candidate
+// sets of more than 64 pairs (k >= 20) keep the pairs whose fp32 sum reaches a threshold that k of them reach
+// (about 40 of the 119 pairs of k = 32) and rank those in 64-slot tiles. Three bisection steps: on random logits
+// more than 64 survivors (a second tile) are then rarer than 1 in 300 rows, and a fourth step costs more than
+// the second tiles it saves.
+constexpr int kAxisSteps = 3;
+constexpr int kCandidateSteps = 3;
+constexpr int kPrunedRegs = 2;  // keys per lane of a pruned network tile (64 slots)
+
+template <class T, int KB, int VA, class Candidate>
+constexpr bool prune_axes() {
+  return std::is_same_v<Candidate, PackedCandidate<T>> && KB == 32 && VA == 8;
+}
 
 template <class T>
 struct ForwardArgs {
@@ -242,47 +262,162 @@ __device__ __forceinline__ void select_axes(const T* x_row,          // [N]
   }
 }
 
+// The best KB (= 32) axis keys of one row of n <= 32*VA elements (one tile), sorted, into out[0 .. KB): the
+// elements at or above a pruning threshold that at least `need` = min(k, n) of them reach go through shared
+// memory into 64-slot network tiles (one tile unless more than 64 pass). Positions past the survivors hold filler
+// keys (zero); only positions below `need` are used.
+template <class T, int KB, int VA>
+__device__ __forceinline__ void select_axis_pruned(const T* row,          // [N]
+                                                   int n, bool vec_ok, int need,
+                                                   AxisKeyOf<T>* scratch,  // [32 * VA] shared, this warp's
+                                                   AxisKeyOf<T>* out,      // [KB] shared, this warp's
+                                                   int lane) {
+  using AxisKey = AxisKeyOf<T>;
+  static_assert(KB == 32 && sizeof(AxisKey) == 4, "pruned axes: top-k bucket 32, 16-bit logits");
+  AxisKey keys[VA];
+  load_axis_keys<T, VA>(row, n, lane * VA, vec_ok, keys);
+  const uint32_t tau = warp_prune::threshold<kAxisSteps>(
+      keys, need, [](uint32_t key) { return axis_value<T>(key); },
+      [](float value) { return uint32_t(ordered<T>(float_to_bits<T>(value))) << ElemTraits<T>::kBits; });
+  bool keep[VA];
+#pragma unroll
+  for (int r = 0; r < VA; ++r) keep[r] = keys[r] >= tau;
+  const int kept = warp_prune::compact(keys, keep, scratch, lane);
+  __syncwarp();  // the compacted keys are visible to every lane
+  AxisKey best[kPrunedRegs];
+  warp_bitonic::top_keys<kPrunedRegs, KB>(
+      kept,
+      [&](int base, AxisKey(&tile)[kPrunedRegs]) {
+#pragma unroll
+        for (int r = 0; r < kPrunedRegs; ++r) {
+          const int c = base + lane * kPrunedRegs + r;
+          tile[r] = c < kept ? scratch[c] : AxisKey(0);
+        }
+      },
+      best, lane);
+  if (lane < KB / kPrunedRegs) {
+#pragma unroll
+    for (int r = 0; r < kPrunedRegs; ++r) out[lane * kPrunedRegs + r] = best[r];
+  }
+  __syncwarp();  // every lane has read the scratch before the next row overwrites it
+}
+
+// The sorted best KB keys of the x row and of the y row of token t into lists[0] and lists[1].
+template <class T, int KB, int VA, class Candidate>
+__device__ __forceinline__ void select_axis_lists(const ForwardArgs<T>& args, long long t,
+                                                  AxisKeyOf<T> (*lists)[KB],  // [2][KB] shared, this warp's
+                                                  uint32_t* scratch,          // [32 * VA] shared, this warp's
+                                                  int lane) {
+  const T* x_row = args.x + t * args.n;
+  const T* y_row = args.y + t * args.n;
+  if constexpr (prune_axes<T, KB, VA, Candidate>()) {
+    const int need = min(args.top_k, args.n);
+    select_axis_pruned<T, KB, VA>(x_row, args.n, args.vec_x, need, scratch, lists[0], lane);
+    select_axis_pruned<T, KB, VA>(y_row, args.n, args.vec_y, need, scratch, lists[1], lane);
+  } else if constexpr (interleave_axes(sizeof(T), VA)) {
+    select_axes<T, KB, VA>(x_row, y_row, args.n, args.vec_x, args.vec_y, lists[0], lists[1], lane);
+  } else {
+    select_axis<T, KB, VA>(x_row, args.n, args.vec_x, lists[0], lane);
+    select_axis<T, KB, VA>(y_row, args.n, args.vec_y, lists[1], lane);
+  }
+}
+
+// Keeps the candidate pairs (table entries, count of them) whose fp32 sum reaches a threshold that top_k of them
+// reach: the sum is the high half of the candidate key, so every dropped pair ranks below top_k others. Writes the
+// kept table entries to kept[0 .. returned count). Slot c = r*32 + lane: every lane holds a pair when count >= 32.
+template <class T, int KB>
+__device__ __forceinline__ int prune_candidates(const uint16_t* table,          // [count] shared
+                                                int count, int top_k,
+                                                const AxisKeyOf<T>* x_best,    // [KB] shared
+                                                const AxisKeyOf<T>* y_best,    // [KB] shared
+                                                uint16_t* kept,                // [32 * R] shared, this warp's
+                                                int lane) {
+  constexpr int R = (candidate_capacity(KB) + 31) / 32;
+  static_assert(KB == 32 && R == 4, "pruned candidates: top-k bucket 32 (at most 119 pairs)");
+  uint16_t pair[R];
+  uint32_t key[R];
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    const int c = r * 32 + lane;
+    pair[r] = c < count ? table[c] : uint16_t(0);
+    const float s = __fadd_rn(axis_value<T>(x_best[pair[r] >> 8]), axis_value<T>(y_best[pair[r] & 0xFF]));
+    key[r] = c < count ? ordered<float>(__float_as_uint(s)) : 0u;
+  }
+  const uint32_t tau = warp_prune::threshold<kCandidateSteps>(
+      key, top_k, [](uint32_t k) { return __uint_as_float(unordered<float>(k)); },
+      [](float value) { return ordered<float>(__float_as_uint(value)); });
+  bool keep[R];
+#pragma unroll
+  for (int r = 0; r < R; ++r) keep[r] = key[r] >= tau;
+  return warp_prune::compact(pair, keep, kept, lane);
+}
+
+// The best KB candidate keys of the token, sorted, in best (position p in lane p / VC, register p % VC). With
+// PRUNE the pairs first go through prune_candidates (VC is then the pruned tile's kPrunedRegs).
+template <class T, int KB, class Candidate, int VC, bool PRUNE>
+__device__ __forceinline__ void select_candidates(const uint16_t* table,        // [count] shared
+                                                  int count, int top_k, int n,
+                                                  const AxisKeyOf<T>* x_best,  // [KB] shared, this warp's
+                                                  const AxisKeyOf<T>* y_best,  // [KB] shared, this warp's
+                                                  uint16_t* kept,              // [32 * 4] shared, this warp's
+                                                  typename Candidate::Key (&best)[VC], int lane) {
+  using CandKey = typename Candidate::Key;
+  const uint16_t* pairs = table;
+  int num_pairs = count;
+  if constexpr (PRUNE) {
+    num_pairs = prune_candidates<T, KB>(table, count, top_k, x_best, y_best, kept, lane);
+    pairs = kept;
+    __syncwarp();  // the kept pairs are visible to every lane
+  }
+  warp_bitonic::top_keys<VC, KB>(
+      num_pairs,
+      [&](int base, CandKey(&tile)[VC]) {
+#pragma unroll
+        for (int r = 0; r < VC; ++r) {
+          const int c = base + lane * VC + r;
+          if (c < num_pairs) {
+            const int pair = pairs[c];
+            tile[r] = candidate_key<T, Candidate>(x_best[pair >> 8], y_best[pair & 0xFF], n);
+          } else {
+            tile[r] = CandKey{};
+          }
+        }
+      },
+      best, lane);
+}
+
+// Words of per-warp scratch: the compacted axis keys, or the kept candidate pairs (uint16), whichever is larger.
+template <class T, int KB, int VA, class Candidate, bool PRUNE>
+constexpr int scratch_words() {
+  const int axis = prune_axes<T, KB, VA, Candidate>() ? 32 * VA : 1;
+  const int pairs = PRUNE ? (candidate_capacity(KB) + 31) / 32 * 32 / 2 : 1;
+  return axis > pairs ? axis : pairs;
+}
+
 // One block: kWarps warps, each handling tokens blockIdx.x*kWarps + warp, then a grid's worth of tokens further.
 // VC: candidate keys per lane (candidate_regs, or half of it when all candidates fit: see launch_forward_variant).
-template <class T, int KB, int VA, class Candidate, int VC>
+// PRUNE: candidates go through prune_candidates first (bucket 32, packed keys, more than 64 pairs).
+template <class T, int KB, int VA, class Candidate, int VC, bool PRUNE>
 __global__ void __launch_bounds__(kThreads, forward_min_blocks(sizeof(T), KB, VA))
     omni_router_forward_kernel(ForwardArgs<T> args) {
   using AxisKey = AxisKeyOf<T>;
   using CandKey = typename Candidate::Key;
+  constexpr int kScratch = scratch_words<T, KB, VA, Candidate, PRUNE>();
   __shared__ uint16_t table[candidate_capacity(KB)];  // [count] rank pairs (a << 8) | b
   __shared__ int row_start[KB + 1];                   // [KB + 1] first table entry of each rank a
   __shared__ AxisKey lists[kWarps][2][KB];            // per warp: sorted best keys of x, of y
+  __shared__ uint32_t scratch[kWarps][kScratch];      // per warp: pruning survivors (axis keys or pairs)
   const int count = build_candidate_table<KB>(table, row_start, args.top_k, args.n);
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
-  const AxisKey* x_best = lists[warp][0];
-  const AxisKey* y_best = lists[warp][1];
   const long long stride = static_cast<long long>(gridDim.x) * kWarps;
   for (long long t = static_cast<long long>(blockIdx.x) * kWarps + warp; t < args.num_tokens; t += stride) {
-    if constexpr (interleave_axes(sizeof(T), VA)) {
-      select_axes<T, KB, VA>(args.x + t * args.n, args.y + t * args.n, args.n, args.vec_x, args.vec_y,
-                             lists[warp][0], lists[warp][1], lane);
-    } else {
-      select_axis<T, KB, VA>(args.x + t * args.n, args.n, args.vec_x, lists[warp][0], lane);
-      select_axis<T, KB, VA>(args.y + t * args.n, args.n, args.vec_y, lists[warp][1], lane);
-    }
-    __syncwarp();
+    select_axis_lists<T, KB, VA, Candidate>(args, t, lists[warp], scratch[warp], lane);
+    __syncwarp();  // the lists are visible to every lane
     CandKey best[VC];
-    warp_bitonic::top_keys<VC, KB>(
-        count,
-        [&](int base, CandKey(&tile)[VC]) {
-#pragma unroll
-          for (int r = 0; r < VC; ++r) {
-            const int c = base + lane * VC + r;
-            if (c < count) {
-              const int pair = table[c];
-              tile[r] = candidate_key<T, Candidate>(x_best[pair >> 8], y_best[pair & 0xFF], args.n);
-            } else {
-              tile[r] = CandKey{};
-            }
-          }
-        },
-        best, lane);
+    select_candidates<T, KB, Candidate, VC, PRUNE>(table, count, args.top_k, args.n, lists[warp][0],
+                                                   lists[warp][1], reinterpret_cast<uint16_t*>(scratch[warp]),
+                                                   best, lane);
 #pragma unroll
     for (int r = 0; r < VC; ++r) {
       const int p = lane * VC + r;
@@ -291,7 +426,7 @@ __global__ void __launch_bounds__(kThreads, forward_min_blocks(sizeof(T), KB, VA
         args.indices[t * args.top_k + p] = static_cast<int32_t>(Candidate::index(best[r]));
       }
     }
-    __syncwarp();  // the next token overwrites this warp's lists
+    __syncwarp();  // the next token overwrites this warp's lists and scratch
   }
 }
 
@@ -386,27 +521,30 @@ inline int candidate_count(int top_k, int n) {
   return count;
 }
 
-template <class T, int KB, int VA, class Candidate, int VC>
+template <class T, int KB, int VA, class Candidate, int VC, bool PRUNE = false>
 inline void launch_forward_kernel(const ForwardArgs<T>& args, cudaStream_t stream) {
-  constexpr auto kernel = omni_router_forward_kernel<T, KB, VA, Candidate, VC>;
+  constexpr auto kernel = omni_router_forward_kernel<T, KB, VA, Candidate, VC, PRUNE>;
   kernel<<<resident_grid<kernel>(args.num_tokens), kThreads, 0, stream>>>(args);
 }
 
-// When all candidates fit in half a tile (packed keys with KB = 32: k <= 16, or small N), the candidate selection
-// runs on half the registers per lane: half the network work, none of it on the filler of a mostly empty tile.
-// A separate kernel rather than a run-time branch: both paths in one kernel spill under the 48-register cap.
+// Packed keys with KB = 32: when all candidates fit in half a tile (k <= 19, or small N) the candidate selection
+// runs on half the registers per lane (none of the work on the filler of a mostly empty tile); more candidates
+// are pruned first and ranked on the same half tiles. Separate kernels rather than run-time branches: both paths
+// in one kernel spill under the 48-register cap.
 template <class T, int KB, int VA, class Candidate>
 inline void launch_forward_variant(ForwardArgs<T> args, cudaStream_t stream) {
   args.vec_x = rows_vectorizable<T, VA>(args.x, args.n);
   args.vec_y = rows_vectorizable<T, VA>(args.y, args.n);
   constexpr int kRegs = candidate_regs(KB, sizeof(typename Candidate::Key));
-  constexpr int kShortRegs = kRegs / 2;
-  if constexpr (KB == 32 && kShortRegs * 32 >= KB) {
-    if (candidate_count(args.top_k, args.n) <= 32 * kShortRegs) {
-      return launch_forward_kernel<T, KB, VA, Candidate, kShortRegs>(args, stream);
+  if constexpr (KB == 32 && std::is_same_v<Candidate, PackedCandidate<T>>) {
+    static_assert(kPrunedRegs * 32 >= KB && kPrunedRegs < kRegs, "half tiles hold a chunk of KB");
+    if (candidate_count(args.top_k, args.n) <= 32 * kPrunedRegs) {
+      return launch_forward_kernel<T, KB, VA, Candidate, kPrunedRegs>(args, stream);
     }
+    launch_forward_kernel<T, KB, VA, Candidate, kPrunedRegs, true>(args, stream);
+  } else {
+    launch_forward_kernel<T, KB, VA, Candidate, kRegs>(args, stream);
   }
-  launch_forward_kernel<T, KB, VA, Candidate, kRegs>(args, stream);
 }
 
 // Picks the registers per lane for the axis rows (a tile of 32*VA elements: small rows waste no work on padding)

@@ -286,7 +286,8 @@ def test_prewarm_specs():
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")
-@pytest.mark.parametrize("spec", [ops._spec("bf16", 32, ("90a",)), ops._spec("fp32", 256, ("80",))],
+@pytest.mark.parametrize("spec", [ops._spec("bf16", 32, ("90a",)), ops._spec("fp16", 32, ("80",)),
+                                  ops._spec("fp32", 256, ("80",))],
                          ids=lambda s: s.readable_name)
 def test_templates_compile_without_spills(spec, tmp_path):
     from jitmoe.jit import compile_cuda_sources

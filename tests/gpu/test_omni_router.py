@@ -116,8 +116,112 @@ def test_unaligned_and_strided_inputs(n, k, dtype):
 @pytest.mark.parametrize("n,k", [(17, 22), (17, 23), (64, 19), (64, 20), (256, 19), (256, 20), (8, 32), (128, 16)])
 def test_short_candidate_tile_boundary(n, k, dtype, kind):
     """16-bit logits, k <= 32: at most 64 candidate pairs run the half-width candidate kernel (N17 k22/23: 64,
-    N64/256 k19: 60, N8 k32: 51, N128 k16: 50), more run the full one (N64/256 k20: 66)."""
+    N64/256 k19: 60, N8 k32: 51, N128 k16: 50), more are pruned first (N64/256 k20: 66)."""
     x, y = _logits(_num_tokens(n), n, dtype, kind)
+    _assert_forward_matches(x, y, k, *_forward(x, y, k))
+
+
+# -- pruning (16-bit logits, k <= 32, N <= 256: warp_prune.cuh) ------------------------------------------------------
+# Models of the kernel's pruning thresholds, only to pick rows at the hand-over points: the assertions compare the
+# kernel with the reference, so a model that drifts from the kernel weakens a test but cannot make it pass wrongly.
+PRUNE_STEPS = 3  # kAxisSteps, kCandidateSteps
+
+
+def _bisect_survivors(vals, lane_of, need, key_of_value):
+    """Survivors of warp_prune::threshold over keys given as float values (NaN = empty slot), rows of `vals`.
+    key_of_value maps probe midpoints to the value the kernel's probe key stands for."""
+    empty = torch.isnan(vals)
+    real = torch.where(empty, torch.full_like(vals, float("-inf")), vals)
+    lanes = lane_of.expand_as(vals)
+    lane_max = torch.full((vals.shape[0], 32), float("-inf"), device=vals.device)
+    lane_max = lane_max.scatter_reduce(1, lanes, real, "amax")
+    lane_empty = torch.zeros_like(lane_max).scatter_add(1, lanes, (~empty).float()) == 0
+    low = torch.where(lane_empty, torch.full_like(lane_max, float("inf")), lane_max).min(1).values
+    high = lane_max.max(1).values
+    accepted = torch.where(lane_empty.any(1), torch.full_like(low, float("-inf")), low)
+    for _ in range(PRUNE_STEPS):
+        mid = 0.5 * low + 0.5 * high
+        probe = key_of_value(mid)
+        ok = ((real >= probe[:, None]) & ~empty).sum(1) >= need
+        accepted = torch.where(ok, torch.maximum(accepted, probe), accepted)
+        low, high = torch.where(ok, mid, low), torch.where(ok, high, mid)
+    return ((real >= accepted[:, None]) & ~empty).sum(1)
+
+
+def _axis_survivors(x, need):
+    """Axis rows of N <= 256 (VA = 8, lane l holds elements 8l .. 8l+7). Values stand in for the unique keys: the
+    threshold keys tie-break by index, which changes the count only on rows with ties at the threshold."""
+    vals = torch.full((x.shape[0], 256), float("nan"), device=x.device)
+    vals[:, :x.shape[1]] = x.float()
+    lane_of = (torch.arange(256, device=x.device) // 8)[None]
+    return _bisect_survivors(vals, lane_of, need, lambda mid: mid.to(x.dtype).float())
+
+
+def _candidate_survivors(x, y, k):
+    """Candidate pairs of prune_candidates (table row-major in the axis rank a, slot c = r*32 + lane)."""
+    n = x.shape[1]
+    m = min(k, n)
+    xs = torch.sort(x.float(), dim=1, descending=True, stable=True).values[:, :m]
+    ys = torch.sort(y.float(), dim=1, descending=True, stable=True).values[:, :m]
+    pairs = [(a, b) for a in range(m) for b in range(min(k // (a + 1), n))]
+    ra, rb = (torch.tensor(v, device=x.device) for v in zip(*pairs))
+    vals = torch.full((x.shape[0], 128), float("nan"), device=x.device)
+    vals[:, :len(pairs)] = xs[:, ra] + ys[:, rb]
+    lane_of = (torch.arange(128, device=x.device) % 32)[None]
+    return _bisect_survivors(vals, lane_of, k, lambda mid: mid)
+
+
+def _pool(num_tokens, n, dtype):
+    """Rows of every kind of _logits, so that survivor counts spread widely."""
+    parts = [_logits(num_tokens, n, dtype, kind) for kind in ("randn", "ties")]
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+
+def _rows_with(counts, wanted):
+    """Indices of one row for every count in `wanted` (each must occur), plus the rows of the largest count."""
+    picked = []
+    for c in wanted:
+        hits = (counts == c).nonzero()
+        assert hits.numel(), f"no row with {c} survivors (counts {counts.min().item()}..{counts.max().item()})"
+        picked.append(hits[0, 0])
+    picked.append(counts.argmax())
+    return torch.stack(picked)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_pruned_axis_tile_boundary(dtype):
+    """N = 256, k = 32: axis survivors of 32 .. 64 sort in one 64-slot tile, 65 and more in two (smaller k keep
+    fewer than 64 on these rows; the forward tests above run them)."""
+    k = 32
+    x, y = _pool(20000, 256, dtype)
+    rows_x = _rows_with(_axis_survivors(x, k), [64, 65])
+    rows_y = _rows_with(_axis_survivors(y, k), [64, 65])
+    rows = torch.cat([rows_x, rows_y])
+    _assert_forward_matches(x[rows], y[rows], k, *_forward(x[rows].contiguous(), y[rows].contiguous(), k))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("n,k", [(256, 32), (100, 32), (17, 32)])
+def test_pruned_candidate_tile_boundary(n, k, dtype):
+    """More than 64 candidate pairs (k >= 20): survivors of up to 64 rank in one tile, 65 and more in two (k = 20
+    keeps fewer than 64 on these rows: test_short_candidate_tile_boundary runs it)."""
+    x, y = _pool(20000, n, dtype)
+    counts = _candidate_survivors(x, y, k)
+    rows = _rows_with(counts, [64, 65])
+    _assert_forward_matches(x[rows], y[rows], k, *_forward(x[rows].contiguous(), y[rows].contiguous(), k))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("n", [129, 200, 255, 256])
+@pytest.mark.parametrize("k", [1, 16, 20, 32])
+def test_pruning_without_help(n, k, dtype):
+    """Rows where pruning keeps everything or starts from every element: constant rows (all N, all candidate
+    pairs survive), one large value per row, and N < 256 (empty lanes in the 256-slot axis tile)."""
+    num_tokens = 67
+    x, y = _logits(num_tokens, n, dtype, "ties")
+    x[:8], y[:8] = 1.0, -0.5                       # constant rows
+    x[8:16, 0], y[8:16, n - 1] = 100.0, 100.0      # a single outlier per row
+    x[16:24] = torch.arange(n, device="cuda").to(dtype)  # increasing rows: the best elements in the last lanes
     _assert_forward_matches(x, y, k, *_forward(x, y, k))
 
 
