@@ -55,8 +55,10 @@ def device_slug(device: torch.device) -> str:
 
 
 def git_state() -> dict:
-    """{'commit': full sha, 'dirty': bool or None} of the checkout; where git cannot tell (a copy without .git, as on
-    the device machine) BENCH_GIT_COMMIT names the commit, else 'unknown'."""
+    """{'commit': full sha, 'dirty': bool or None} of the checkout. BENCH_GIT_COMMIT, when set, names the commit and
+    wins over git: the device machine runs a copy of the tree whose .git (if any) may be stale."""
+    if os.environ.get("BENCH_GIT_COMMIT"):
+        return {"commit": os.environ["BENCH_GIT_COMMIT"], "dirty": None}
     def git(*args: str) -> str | None:
         try:
             done = subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=20)
@@ -66,7 +68,7 @@ def git_state() -> dict:
 
     commit = git("rev-parse", "HEAD")
     if commit is None:
-        return {"commit": os.environ.get("BENCH_GIT_COMMIT") or "unknown", "dirty": None}
+        return {"commit": "unknown", "dirty": None}
     status = git("status", "--porcelain", "--untracked-files=no")
     return {"commit": commit, "dirty": None if status is None else bool(status)}
 

@@ -7,8 +7,18 @@ import importlib
 
 __version__ = "0.1.0"
 
-# Searched in this order for a public name; each module lists its public names in __all__.
-_FAMILIES = ("routing", "expert_choice", "omni_router", "permute", "fused_moe")
+# Public name -> the op family that defines it (each family lists the same names in __all__; a CPU test checks
+# that the two agree). A lookup imports only that family: importing a family registers its torch ops, which costs
+# milliseconds that a warm first call should not pay for families it does not use.
+_PUBLIC = {
+    "routing": ("topk_softmax", "topk_sigmoid", "grouped_topk"),
+    "expert_choice": ("expert_choice", "expert_choice_capacity"),
+    "omni_router": ("omni_router", "omni_router_func"),
+    "permute": ("moe_align", "moe_align_bound", "moe_combine"),
+    "fused_moe": ("cutlass_fused_moe", "ActivationType", "autotune"),
+}
+_FAMILY_OF = {name: family for family, names in _PUBLIC.items() for name in names}
+_FAMILIES = tuple(_PUBLIC)
 _SUBMODULES = ("jit", "ops", "nn", "reference", "testing", "env", "cli", "demo")
 
 
@@ -21,14 +31,12 @@ def __getattr__(name: str):
         return [n for f in _FAMILIES for n in _family(f).__all__]
     if name in _SUBMODULES:
         return importlib.import_module(f"jitmoe.{name}")
-    for family in _FAMILIES:
-        module = _family(family)
-        if name in getattr(module, "__all__", ()):
-            value = getattr(module, name)
-            globals()[name] = value  # later lookups skip __getattr__
-            return value
+    if name in _FAMILY_OF:
+        value = getattr(_family(_FAMILY_OF[name]), name)
+        globals()[name] = value  # later lookups skip __getattr__
+        return value
     raise AttributeError(f"module 'jitmoe' has no attribute {name!r}")
 
 
 def __dir__():
-    return sorted(set(globals()) | set(_SUBMODULES) | {n for f in _FAMILIES for n in _family(f).__all__})
+    return sorted(set(globals()) | set(_SUBMODULES) | set(_FAMILY_OF))

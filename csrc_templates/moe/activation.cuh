@@ -3,6 +3,8 @@
 #pragma once
 #include <cmath>
 
+#include "moe/moe_gemm_args.cuh"
+
 namespace jitmoe::moe {
 
 enum class Act : int {
@@ -30,6 +32,17 @@ struct ActParams {
   float beta = 0.f;       // SwigluBias
   float limit = INFINITY; // SwigluBias, SwigluStep (SwigluStep's default is 7)
 };
+
+// Activation parameters of expert e (ActParams defaults when the pointers are null).
+template <Act A>
+__device__ __forceinline__ ActParams load_act_params(const MoeGemmArgs& args, int e) {
+  ActParams p;
+  if (args.act_alpha) p.alpha = args.act_alpha[e];
+  if (args.act_beta) p.beta = args.act_beta[e];
+  if (args.act_limit) p.limit = args.act_limit[e];
+  else if constexpr (A == Act::SwigluStep) p.limit = 7.f;
+  return p;
+}
 
 // Non-gated: act(x). `gate` is unused.
 template <Act A>

@@ -30,17 +30,6 @@ __host__ __device__ __forceinline__ KTileRange k_tile_range(int k_tiles, int k_s
   return {begin, min(begin + per, k_tiles)};
 }
 
-// Activation parameters of expert e (ActParams defaults when the pointers are null).
-template <Act A>
-__device__ __forceinline__ ActParams load_act_params(const MoeGemmArgs& args, int e) {
-  ActParams p;
-  if (args.act_alpha) p.alpha = args.act_alpha[e];
-  if (args.act_beta) p.beta = args.act_beta[e];
-  if (args.act_limit) p.limit = args.act_limit[e];
-  else if constexpr (A == Act::SwigluStep) p.limit = 7.f;
-  return p;
-}
-
 // Geometry of the partials: slice z, row r, column c is at base + z * slice + r * ld + c.
 struct PartialsView {
   float* base;

@@ -1,25 +1,73 @@
 // Launchers of the permute family (moe_align, moe_combine): plain C++ over raw pointers, no torch.
-// The module has no compile-time parameters: sizes, block_m and the dtype are run-time values, so one build
-// serves every call of every dtype.
+// The module has no compile-time parameters: sizes, block_m, the dtype and the moe_align path (one CTA, or
+// num_chunks > 0 chunks over many CTAs, chosen by the caller from the slot count) are run-time values, so one
+// build serves every call.
 #include <cuda_runtime.h>
 
 #include <cstdint>
 
 #include "permute/moe_align.cuh"
+#include "permute/moe_align_multi.cuh"
 #include "permute/moe_combine.cuh"
 
 namespace {
 
-constexpr int kMinSlotsPerWarp = 256;  // fewer slots per warp would cost more in table setup than it saves
+constexpr int kMinSlotsPerWarp = 64;  // fewer slots per warp would cost more in table setup than it saves
+constexpr int kStaticSmemAllowance = 256;  // >= either align kernel's static shared memory (ptxas: 144 and 80 B)
 
-// Warps that own a slice of the slots: enough to keep each busy, few enough that (warps + 1) * E ints fit.
-int choose_count_warps(int num_slots, int num_experts, int smem_limit) {
+// Warps of the single-CTA kernel that own a slice: enough to keep each busy, few enough that (warps + 1) * E ints
+// fit (the extra row holds the per-expert totals).
+int single_cta_count_warps(int num_slots, int num_experts, int smem_limit) {
   const int by_work = (num_slots + kMinSlotsPerWarp - 1) / kMinSlotsPerWarp;
   const long long row_bytes = static_cast<long long>(num_experts) * sizeof(int32_t);
-  const long long by_smem = smem_limit / row_bytes - 1;  // one extra row holds the per-expert totals
+  const long long by_smem = smem_limit / row_bytes - 1;
   long long w = by_work < by_smem ? by_work : by_smem;
   if (w > jitmoe::permute::kAlignWarps) w = jitmoe::permute::kAlignWarps;
   return w < 1 ? 1 : static_cast<int>(w);
+}
+
+// Placer warps of the many-CTA kernel: as many as fit count_warps * E ints of shared memory, at most one per warp.
+int multi_cta_count_warps(int num_experts, int smem_limit) {
+  const long long w = smem_limit / (static_cast<long long>(num_experts) * sizeof(int32_t));
+  if (w > jitmoe::permute::kMultiWarps) return jitmoe::permute::kMultiWarps;
+  return w < 1 ? 1 : static_cast<int>(w);
+}
+
+// Dynamic shared memory the device allows one block next to an align kernel's static shared memory.
+int dynamic_smem_limit() {
+  int device = 0, smem_limit = 0;
+  cudaGetDevice(&device);
+  cudaDeviceGetAttribute(&smem_limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  return smem_limit - kStaticSmemAllowance;
+}
+
+template <typename Kernel>
+void allow_dynamic_smem(Kernel kernel, size_t bytes) {
+  if (bytes > 48 * 1024) {
+    cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
+  }
+}
+
+void launch_align_single(jitmoe::permute::AlignArgs args, cudaStream_t stream) {
+  namespace pm = jitmoe::permute;
+  const int smem_limit = dynamic_smem_limit();
+  args.count_warps = single_cta_count_warps(args.num_slots, args.num_experts, smem_limit);
+  const size_t smem = static_cast<size_t>(args.count_warps + 1) * args.num_experts * sizeof(int32_t);
+  allow_dynamic_smem(pm::moe_align_kernel, smem);
+  pm::moe_align_kernel<<<1, pm::kAlignThreads, smem, stream>>>(args);
+}
+
+void launch_align_multi(jitmoe::permute::AlignArgs args, int32_t* sync, int32_t* scratch, int num_chunks,
+                        cudaStream_t stream) {
+  namespace pm = jitmoe::permute;
+  const int smem_limit = dynamic_smem_limit();
+  args.count_warps = multi_cta_count_warps(args.num_experts, smem_limit);
+  const long long per_chunk = (static_cast<long long>(args.num_slots) + num_chunks - 1) / num_chunks;
+  const int chunk_slots = static_cast<int>((per_chunk + 31) / 32 * 32);
+  const pm::MultiAlignArgs multi{args, sync, scratch, num_chunks, chunk_slots};
+  const size_t smem = static_cast<size_t>(args.count_warps) * args.num_experts * sizeof(int32_t);
+  allow_dynamic_smem(pm::moe_align_multi_kernel, smem);
+  pm::moe_align_multi_kernel<<<2 * num_chunks, pm::kMultiThreads, smem, stream>>>(multi);
 }
 
 template <typename T>
@@ -48,23 +96,19 @@ void launch_combine(const void* out_slots, const int32_t* topk_ids, void* out, i
 }  // namespace
 
 // topk_ids [num_slots]; sorted_ids [m_pad_max]; block_expert [m_pad_max / block_m]; num_padded [1];
-// expert_counts [num_experts]. Errors surface through cudaGetLastError (the binding checks it).
+// expert_counts [num_experts]. num_chunks == 0: the single-CTA kernel (sync and scratch unused, may be null);
+// otherwise the many-CTA kernel with sync [4] (zero on entry, zero again on exit) and scratch
+// [(num_chunks + 1) * num_experts]. Errors surface through cudaGetLastError (the binding checks it).
 void moe_align_launch(const int32_t* topk_ids, int32_t* sorted_ids, int32_t* block_expert, int32_t* num_padded,
-                      int32_t* expert_counts, int num_slots, int num_experts, int expert_offset, int block_m,
-                      int m_pad_max, cudaStream_t stream) {
-  int device = 0, smem_limit = 0;
-  cudaGetDevice(&device);
-  cudaDeviceGetAttribute(&smem_limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
-  smem_limit -= static_cast<int>((jitmoe::permute::kAlignWarps + 1) * sizeof(int));  // the kernel's static scratch
-  jitmoe::permute::AlignArgs args{topk_ids, sorted_ids, block_expert, num_padded, expert_counts, num_slots,
-                                  num_experts, expert_offset, block_m, m_pad_max, 0};
-  args.count_warps = choose_count_warps(num_slots, num_experts, smem_limit);
-  const size_t smem = static_cast<size_t>(args.count_warps + 1) * num_experts * sizeof(int32_t);
-  if (smem > 48 * 1024) {
-    cudaFuncSetAttribute(jitmoe::permute::moe_align_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                         static_cast<int>(smem));
+                      int32_t* expert_counts, int32_t* sync, int32_t* scratch, int num_slots, int num_experts,
+                      int expert_offset, int block_m, int m_pad_max, int num_chunks, cudaStream_t stream) {
+  const jitmoe::permute::AlignArgs args{topk_ids, sorted_ids, block_expert, num_padded, expert_counts, num_slots,
+                                        num_experts, expert_offset, block_m, m_pad_max, 0};
+  if (num_chunks > 0) {
+    launch_align_multi(args, sync, scratch, num_chunks, stream);
+  } else {
+    launch_align_single(args, stream);
   }
-  jitmoe::permute::moe_align_kernel<<<1, jitmoe::permute::kAlignThreads, smem, stream>>>(args);
 }
 
 // dtype: 0 fp32, 1 bf16, 2 fp16. out_slots [num_tokens * topk, hidden]; topk_ids [num_tokens * topk];

@@ -5,6 +5,7 @@ a placeholder without a value is an error, so a spec can never silently render h
 """
 from __future__ import annotations
 
+import functools
 import re
 import string
 from pathlib import Path
@@ -44,6 +45,15 @@ def project_includes(text: str, including_file: Path, root: Path) -> list[Path]:
     return found
 
 
+@functools.lru_cache(maxsize=1024)
+def _scan_header(header: Path, root: Path, mtime_ns: int, size: int) -> tuple[bytes, tuple[Path, ...]]:
+    """A header's bytes and its project includes, memoised per (path, mtime, size): every spec of a process walks
+    the same headers, and the walk is on the warm path of a first call."""
+    del mtime_ns, size  # cache key only: an edited header is read again
+    data = header.read_bytes()
+    return data, tuple(project_includes(data.decode("utf-8", "replace"), header, root))
+
+
 def include_closure(texts: Mapping[Path, str], root: Path) -> dict[str, bytes]:
     """Every project header reachable from the given sources: {path relative to root: contents}."""
     root = root.resolve()
@@ -54,9 +64,9 @@ def include_closure(texts: Mapping[Path, str], root: Path) -> dict[str, bytes]:
         rel = header.relative_to(root).as_posix()
         if rel in seen:
             continue
-        data = header.read_bytes()
-        seen[rel] = data
-        stack.extend(project_includes(data.decode("utf-8", "replace"), header, root))
+        stat = header.stat()
+        seen[rel], includes = _scan_header(header, root, stat.st_mtime_ns, stat.st_size)
+        stack.extend(includes)
     return dict(sorted(seen.items()))
 
 

@@ -154,10 +154,16 @@ def _block_m(kernel: str, rows_per_expert: float) -> int:
     return next(bm for bound, bm in _TIERS[kernel] if rows_per_expert <= bound)
 
 
+# The persistent kernel (128-row blocks) wins from this many rows per expert on (H100, the four model shapes of the
+# benchmark: benchmarks/results/h100-2026-11-22-session2/README.md); with fewer, the sm90 kernel's 64-row blocks
+# waste less MMA on padding and its split-K fills the GPU.
+_PERSISTENT_MIN_ROWS_PER_EXPERT = 64
+
+
 def _auto_kernel(candidates: tuple[str, ...], rows_per_expert: float, k_splits: int | None) -> str:
-    """The preferred kernel: the persistent TMA one (sm90ws) for prefill-sized blocks without a forced split,
-    else the first kernel that runs every tier and split-K."""
-    if ("sm90ws" in candidates and "sm90" in candidates and _block_m("sm90", rows_per_expert) == 128
+    """The preferred kernel: the persistent TMA one (sm90ws) from _PERSISTENT_MIN_ROWS_PER_EXPERT rows per expert
+    on without a forced split, else the first kernel that runs every tier and split-K."""
+    if ("sm90ws" in candidates and "sm90" in candidates and rows_per_expert >= _PERSISTENT_MIN_ROWS_PER_EXPERT
             and (k_splits or 1) == 1):
         return "sm90ws"
     return next(k for k in candidates if k in SPLIT_K_KERNELS)
@@ -195,8 +201,8 @@ def select_config(num_slots: int, num_experts: int, n: int, k: int, arch: str, d
 
     block_m grows with the expected rows per expert (decode: 16, prefill: 128) and depends only on (num_slots,
     num_experts, arch, kernel), so GEMM1 and GEMM2 of one call get the same one. ``kernel`` forces one of KERNELS;
-    by default, on arch 90a, 'sm90ws' for prefill-sized blocks (128 rows) and 'sm90' below (``_auto_kernel``;
-    ``kernels`` overrides the list of available templates), elsewhere 'sm80'.
+    by default, on arch 90a, 'sm90ws' from _PERSISTENT_MIN_ROWS_PER_EXPERT rows per expert on and 'sm90' below
+    (``_auto_kernel``; ``kernels`` overrides the list of available templates), elsewhere 'sm80'.
     Split-K (``split_k_for``) is chosen when ``num_sms`` is given and the GEMM has less than a wave of tiles;
     ``k_splits`` forces a value.
     """

@@ -4,6 +4,12 @@
 moe_align is EP-aware: ids outside [local_expert_offset, local_expert_offset + num_local_experts) — other ranks'
 experts and invalid ids alike — are dropped inside the op. Its output length is a static bound computed from
 shapes (``moe_align_bound``), so nothing waits for the device; the rows in use are the device value num_padded.
+
+moe_align has two kernels in the one module, picked per call from the slot count (``align_chunks``): one CTA for
+few slots (decode), and for many slots one launch of 2 * num_chunks CTAs that hand work along through four sync
+words. Those words must be zero when the kernel starts and the kernel zeroes them again when it ends, so each
+stream keeps one zeroed buffer for its eager calls; a call being captured into a CUDA graph gets a fresh zeroed
+buffer (a memset node inside the graph), so graphs never share sync words with each other or with eager calls.
 """
 from __future__ import annotations
 
@@ -19,6 +25,11 @@ __all__ = ["moe_align", "moe_align_bound", "moe_combine"]
 MAX_LOCAL_EXPERTS = 8192  # (1 + 1) * E int32 of shared memory must fit every sm_80+ device (>= 99 KB)
 MAX_BLOCK_M = 1024
 _INT32_MAX = 2**31 - 1
+
+MULTI_CTA_MIN_SLOTS = 2048  # below this one CTA is faster: the many-CTA kernel's hand-offs cost ~3 us
+CHUNK_SLOTS = 1024          # slots per chunk: two walks of 32 slots per warp of a 512-thread CTA
+MAX_CHUNKS = 128            # bounds the scanner's [chunks, E] walk and the grid (2 * chunks CTAs)
+_SYNC_WORDS = 4
 
 moe_align_bound = _ref.moe_align_bound
 
@@ -56,6 +67,38 @@ def _check_combine_args(out_slots, topk_ids, output, num_local_experts, local_ex
     check_int("local_expert_offset", local_expert_offset, low=0, high=_INT32_MAX - num_local_experts)
 
 
+# -- the moe_align plan and its workspace --------------------------------------------------------------------------
+def align_chunks(num_slots: int) -> int:
+    """Chunks of the many-CTA moe_align kernel for ``num_slots`` slots; 0 selects the single-CTA kernel."""
+    if num_slots < MULTI_CTA_MIN_SLOTS:
+        return 0
+    return min(MAX_CHUNKS, -(-num_slots // CHUNK_SLOTS))
+
+
+_stream_sync_words: dict[tuple[int, int], torch.Tensor] = {}
+_no_tensor: dict[torch.device, torch.Tensor] = {}
+
+
+def _sync_words(device: torch.device) -> torch.Tensor:
+    """Four zeroed int32 words the kernel leaves zeroed: one buffer per stream, a fresh one inside a graph capture."""
+    if torch.cuda.is_current_stream_capturing():
+        return torch.zeros(_SYNC_WORDS, dtype=torch.int32, device=device)
+    stream = torch.cuda.current_stream(device)
+    key = (stream.device_index, stream.cuda_stream)
+    words = _stream_sync_words.get(key)
+    if words is None:
+        words = _stream_sync_words[key] = torch.zeros(_SYNC_WORDS, dtype=torch.int32, device=device)
+    return words
+
+
+def _unused(device: torch.device) -> torch.Tensor:
+    """An empty int32 tensor for the workspace arguments the single-CTA kernel ignores."""
+    t = _no_tensor.get(device)
+    if t is None:
+        t = _no_tensor[device] = torch.empty(0, dtype=torch.int32, device=device)
+    return t
+
+
 # -- device entry points (no validation: the fused pipeline calls these after validating once) -----------------------
 def empty_align_outputs(num_slots: int, num_local_experts: int, block_m: int, device):
     """Uninitialised (sorted_ids, block_expert, num_padded, expert_counts); moe_align writes every element."""
@@ -67,8 +110,15 @@ def empty_align_outputs(num_slots: int, num_local_experts: int, block_m: int, de
 def align_into(topk_ids, num_local_experts: int, block_m: int, local_expert_offset: int, outputs) -> None:
     """Run the moe_align kernel into preallocated ``outputs`` (from empty_align_outputs); one launch, no sync."""
     sorted_ids, block_expert, num_padded, counts = outputs
-    _module(topk_ids.device).align(topk_ids, sorted_ids, block_expert, num_padded, counts, num_local_experts,
-                                   local_expert_offset, block_m)
+    device = topk_ids.device
+    chunks = align_chunks(topk_ids.numel())
+    if chunks:
+        sync = _sync_words(device)
+        scratch = torch.empty((chunks + 1) * num_local_experts, dtype=torch.int32, device=device)
+    else:
+        sync = scratch = _unused(device)
+    _module(device).align(topk_ids, sorted_ids, block_expert, num_padded, counts, sync, scratch, num_local_experts,
+                          local_expert_offset, block_m, chunks)
 
 
 def combine_into(out_slots, topk_ids, output, num_local_experts: int, local_expert_offset: int) -> None:

@@ -1,7 +1,8 @@
 """Pure-torch references of the fused MoE layer and its permutation ops (CPU path and GPU-test oracle).
 
-Written for clarity: fp32 math, one loop iteration per local expert. Inputs are assumed valid (the public ops
-validate them first); ids outside the local expert range are skipped, exactly like the kernels skip them.
+Written for clarity: fp32 math, one loop iteration per local expert (moe_align: one stable sort by expert).
+Inputs are assumed valid (the public ops validate them first); ids outside the local expert range are skipped,
+exactly like the kernels skip them.
 
 Activation formulas follow FlashInfer's ``ActivationType`` (the kernels' ``moe/activation.cuh`` implements the
 same ones). Gated activations split fc1's output into ``up`` (first half) and ``gate`` (second half).
@@ -115,24 +116,30 @@ def moe_align_bound(num_slots: int, num_local_experts: int, block_m: int) -> int
 
 def moe_align_reference(topk_ids: torch.Tensor, num_local_experts: int, block_m: int,
                         local_expert_offset: int = 0):
-    """(sorted_ids, block_expert, num_padded, expert_counts) exactly as ``jitmoe.moe_align`` produces them."""
+    """(sorted_ids, block_expert, num_padded, expert_counts) exactly as ``jitmoe.moe_align`` produces them.
+
+    Vectorised (a stable sort by expert keeps slots ascending within each expert) so that GPU tests with a million
+    slots and thousands of experts can use it as their oracle.
+    """
     flat = topk_ids.reshape(-1).long().cpu()
     num_slots = flat.numel()
     m_pad_max = moe_align_bound(num_slots, num_local_experts, block_m)
     local = flat - local_expert_offset
-    rows, experts, counts = [], [], []
-    for e in range(num_local_experts):
-        slots = torch.nonzero(local == e).flatten().tolist()  # ascending slot order
-        padded = -(-len(slots) // block_m) * block_m
-        rows += slots + [num_slots] * (padded - len(slots))
-        experts += [e] * (padded // block_m)
-        counts.append(len(slots))
-    used = len(rows)
-    rows += [num_slots] * (m_pad_max - used)
-    experts += [-1] * (m_pad_max // block_m - len(experts))
+    slots = torch.nonzero((local >= 0) & (local < num_local_experts)).flatten()  # ascending slot order
+    experts, order = torch.sort(local[slots], stable=True)
+    slots = slots[order]
+    counts = torch.bincount(experts, minlength=num_local_experts)
+    padded = (counts + block_m - 1) // block_m * block_m
+    starts = torch.cumsum(padded, 0) - padded
+    rank = torch.arange(slots.numel()) - (torch.cumsum(counts, 0) - counts)[experts]  # position inside its expert
+    used = int(padded.sum())
+    rows = torch.full((m_pad_max,), num_slots, dtype=torch.long)
+    rows[starts[experts] + rank] = slots
+    blocks = torch.full((m_pad_max // block_m,), -1, dtype=torch.long)
+    blocks[:used // block_m] = torch.repeat_interleave(torch.arange(num_local_experts), padded // block_m)
     device = topk_ids.device
-    as_i32 = lambda v: torch.tensor(v, dtype=torch.int32, device=device)  # noqa: E731
-    return as_i32(rows), as_i32(experts), as_i32([used]), as_i32(counts)
+    as_i32 = lambda t: t.to(dtype=torch.int32, device=device)  # noqa: E731
+    return as_i32(rows), as_i32(blocks), as_i32(torch.tensor([used])), as_i32(counts)
 
 
 def moe_combine_reference(out_slots: torch.Tensor, topk_ids: torch.Tensor, num_local_experts: int,

@@ -70,3 +70,18 @@ def test_first_call_does_not_import_dynamo():
             "print('torch._dynamo' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_public_names_map_to_their_families_only():
+    """jitmoe.<name> imports exactly the family that defines it (the map in jitmoe/__init__.py mirrors __all__)."""
+    import importlib
+
+    import jitmoe
+    for family, names in jitmoe._PUBLIC.items():
+        assert tuple(importlib.import_module(f"jitmoe.ops.{family}").__all__) == names
+    code = ("import sys, jitmoe; jitmoe.cutlass_fused_moe; "
+            "print(sorted(m for m in ('routing', 'expert_choice', 'omni_router') if 'jitmoe.ops.' + m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
+    assert out.stdout.strip() == "[]"
+    with pytest.raises(AttributeError, match="no_such_op"):
+        jitmoe.no_such_op  # noqa: B018

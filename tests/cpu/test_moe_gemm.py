@@ -90,10 +90,13 @@ def test_expected_tiles():
     assert mg.expected_tiles(0, 8, 256, 64, 128) == 2                  # no rows: still one (empty) block
 
 
-def test_prefill_blocks_go_to_the_persistent_kernel_unless_split():
+def test_large_batches_go_to_the_persistent_kernel_unless_split():
     every = ("sm80", "sm90", "sm90ws")
     prefill = select_config(8192, 8, 4096, 14336, "90a", "bf16", kernels=every, num_sms=132)
     assert (prefill.kernel, prefill.block_m, prefill.k_splits) == ("sm90ws", 128, 1)
+    rows = mg._PERSISTENT_MIN_ROWS_PER_EXPERT
+    assert select_config(rows * 256, 256, 7168, 2048, "90a", "bf16", kernels=every, num_sms=132).kernel == "sm90ws"
+    assert select_config(rows * 256 - 1, 256, 7168, 2048, "90a", "bf16", kernels=every).kernel == "sm90"
     assert select_config(2, 8, 4096, 14336, "90a", "bf16", kernels=every, num_sms=132).kernel == "sm90"
     assert select_config(8192, 8, 4096, 14336, "90a", "bf16", kernels=every, k_splits=2).kernel == "sm90"
     assert select_config(8192, 8, 4096, 14336, "80", "bf16", kernels=every).kernel == "sm80"

@@ -53,6 +53,23 @@ def test_reference_semantics(T, k, num_local, ep_size, block_m):
         check_align_semantics(ids, num_local, block_m, rank * num_local, out)
 
 
+def test_reference_semantics_all_on_one_expert_and_empty_experts():
+    ids = torch.full((300, 4), 6, dtype=torch.int32)
+    ids[::5, 1] = 2  # experts 0, 1, 3, 4, 5, 7 stay empty
+    for offset in (0, 2):
+        check_align_semantics(ids, 8, 16, offset, moe_align_reference(ids, 8, 16, offset))
+
+
+def test_align_plan_picks_one_cta_for_few_slots_and_bounded_chunks_for_many():
+    assert [pm.align_chunks(n) for n in (0, 1, 64, pm.MULTI_CTA_MIN_SLOTS - 1)] == [0] * 4
+    assert pm.align_chunks(pm.MULTI_CTA_MIN_SLOTS) == -(-pm.MULTI_CTA_MIN_SLOTS // pm.CHUNK_SLOTS)
+    assert pm.align_chunks(32768) == 32  # Qwen3-30B at T = 4096: 64 CTAs of 512 threads
+    assert pm.align_chunks(2**20) == pm.MAX_CHUNKS
+    for n in range(pm.MULTI_CTA_MIN_SLOTS, 300_000, 997):
+        chunks = pm.align_chunks(n)
+        assert 1 <= chunks <= pm.MAX_CHUNKS and (chunks == pm.MAX_CHUNKS or chunks * pm.CHUNK_SLOTS >= n)
+
+
 @functools.lru_cache(maxsize=None)
 def _worst_padding(slots, experts, block_m):
     """Largest padded length any distribution of at most `slots` slots over `experts` experts can need."""

@@ -150,25 +150,31 @@ def test_tensor_parallel_shards_sum_to_full(kernel, tp):
     assert rel_error(total, reference(p)) <= TOL
 
 
-@pytest.mark.parametrize("kernel", KERNELS)
-@pytest.mark.parametrize("T,k", [(1, 1), (3, 1), (127, 4), (1024, 8)])
-def test_cuda_graph_capture_and_replay(kernel, T, k):
-    p = make_problem(T, 16, k, 256, 512, BF16, bias=True)
+def check_graph_replay(kernel, T, E, k, H, I, k_splits=None):
+    """Capture one call (modules loaded outside the capture), then replay it twice on fresh inputs."""
+    p = make_problem(T, E, k, H, I, BF16, bias=True)
     output = torch.empty_like(p["x"])
-    run(p, kernel, output=output)  # builds/loads every module outside the capture
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with on_kernel(kernel), torch.cuda.graph(graph):
-        jitmoe.cutlass_fused_moe(p["x"], p["ids"], p["scales"], p["fc1"], p["fc2"], BF16, None,
-                                 fc1_expert_biases=p["b1"], fc2_expert_biases=p["b2"], output=output)
+    with fm.force_split_k(k_splits):
+        run(p, kernel, output=output)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with on_kernel(kernel), torch.cuda.graph(graph):
+            jitmoe.cutlass_fused_moe(p["x"], p["ids"], p["scales"], p["fc1"], p["fc2"], BF16, None,
+                                     fc1_expert_biases=p["b1"], fc2_expert_biases=p["b2"], output=output)
     for _ in range(2):
-        fresh = make_problem(T, 16, k, 256, 512, BF16)
+        fresh = make_problem(T, E, k, H, I, BF16)
         for name in ("x", "ids", "scales"):
             p[name].copy_(fresh[name])
         poison_(output)
         graph.replay()
         torch.cuda.synchronize()
         assert rel_error(output, reference(p)) <= TOL
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("T,k", [(1, 1), (3, 1), (127, 4), (1024, 8)])
+def test_cuda_graph_capture_and_replay(kernel, T, k):
+    check_graph_replay(kernel, T, 16, k, 256, 512)
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
@@ -190,23 +196,7 @@ def test_forced_split_k_matches_reference_and_is_deterministic(kernel, k_splits,
 def test_split_k_graph_capture_and_replay(kernel):
     if kernel not in moe_gemm.SPLIT_K_KERNELS:
         pytest.skip(f"the {kernel} kernel does not split K")
-    p = make_problem(2, 8, 2, 2048, 1024, BF16, bias=True)
-    output = torch.empty_like(p["x"])
-    with fm.force_split_k(4):
-        run(p, kernel, output=output)
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with on_kernel(kernel), torch.cuda.graph(graph):
-            jitmoe.cutlass_fused_moe(p["x"], p["ids"], p["scales"], p["fc1"], p["fc2"], BF16, None,
-                                     fc1_expert_biases=p["b1"], fc2_expert_biases=p["b2"], output=output)
-    for _ in range(2):
-        fresh = make_problem(2, 8, 2, 2048, 1024, BF16)
-        for name in ("x", "ids", "scales"):
-            p[name].copy_(fresh[name])
-        poison_(output)
-        graph.replay()
-        torch.cuda.synchronize()
-        assert rel_error(output, reference(p)) <= TOL
+    check_graph_replay(kernel, 2, 8, 2, 2048, 1024, k_splits=4)
 
 
 @pytest.mark.parametrize("kernel", KERNELS)

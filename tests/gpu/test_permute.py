@@ -1,5 +1,7 @@
 """moe_align and moe_combine on the device: exact agreement with the reference (both are deterministic), poisoned
-outputs, EP offsets and invalid ids, E up to 8192, CUDA-graph capture."""
+outputs, EP offsets and invalid ids, E up to 8192, CUDA-graph capture; both moe_align kernels (one CTA below
+MULTI_CTA_MIN_SLOTS slots, many CTAs above), their boundary, a million slots, and the many-CTA kernel's sync words
+(zero after every call, per stream, fresh inside a graph)."""
 import pytest
 import torch
 
@@ -76,6 +78,67 @@ def test_align_captures_in_a_cuda_graph():
         graph.replay()
         torch.cuda.synchronize()
         assert_same(outputs, moe_align_reference(ids.cpu(), num_local, block_m, num_local))
+
+
+BIG_ALIGN_CASES = [  # (T, k, local experts, ep_size, block_m, invalid fraction): the many-CTA kernel
+    (4096, 8, 128, 1, 128, 0.0), (4096, 8, 64, 1, 64, 0.01), (4096, 8, 256, 1, 128, 0.0), (1024, 8, 128, 1, 64, 0.0),
+    (2047, 1, 8, 1, 16, 0.0), (2048, 1, 8, 1, 16, 0.0), (2049, 1, 8, 1, 16, 0.2), (683, 3, 5, 1, 1, 0.0),
+    (16384, 8, 4096, 2, 128, 0.05), (65536, 16, 4096, 1, 64, 0.0), (131072, 8, 256, 1, 128, 0.0),
+    (8191, 8, 8192, 1, 32, 0.0), (100000, 1, 1, 1, 128, 0.5), (5000, 8, 160, 8, 16, 0.0), (3000, 2, 3, 1, 1024, 0.0),
+]
+
+
+@pytest.mark.parametrize("T,k,num_local,ep_size,block_m,invalid", BIG_ALIGN_CASES)
+def test_align_many_slots_matches_reference(T, k, num_local, ep_size, block_m, invalid):
+    ids = random_ids(T, k, num_local * ep_size, invalid)
+    for rank in sorted({0, ep_size // 2, ep_size - 1}):
+        offset = rank * num_local
+        got = align_poisoned(ids, num_local, block_m, offset)
+        assert_same(got, moe_align_reference(ids.cpu(), num_local, block_m, offset))
+    assert not pm._sync_words(ids.device).any()  # the last CTA zeroed the words for the next call
+
+
+@pytest.mark.parametrize("T,k", [(8192, 8), (131072, 8)])
+def test_align_many_slots_on_one_expert_with_empty_experts(T, k):
+    ids = torch.full((T, k), 37, dtype=torch.int32, device="cuda")
+    ids[::3, 2] = 3
+    ids[::11, 5] = 200  # beyond the local experts
+    for _ in range(3):  # repeated calls reuse the stream's sync words
+        assert_same(align_poisoned(ids, 64, 128, 0), moe_align_reference(ids.cpu(), 64, 128, 0))
+
+
+def test_align_many_slots_on_two_streams_at_once():
+    streams = [torch.cuda.Stream() for _ in range(2)]
+    cases = [(random_ids(8192, 8, 128), 128, 128), (random_ids(6000, 4, 512, 0.1), 512, 16)]
+    outputs = [pm.empty_align_outputs(ids.numel(), e, bm, ids.device) for ids, e, bm in cases]
+    torch.cuda.synchronize()
+    for _ in range(5):
+        for stream, (ids, e, bm), out in zip(streams, cases, outputs):
+            with torch.cuda.stream(stream):
+                pm.align_into(ids, e, bm, 0, out)
+    torch.cuda.synchronize()
+    for (ids, e, bm), out in zip(cases, outputs):
+        assert_same(out, moe_align_reference(ids.cpu(), e, bm, 0))
+
+
+def test_align_many_slots_captures_in_a_cuda_graph():
+    T, k, num_local, block_m = 4096, 8, 128, 128
+    ids = random_ids(T, k, 2 * num_local)
+    outputs = pm.empty_align_outputs(T * k, num_local, block_m, ids.device)
+    pm.align_into(ids, num_local, block_m, num_local, outputs)  # load the module outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        pm.align_into(ids, num_local, block_m, num_local, outputs)
+    for _ in range(3):
+        ids.copy_(random_ids(T, k, 2 * num_local, 0.05))
+        for t in outputs:
+            poison_(t)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert_same(outputs, moe_align_reference(ids.cpu(), num_local, block_m, num_local))
+        eager = align_poisoned(ids, num_local, block_m, num_local)  # eager calls between replays stay correct
+        assert_same(eager, outputs)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

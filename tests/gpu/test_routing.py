@@ -354,3 +354,33 @@ def test_topk_negative_and_infinite_logits(dtype):
             _check_topk(x[1:], k, "softmax", False, None)
             weights, ids, _ = _run_topk(x, k, "sigmoid", False, None)
             _assert_ids_equal(ids, ref.topk_sigmoid(x, k)[1])
+
+
+# -- the persistent fast path: a warp walks many rows, the next row's loads in flight while it routes the current ------
+@pytest.mark.parametrize("num_experts", [60, 256, 512])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_topk_many_rows_per_warp(num_experts, dtype):
+    """More rows than one wave of warps covers (tens of rows per warp), an odd T so that only some warps take a last
+    row, and the same rows through the unaligned (scalar-load) layout (E=60 bf16/fp16 rows are unaligned anyway)."""
+    x = _logits(70001, num_experts, dtype)
+    _check_topk(x, 8, "softmax", False, None)
+    _check_topk(x, 8, "sigmoid", True, _bias(num_experts, "sigmoid"))
+    buf = torch.empty(x.numel() + 1, dtype=dtype, device="cuda")
+    shifted = buf[1:].view_as(x)  # contiguous, base not 16-byte aligned
+    shifted.copy_(x)
+    _check_topk(shifted, 4, "softmax", True, None)
+
+
+def test_cuda_graph_replay_many_rows_per_warp():
+    def route(x):
+        return jitmoe.topk_softmax(x, 8, False)
+
+    static_x = _logits(70001, 256, torch.float32)
+    graph, outputs = _capture(route, static_x)
+    static_x.copy_(_logits(70001, 256, torch.float32))
+    for out in outputs:
+        poison_(out)
+    graph.replay()
+    torch.cuda.synchronize()
+    for got, want in zip(outputs, route(static_x.clone())):
+        assert torch.equal(got, want), "graph replay differs from an eager call"

@@ -35,6 +35,7 @@
 #include <cutlass/numeric_types.h>
 
 #include "common/dtypes.cuh"
+#include "common/launch.cuh"
 #include "moe/activation.cuh"
 #include "moe/moe_gemm_args.cuh"
 #include "moe/sm90ws/gather.cuh"
@@ -202,17 +203,6 @@ __device__ __forceinline__ void named_barrier_sync(int id, int threads) {
   asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(threads) : "memory");
 }
 
-// Activation parameters of expert e (ActParams defaults when the pointers are null).
-template <Act A>
-__device__ __forceinline__ ActParams expert_act_params(const MoeGemmArgs& args, int e) {
-  ActParams p;
-  if (args.act_alpha) p.alpha = args.act_alpha[e];
-  if (args.act_beta) p.beta = args.act_beta[e];
-  if (args.act_limit) p.limit = args.act_limit[e];
-  else if constexpr (A == Act::SwigluStep) p.limit = 7.f;
-  return p;
-}
-
 // GEMM2 scale of sorted row p: the routing weight of its slot (1 for padding rows, which are never stored).
 template <class Cfg>
 __device__ __forceinline__ float row_scale(const MoeGemmArgs& args, const TileScheduler<Cfg>& sched, int p) {
@@ -253,7 +243,7 @@ __device__ __forceinline__ void epilogue_to_staging(const MoeGemmArgs& args, con
   const T* bias = static_cast<const T*>(args.bias);  // [E, n_b]
   const int64_t bias_row = static_cast<int64_t>(e) * args.n * Cfg::kHalves;
   ActParams params;
-  if constexpr (!Cfg::kGemm2) params = expert_act_params<Cfg::kAct>(args, e);
+  if constexpr (!Cfg::kGemm2) params = load_act_params<Cfg::kAct>(args, e);
   // wgmma's C layout gives a thread two rows, m_lo and m_lo + 8; GEMM2 needs their routing weights.
   const int m_lo = get<0>(tCcC(0));
   float scale_lo = 1.f, scale_hi = 1.f;
@@ -454,7 +444,7 @@ void launch(const MoeGemmArgs& args, cudaStream_t stream) {
   const int grid = static_cast<int>(tiles < sms ? tiles : sms);
   auto* kernel = &moe_gemm_sm90ws_kernel<Cfg>;
   // A failure here (tile too large for this GPU) makes the launch fail too; the binding reports it.
-  cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes);
+  set_max_dynamic_smem_once<&moe_gemm_sm90ws_kernel<Cfg>>(Cfg::kSmemBytes);
   kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(tmap_a, tmap_b, args);
 }
 
