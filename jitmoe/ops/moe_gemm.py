@@ -1,9 +1,9 @@
 """Grouped GEMMs of the fused-MoE pipeline on the expert-sorted, tile-padded row order built by moe_align.
 
 GEMM1: ``inter[p] = act(x[slot // topk] @ fc1[e]^T + b1[e])``; GEMM2: ``out_slots[slot] = w[slot] * (inter[p] @
-fc2[e]^T + b2[e])`` for the real rows p (contract: csrc_templates/moe/moe_gemm_args.cuh). Two kernels implement
+fc2[e]^T + b2[e])`` for the real rows p (contract: csrc_templates/moe/moe_gemm_args.cuh). Three kernels implement
 it: 'sm80' (mma.sync + cp.async, any GPU from SM80 on), 'sm90' (wgmma + cp.async, sm_90a only) and 'sm90ws'
-(persistent, warp-specialised, TMA-fed wgmma, sm_90a only, BLOCK_M 128: the prefill kernel).
+(persistent, warp-specialised, TMA-fed wgmma, sm_90a only, BLOCK_M 128: batches of >= 64 rows per expert).
 In this module, in order: tile configs and their heuristic, the spec builder, validation, the CPU reference, the
 torch ops, the public functions and the prewarm table.
 """

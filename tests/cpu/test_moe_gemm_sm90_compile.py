@@ -7,23 +7,11 @@ import re
 import pytest
 
 from jitmoe.jit import compile_cuda_sources
-from jitmoe.jit.arch import cutlass_root, find_nvcc
 from jitmoe.jit.errors import ToolchainError
 from jitmoe.ops.moe_gemm import GemmConfig, gemm_spec
 
 
-@pytest.fixture
-def toolchain(monkeypatch):
-    monkeypatch.delenv("JITMOE_DEBUG", raising=False)  # a debug build keeps asserts, which serialize wgmma
-    if find_nvcc() is None:
-        pytest.skip("nvcc not found")
-    try:
-        cutlass_root()
-    except ToolchainError as exc:
-        pytest.skip(str(exc))
-
-
-def test_gemm1_bf16_swiglu_compiles_without_serialized_wgmma_or_spills(toolchain, tmp_path):
+def test_gemm1_bf16_swiglu_compiles_without_serialized_wgmma_or_spills(sm90_toolchain, tmp_path):
     try:
         spec = gemm_spec(GemmConfig("sm90", 128, 128, 64, 4), "bf16", "gemm1", "Swiglu", ("90a",))
         results = compile_cuda_sources(spec, tmp_path, ptxas_verbose=True)

@@ -7,19 +7,7 @@ import re
 import pytest
 
 from jitmoe.jit import KernelSpec, compile_cuda_sources
-from jitmoe.jit.arch import cutlass_root, find_nvcc
 from jitmoe.jit.errors import ToolchainError
-
-
-@pytest.fixture
-def toolchain(monkeypatch):
-    monkeypatch.delenv("JITMOE_DEBUG", raising=False)  # a debug build keeps asserts, which serialize wgmma
-    if find_nvcc() is None:
-        pytest.skip("nvcc not found")
-    try:
-        cutlass_root()
-    except ToolchainError as exc:
-        pytest.skip(str(exc))
 
 
 def sm90ws_spec(dtype, act, mode, block_n, stages) -> KernelSpec:
@@ -34,7 +22,8 @@ def sm90ws_spec(dtype, act, mode, block_n, stages) -> KernelSpec:
     ("bf16", "Gelu", "gemm1", 256, 3),       # non-gated, widest tile
     ("bf16", "Identity", "gemm2", 256, 3),   # scatter epilogue with routing weights
 ])
-def test_sm90ws_compiles_without_serialized_wgmma_or_spills(toolchain, tmp_path, dtype, act, mode, block_n, stages):
+def test_sm90ws_compiles_without_serialized_wgmma_or_spills(sm90_toolchain, tmp_path, dtype, act, mode, block_n,
+                                                            stages):
     try:
         results = compile_cuda_sources(sm90ws_spec(dtype, act, mode, block_n, stages), tmp_path, ptxas_verbose=True)
     except ToolchainError as exc:  # nvcc older than 12.0 cannot target sm_90a

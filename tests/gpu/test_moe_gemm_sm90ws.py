@@ -207,7 +207,8 @@ def test_cuda_graph_replay_with_new_routing_and_data():
     ids = random_ids(tokens, topk, experts)
     routing = permute.empty_align_outputs(ids.numel(), experts, BLOCK_M, ids.device)
     m_pad_max = routing[0].numel()
-    t = dict(x=torch.randn(tokens, hidden, device="cuda").to(dtype), fc1=weights(experts, 2 * inter_size, hidden, dtype),
+    t = dict(x=torch.randn(tokens, hidden, device="cuda").to(dtype),
+             fc1=weights(experts, 2 * inter_size, hidden, dtype),
              fc2=weights(experts, hidden, inter_size, dtype),
              b1=(0.5 * torch.randn(experts, 2 * inter_size, device="cuda")).to(dtype),
              b2=(0.5 * torch.randn(experts, hidden, device="cuda")).to(dtype),
