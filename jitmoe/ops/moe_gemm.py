@@ -19,6 +19,7 @@ import torch
 
 from ..jit import KernelSpec, UnsupportedSpecError, device_archs, load_module, normalize_arch
 from ..jit.spec import default_template_root
+from ..reference import moe as _ref
 from ._library import custom_op
 from ._validate import DTYPE_TAG, check_choice, check_int, check_tensor
 
@@ -26,9 +27,8 @@ __all__ = ["GemmConfig", "select_config", "gemm_spec", "moe_gemm1", "moe_gemm2",
            "GATED_ACTIVATIONS"]
 
 # FlashInfer's ActivationType member names (the kernel's `Act` enumerators carry the same names).
-ACTIVATIONS = ("Gelu", "Relu", "Silu", "Swiglu", "Geglu", "SwigluBias", "Relu2", "SwigluStep", "GegluTanh",
-               "Identity", "Situ")
-GATED_ACTIVATIONS = frozenset({"Swiglu", "Geglu", "SwigluBias", "SwigluStep", "GegluTanh", "Situ"})
+ACTIVATIONS = _ref.ACTIVATION_NAMES
+GATED_ACTIVATIONS = _ref.GATED_ACTIVATIONS
 KERNELS = ("sm80", "sm90", "sm90ws")
 SM90A_KERNELS = frozenset({"sm90", "sm90ws"})   # wgmma / TMA: built for arch 90a only
 TMA_A_KERNELS = frozenset({"sm90ws"})           # GEMM1 reads a sorted copy of x (MoeGemmArgs::a_sorted)
@@ -392,28 +392,6 @@ def _check_aligned(**tensors) -> None:
 # CPU reference (also the GPU tests' oracle): fp32 math, results rounded to the output dtype.
 
 
-def act_reference(activation: str, up, gate, alpha=1.0, beta=0.0, limit=None):
-    """activation.cuh in torch (fp32 tensors; alpha/beta/limit are per-expert scalars)."""
-    if limit is None:
-        limit = 7.0 if activation == "SwigluStep" else float("inf")
-    gelu_tanh = functools.partial(torch.nn.functional.gelu, approximate="tanh")
-    simple = {"Gelu": torch.nn.functional.gelu, "Relu": torch.relu, "Silu": torch.nn.functional.silu,
-              "Relu2": lambda u: torch.relu(u) ** 2, "Identity": lambda u: u}
-    if activation in simple:
-        return simple[activation](up)
-    glu = {"Swiglu": torch.nn.functional.silu, "Geglu": torch.nn.functional.gelu, "GegluTanh": gelu_tanh}
-    if activation in glu:
-        return glu[activation](gate) * up
-    if activation == "SwigluBias":
-        g = gate.clamp(max=limit)
-        return g * torch.sigmoid(alpha * g) * (up.clamp(-limit, limit) + beta)
-    if activation == "SwigluStep":
-        return torch.nn.functional.silu(gate).clamp(max=limit) * up.clamp(-limit, limit)
-    if activation == "Situ":
-        return 4.0 * torch.tanh(gate / 4.0) * torch.sigmoid(gate) * (25.0 * torch.tanh(up / 25.0))
-    raise ValueError(f"activation: expected one of {ACTIVATIONS}, got {activation!r}")
-
-
 def _real_rows(sorted_ids, block_expert, num_padded, num_slots, num_experts, block_m):
     """(row positions p, their slots, their experts) of the real rows among the first num_padded."""
     used = min(int(num_padded.reshape(-1)[0]), sorted_ids.shape[0])
@@ -424,24 +402,16 @@ def _real_rows(sorted_ids, block_expert, num_padded, num_slots, num_experts, blo
     return p[real], slots[real], experts[real]
 
 
-def _per_expert(t, e: int, default):
-    return default if t is None else float(t[e])
-
-
 def gemm1_reference(x, fc1, sorted_ids, block_expert, num_padded, out, topk, activation, fc1_bias, alpha, beta,
                     limit, block_m) -> None:
     """Writes the real rows of ``out`` (inter); padding rows are left as they are."""
-    gated = activation in GATED_ACTIVATIONS
-    n = out.shape[1]
     rows, slots, experts = _real_rows(sorted_ids, block_expert, num_padded, x.shape[0] * topk, fc1.shape[0], block_m)
     for e in experts.unique().tolist():
         sel = experts == e
         h = x[slots[sel] // topk].float() @ fc1[e].float().t()
         if fc1_bias is not None:
             h = h + fc1_bias[e].float()
-        up, gate = (h[:, :n], h[:, n:]) if gated else (h, None)
-        y = act_reference(activation, up, gate, _per_expert(alpha, e, 1.0), _per_expert(beta, e, 0.0),
-                          _per_expert(limit, e, None))
+        y = _ref.apply_activation(activation, h, expert=e, swiglu_alpha=alpha, swiglu_beta=beta, swiglu_limit=limit)
         out[rows[sel]] = y.to(out.dtype)
 
 

@@ -14,6 +14,7 @@ from jitmoe.jit import UnsupportedSpecError, compile_cuda_sources
 from jitmoe.jit.arch import find_nvcc
 from jitmoe.ops import moe_gemm as mg
 from jitmoe.ops.moe_gemm import GemmConfig, moe_gemm1, moe_gemm2, select_config
+from jitmoe.reference.moe import apply_activation
 from jitmoe.testing import poison_
 
 ARCHS = ("80", "86", "89", "90a", "100a", "120a")
@@ -207,18 +208,22 @@ def test_prewarm_covers_every_activation_at_every_default_config():
 
 
 def test_act_reference_spot_values():
+    """The GEMM reference uses the layer reference's activations (apply_activation on h = [up | gate])."""
     u = torch.tensor([100.0, -3.0, 0.5])
     g = torch.tensor([100.0, 2.0, -1.0])
+    ug = torch.cat([u, g])
     silu_g = torch.nn.functional.silu(g)
-    torch.testing.assert_close(mg.act_reference("Swiglu", u, g), silu_g * u)
-    torch.testing.assert_close(mg.act_reference("SwigluBias", u, g), silu_g * u)  # default alpha 1, beta 0, no limit
-    torch.testing.assert_close(mg.act_reference("SwigluStep", u, g), silu_g.clamp(max=7) * u.clamp(-7, 7))
-    torch.testing.assert_close(mg.act_reference("SwigluStep", u, g)[0], torch.tensor(49.0))  # default limit 7
-    torch.testing.assert_close(mg.act_reference("SwigluBias", u, g, 2.0, 1.0, 1.0)[0],
+    one = lambda v: torch.tensor([v])  # noqa: E731 - a per-expert parameter of expert 0
+    torch.testing.assert_close(apply_activation("Swiglu", ug), silu_g * u)
+    torch.testing.assert_close(apply_activation("SwigluBias", ug), silu_g * u)  # default alpha 1, beta 0, no limit
+    torch.testing.assert_close(apply_activation("SwigluStep", ug), silu_g.clamp(max=7) * u.clamp(-7, 7))
+    torch.testing.assert_close(apply_activation("SwigluStep", ug)[0], torch.tensor(49.0))  # default limit 7
+    torch.testing.assert_close(apply_activation("SwigluBias", ug, swiglu_alpha=one(2.0), swiglu_beta=one(1.0),
+                                                swiglu_limit=one(1.0))[0],
                                torch.sigmoid(torch.tensor(2.0)) * 2.0)  # g, u clamped to 1: 1 * sig(2) * (1 + 1)
-    torch.testing.assert_close(mg.act_reference("Relu2", u, None), torch.tensor([10000.0, 0.0, 0.25]))
-    torch.testing.assert_close(mg.act_reference("Identity", u, None), u)
-    torch.testing.assert_close(mg.act_reference("Situ", u, torch.zeros(3)), torch.zeros(3))
+    torch.testing.assert_close(apply_activation("Relu2", u), torch.tensor([10000.0, 0.0, 0.25]))
+    torch.testing.assert_close(apply_activation("Identity", u), u)
+    torch.testing.assert_close(apply_activation("Situ", torch.cat([u, torch.zeros(3)])), torch.zeros(3))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -245,16 +250,14 @@ def build_routing(ids: torch.Tensor, num_experts: int, block_m: int):
 
 def row_loop_gemm1(x, fc1, sorted_ids, block_expert, num_padded, topk, act, bias, params, block_m):
     """{p: expected row} for every real row p, one row at a time."""
-    n = fc1.shape[1] // 2 if act in mg.GATED_ACTIVATIONS else fc1.shape[1]
     rows = {}
     for p in range(int(num_padded[0])):
         s, e = int(sorted_ids[p]), int(block_expert[p // block_m])
         if not (0 <= s < x.shape[0] * topk and 0 <= e < fc1.shape[0]):
             continue
         h = fc1[e].float() @ x[s // topk].float() + (bias[e].float() if bias is not None else 0)
-        alpha, beta, limit = (None if params[k] is None else float(params[k][e]) for k in ("alpha", "beta", "limit"))
-        rows[p] = mg.act_reference(act, h[:n], h[n:], 1.0 if alpha is None else alpha, 0.0 if beta is None else beta,
-                                   limit)
+        rows[p] = apply_activation(act, h, expert=e, swiglu_alpha=params["alpha"], swiglu_beta=params["beta"],
+                                   swiglu_limit=params["limit"])
     return rows
 
 
