@@ -237,6 +237,8 @@ def measure_row(name: str, shape: MoEShape, T: int, weights: list, ctx: dict) ->
     ref = torch_loop_moe(*sets[0], compute_dtype=torch.float32)
     out = torch.empty(T, shape.H, device=device, dtype=dtype)
     impls, skipped = peer_impls(out, ctx["contexts"])
+    if ctx["impls"]:
+        impls = {name: impl for name, impl in impls.items() if name in ctx["impls"]}
     row["impls"].update({n: {"note": why} for n, why in skipped.items()})
     for impl, (fn, capturable) in impls.items():
         row["impls"][impl] = time_moe(fn, sets, ctx, graph=capturable and T <= GRAPH_MAX_T, ref=ref)
@@ -378,6 +380,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "persistent kernel at every T)")
     parser.add_argument("--budget-ms", type=float, default=300.0, help="timed GPU time per implementation and row")
     parser.add_argument("--max-copies", type=int, default=4, help="weight copies rotated to defeat the L2")
+    parser.add_argument("--impls", default=None,
+                        help="comma list of implementations to time (default all), e.g. jitmoe for a quick run")
     parser.add_argument("--no-plot", action="store_true")
     return parser.parse_args(argv)
 
@@ -397,7 +401,7 @@ def main(argv=None) -> dict:
     ctx = {"device": device, "dtype": torch.bfloat16, "ceilings": ceil, "anchor": anchor,
            "budget_ms": 50.0 if cpu else args.budget_ms, "max_iters": 3 if cpu else 50,
            "split_k": common.parse_ints(args.split_k) if args.split_k else (),
-           "contexts": kernel_contexts(args.kernel)}
+           "contexts": kernel_contexts(args.kernel), "impls": tuple(args.impls.split(",")) if args.impls else ()}
     rows = []
     for name, shape in shapes.items():
         weights = make_weights(shape, device, ctx["dtype"], rotation_copies(shape, device, args.max_copies))

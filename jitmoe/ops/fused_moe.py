@@ -334,14 +334,15 @@ def _device_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def _gemm_configs(num_slots: int, num_local: int, hidden: int, inter: int, x: torch.Tensor, kernel: str,
-                  k_splits: int):
+def _gemm_configs(num_slots: int, num_local: int, hidden: int, inter: int, x: torch.Tensor, activation: str,
+                  kernel: str, k_splits: int):
     """Configs of GEMM1 (n = I, k = H) and GEMM2 (n = H, k = I): same block_m, split-K chosen per GEMM."""
     device = x.device
     common = dict(arch=_device_arch(device.index), dtype=x.dtype, kernel=kernel or None,
                   num_sms=_device_sms(device.index), k_splits=k_splits or None)
-    return (_gemm.select_config(num_slots, num_local, inter, hidden, **common),
-            _gemm.select_config(num_slots, num_local, hidden, inter, **common))
+    return (_gemm.select_config(num_slots, num_local, inter, hidden, gated=activation in _gemm.GATED_ACTIVATIONS,
+                                **common),
+            _gemm.select_config(num_slots, num_local, hidden, inter, gated=False, **common))
 
 
 def _run_cuda(output, x, topk_ids, slot_weights, fc1, fc2, fc1_bias, fc2_bias, act_params: dict, activation: str,
@@ -349,7 +350,7 @@ def _run_cuda(output, x, topk_ids, slot_weights, fc1, fc2, fc1_bias, fc2_bias, a
     """moe_align -> GEMM1 -> GEMM2 -> combine on the current stream; scratch from the caching allocator."""
     num_tokens, topk = topk_ids.shape
     num_local, hidden, inter = fc2.shape
-    cfg1, cfg2 = _gemm_configs(num_tokens * topk, num_local, hidden, inter, x, kernel, k_splits)
+    cfg1, cfg2 = _gemm_configs(num_tokens * topk, num_local, hidden, inter, x, activation, kernel, k_splits)
     routing = _permute.empty_align_outputs(num_tokens * topk, num_local, cfg1.block_m, x.device)
     _permute.align_into(topk_ids, num_local, cfg1.block_m, local_expert_offset, routing)
     sorted_ids, block_expert, num_padded, _ = routing

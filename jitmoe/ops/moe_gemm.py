@@ -33,6 +33,7 @@ KERNELS = ("sm80", "sm90", "sm90ws")
 SM90A_KERNELS = frozenset({"sm90", "sm90ws"})   # wgmma / TMA: built for arch 90a only
 TMA_A_KERNELS = frozenset({"sm90ws"})           # GEMM1 reads a sorted copy of x (MoeGemmArgs::a_sorted)
 SPLIT_K_KERNELS = frozenset({"sm80", "sm90"})   # kernels that implement k_splits > 1
+SM90WS_CLUSTER_M = 2  # sm90ws: CTAs per cluster that share each weight tile by TMA multicast
 BLOCK_MS = (16, 32, 64, 128)
 MAX_K_SPLITS = 16
 GEMM_DTYPES = (torch.bfloat16, torch.float16)
@@ -77,6 +78,10 @@ _TIERS = {"sm80": _SM80_TIERS, "sm90": _SM90_TIERS, "sm90ws": ((float("inf"), 12
 # (kernel, block_m) -> (block_n, block_k, stages before fitting the arch's shared memory).
 _TILES = {("sm80", 16): (64, 64, 4), ("sm80", 64): (128, 32, 4), ("sm80", 128): (128, 32, 4),
           ("sm90", 64): (128, 64, 4), ("sm90", 128): (128, 64, 4), ("sm90ws", 128): (128, 64, 4)}
+# Wider block_n for GEMMs with one B half (GEMM2, non-gated GEMM1): a gated tile already reads 2 x block_n rows of
+# B per stage; with one half, 256 columns keep the shared-memory traffic per MMA the same (sm90ws only: its
+# accumulators allow 64 x 256 per warpgroup).
+_WIDE_BLOCK_N = {("sm90ws", 128): 256}
 
 
 def arch_number(arch: str) -> int:
@@ -124,12 +129,27 @@ def sm80_tile_problem(cfg: GemmConfig, gated: bool, arch: str) -> str | None:
     return None
 
 
-def _fit_stages(kernel: str, block_m: int, arch: str) -> GemmConfig:
-    """The tier's tile with the most stages (up to the table's) that fits the arch when gated (the larger case)."""
+def sm90ws_smem_bytes(cfg: GemmConfig, gated: bool) -> int:
+    """Dynamic shared memory of the sm90ws kernel (mirrors its Config::kSmemBytes): the TMA ring, the [BM, BN]
+    epilogue staging tile, the 1 KiB swizzle alignment and two mbarriers per stage."""
+    rows_b = cfg.block_n * (2 if gated else 1)
+    return 1024 + cfg.stages * (cfg.block_m + rows_b) * cfg.block_k * 2 + cfg.block_m * cfg.block_n * 2 + 16 * cfg.stages
+
+
+def smem_bytes(cfg: GemmConfig, gated: bool) -> int:
+    """Shared memory a config needs on its kernel (the sm90 kernel's plan is bounded by the sm80 formula)."""
+    return sm90ws_smem_bytes(cfg, gated) if cfg.kernel == "sm90ws" else sm80_smem_bytes(cfg, gated)
+
+
+def _fit_stages(kernel: str, block_m: int, arch: str, gated: bool = True) -> GemmConfig:
+    """The tier's tile (wide for one B half where the kernel has one) with the most stages, up to the table's, that
+    fits the arch. Gated (the larger case) is the default, so a gated config also fits every one-half GEMM."""
     block_n, block_k, stages = _TILES[(kernel, block_m)]
+    if not gated:
+        block_n = _WIDE_BLOCK_N.get((kernel, block_m), block_n)
     while True:
         cfg = GemmConfig(kernel, block_m, block_n, block_k, stages)
-        if stages == 2 or sm80_smem_bytes(cfg, gated=True) <= smem_limit(arch):
+        if stages == 2 or smem_bytes(cfg, gated) <= smem_limit(arch):
             return cfg
         stages -= 1
 
@@ -195,7 +215,7 @@ def split_k_for(tiles: int, k: int, block_k: int, num_sms: int) -> int:
 
 def select_config(num_slots: int, num_experts: int, n: int, k: int, arch: str, dtype, *,
                   kernel: str | None = None, kernels=None, num_sms: int | None = None,
-                  k_splits: int | None = None) -> GemmConfig:
+                  k_splits: int | None = None, gated: bool = True) -> GemmConfig:
     """Tile config for one grouped GEMM of ``num_slots`` (token, choice) rows over ``num_experts`` local experts,
     ``n`` output columns and reduction length ``k``.
 
@@ -204,7 +224,8 @@ def select_config(num_slots: int, num_experts: int, n: int, k: int, arch: str, d
     by default, on arch 90a, 'sm90ws' from _PERSISTENT_MIN_ROWS_PER_EXPERT rows per expert on and 'sm90' below
     (``_auto_kernel``; ``kernels`` overrides the list of available templates), elsewhere 'sm80'.
     Split-K (``split_k_for``) is chosen when ``num_sms`` is given and the GEMM has less than a wave of tiles;
-    ``k_splits`` forces a value.
+    ``k_splits`` forces a value. ``gated`` says whether B has two halves (GEMM1 with a gated activation); GEMMs
+    with one half may get a wider block_n.
     """
     check_int("num_slots", num_slots, low=0)
     check_int("num_experts", num_experts, low=1)
@@ -229,16 +250,17 @@ def select_config(num_slots: int, num_experts: int, n: int, k: int, arch: str, d
         if (k_splits or 1) != 1:
             raise ValueError(f"k_splits: the {kernel} kernel does not split K, got {k_splits}")
         k_splits = 1
-    cfg = _fit_stages(kernel, _block_m(kernel, rows_per_expert), normalize_arch(arch))
+    cfg = _fit_stages(kernel, _block_m(kernel, rows_per_expert), normalize_arch(arch), gated)
     if k_splits is None:
         tiles = expected_tiles(num_slots, num_experts, n, cfg.block_m, cfg.block_n)
         k_splits = split_k_for(tiles, k, cfg.block_k, num_sms) if num_sms else 1
     return dataclasses.replace(cfg, k_splits=k_splits)
 
 
-def default_configs(kernel: str, arch: str) -> list[GemmConfig]:
-    """Every config select_config can return for ``kernel`` on ``arch`` (what prewarm builds)."""
-    return [_fit_stages(kernel, bm, normalize_arch(arch)) for _, bm in _TIERS[kernel]]
+def default_configs(kernel: str, arch: str, gated: bool = True) -> list[GemmConfig]:
+    """Every config select_config can return for ``kernel`` on ``arch`` with one or two (``gated``) B halves
+    (what prewarm builds)."""
+    return [_fit_stages(kernel, bm, normalize_arch(arch), gated) for _, bm in _TIERS[kernel]]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -273,6 +295,8 @@ def gemm_spec(cfg: GemmConfig, dtype: str, mode: str, activation: str, archs: tu
                 raise UnsupportedSpecError(f"moe_gemm: tile {cfg} unsupported: {problem}")
     params = {"kernel": cfg.kernel, "dtype": dtype, "act": activation, "mode": mode, "block_m": cfg.block_m,
               "block_n": cfg.block_n, "block_k": cfg.block_k, "stages": cfg.stages}
+    if cfg.kernel == "sm90ws":
+        params["cluster_m"] = SM90WS_CLUSTER_M
     # The SM80 kernel is plain PTX; only the SM90 ones need the CUTLASS/CuTe headers.
     return KernelSpec.create("moe_gemm", "moe", (f"{cfg.kernel}/gemm.cu", "moe_gemm_binding.cpp"), params, archs,
                              cutlass=cfg.kernel in SM90A_KERNELS)
@@ -534,10 +558,12 @@ def _prewarm_specs(dtypes, topks, archs) -> list[KernelSpec]:
     specs = []
     for arch in dict.fromkeys(normalize_arch(a) for a in archs):
         for kernel in kernels_for_arch(arch):
-            for cfg in default_configs(kernel, arch):
-                for dtype in (d for d in dtypes if d in ("bf16", "fp16")):
-                    specs += [gemm_spec(cfg, dtype, "gemm1", act, (arch,)) for act in ACTIVATIONS]
-                    specs.append(gemm_spec(cfg, dtype, "gemm2", "Identity", (arch,)))
+            for dtype in (d for d in dtypes if d in ("bf16", "fp16")):
+                for act in ACTIVATIONS:
+                    specs += [gemm_spec(cfg, dtype, "gemm1", act, (arch,))
+                              for cfg in default_configs(kernel, arch, gated=act in GATED_ACTIVATIONS)]
+                specs += [gemm_spec(cfg, dtype, "gemm2", "Identity", (arch,))
+                          for cfg in default_configs(kernel, arch, gated=False)]
     return specs
 
 

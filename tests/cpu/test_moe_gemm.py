@@ -192,19 +192,25 @@ def test_prewarm_covers_every_activation_at_every_default_config():
     specs = mg.PREWARM["fused_moe"](["fp32", "bf16", "fp16"], [1, 2, 8], ["80", "90a"])
     names = [s.readable_name for s in specs]
     assert len(names) == len(set(names)) and not any("fp32" in n for n in names)
-    table = {}
+    built = set()
     for s in specs:
         p = dict(s.params)
-        key = (s.archs, p["kernel"], p["dtype"], p["block_m"], p["block_n"], p["block_k"], p["stages"])
-        table.setdefault(key, set()).add((p["mode"], p["act"]))
-    expected = {("gemm1", a) for a in mg.ACTIVATIONS} | {("gemm2", "Identity")}
-    assert all(v == expected for v in table.values())
+        built.add((s.archs, p["kernel"], p["dtype"], p["mode"], p["act"], p["block_m"], p["block_n"], p["block_k"],
+                   p["stages"]))
+    # Every (mode, activation) at every config select_config can give it: gated GEMM1s at the two-half configs,
+    # plain GEMM1s and GEMM2 at the one-half ones (wider on sm90ws).
+    pairs = [("gemm1", a, a in mg.GATED_ACTIVATIONS) for a in mg.ACTIVATIONS] + [("gemm2", "Identity", False)]
     for arch in ("80", "90a"):
         for kernel in mg.kernels_for_arch(arch):
-            for slots in (1, 256, 4096, 65536):
-                cfg = select_config(slots, 8, 1024, 1024, arch, "bf16", kernel=kernel)
-                key = ((arch,), kernel, "bf16", cfg.block_m, cfg.block_n, cfg.block_k, cfg.stages)
-                assert key in table
+            for mode, act, gated in pairs:
+                for dtype in ("bf16", "fp16"):
+                    for slots in (1, 256, 4096, 65536):
+                        cfg = select_config(slots, 8, 1024, 1024, arch, dtype, kernel=kernel, gated=gated)
+                        assert ((arch,), kernel, dtype, mode, act, cfg.block_m, cfg.block_n, cfg.block_k,
+                                cfg.stages) in built
+    assert mg.default_configs("sm90ws", "90a", gated=False)[0].block_n == 256
+    assert all(mg.smem_bytes(c, g) <= mg.smem_limit("90a") for g in (False, True)
+               for c in mg.default_configs("sm90ws", "90a", gated=g))
 
 
 def test_act_reference_spot_values():

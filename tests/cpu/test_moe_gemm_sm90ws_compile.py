@@ -10,22 +10,24 @@ from jitmoe.jit import KernelSpec, compile_cuda_sources
 from jitmoe.jit.errors import ToolchainError
 
 
-def sm90ws_spec(dtype, act, mode, block_n, stages) -> KernelSpec:
+def sm90ws_spec(dtype, act, mode, block_n, stages, cluster_m=2) -> KernelSpec:
     params = {"kernel": "sm90ws", "dtype": dtype, "act": act, "mode": mode, "block_m": 128, "block_n": block_n,
-              "block_k": 64, "stages": stages}
+              "block_k": 64, "stages": stages, "cluster_m": cluster_m}
     return KernelSpec.create("moe_gemm", "moe", ("sm90ws/gemm.cu", "moe_gemm_binding.cpp"), params, ("90a",),
                              cutlass=True)
 
 
-@pytest.mark.parametrize("dtype, act, mode, block_n, stages", [
-    ("bf16", "Swiglu", "gemm1", 128, 4),     # gated: two 64x128 accumulators per consumer warpgroup
-    ("bf16", "Gelu", "gemm1", 256, 3),       # non-gated, widest tile
-    ("bf16", "Identity", "gemm2", 256, 3),   # scatter epilogue with routing weights
+@pytest.mark.parametrize("dtype, act, mode, block_n, stages, cluster_m", [
+    ("bf16", "Swiglu", "gemm1", 128, 4, 2),     # gated: two 64x128 accumulators per consumer warpgroup
+    ("bf16", "Gelu", "gemm1", 256, 3, 2),       # non-gated, widest tile
+    ("bf16", "Identity", "gemm2", 256, 3, 2),   # scatter epilogue with routing weights
+    ("fp16", "Identity", "gemm2", 128, 6, 1),   # no clusters (no multicast)
 ])
 def test_sm90ws_compiles_without_serialized_wgmma_or_spills(sm90_toolchain, tmp_path, dtype, act, mode, block_n,
-                                                            stages):
+                                                            stages, cluster_m):
     try:
-        results = compile_cuda_sources(sm90ws_spec(dtype, act, mode, block_n, stages), tmp_path, ptxas_verbose=True)
+        results = compile_cuda_sources(sm90ws_spec(dtype, act, mode, block_n, stages, cluster_m), tmp_path,
+                                       ptxas_verbose=True)
     except ToolchainError as exc:  # nvcc older than 12.0 cannot target sm_90a
         pytest.skip(str(exc))
     assert [r.source for r in results] == ["sm90ws/gemm.cu"]

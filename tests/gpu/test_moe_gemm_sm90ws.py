@@ -15,7 +15,7 @@ import torch
 
 from jitmoe.jit import KernelSpec, load_module
 from jitmoe.ops import permute
-from jitmoe.ops.moe_gemm import GATED_ACTIVATIONS, gemm1_reference, gemm2_reference
+from jitmoe.ops.moe_gemm import GATED_ACTIVATIONS, SM90WS_CLUSTER_M, gemm1_reference, gemm2_reference
 from jitmoe.testing import capture_graph, poison_, rel_error
 
 pytestmark = [
@@ -34,9 +34,9 @@ GEMM2_WIDE = dict(block_n=256, stages=3)
 GEMM2_NARROW = dict(block_n=128, stages=6)
 
 
-def module(dtype, act, mode, block_n, stages):
+def module(dtype, act, mode, block_n, stages, cluster_m=SM90WS_CLUSTER_M):
     params = {"kernel": "sm90ws", "dtype": DTYPES[dtype], "act": act, "mode": mode, "block_m": BLOCK_M,
-              "block_n": block_n, "block_k": 64, "stages": stages}
+              "block_n": block_n, "block_k": 64, "stages": stages, "cluster_m": cluster_m}
     spec = KernelSpec.create("moe_gemm", "moe", ("sm90ws/gemm.cu", "moe_gemm_binding.cpp"), params, ("90a",),
                              cutlass=True)
     return load_module(spec)
@@ -80,10 +80,11 @@ def run_gemm2(mod, inter, fc2, bias, routing, out, slot_weights, k_splits=1):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-def check_gemm1(tokens, experts, topk, hidden, inter_size, act, dtype, *, bias=True, params=None, skew=False):
+def check_gemm1(tokens, experts, topk, hidden, inter_size, act, dtype, *, bias=True, params=None, skew=False,
+                cluster_m=SM90WS_CLUSTER_M):
     gated = act in GATED_ACTIVATIONS
     tile = GEMM1_GATED if gated else GEMM1_PLAIN
-    mod = module(dtype, act, "gemm1", **tile)
+    mod = module(dtype, act, "gemm1", **tile, cluster_m=cluster_m)
     ids = random_ids(tokens, topk, experts, skew=skew)
     routing = align(ids, experts)
     m_pad_max = routing[0].numel()
@@ -136,8 +137,8 @@ def test_gemm1_per_expert_activation_parameters():
 
 # ---------------------------------------------------------------------------------------------------------------
 def check_gemm2(tokens, local, topk, hidden, inter_size, dtype, tile, *, bias=True, slot_weights=True,
-                total_experts=None):
-    mod = module(dtype, "Identity", "gemm2", **tile)
+                total_experts=None, cluster_m=SM90WS_CLUSTER_M):
+    mod = module(dtype, "Identity", "gemm2", **tile, cluster_m=cluster_m)
     ids = random_ids(tokens, topk, total_experts or local)
     routing = align(ids, local)  # ids >= local belong to other ranks: their slots are dropped
     sorted_ids, _, num_padded = routing
@@ -178,6 +179,15 @@ def test_gemm2_bias_and_weight_options(bias, slot_weights):
 
 def test_gemm2_never_writes_dropped_slots():
     check_gemm2(200, 8, 2, 256, 264, torch.bfloat16, GEMM2_WIDE, total_experts=32)
+
+
+@pytest.mark.parametrize("shape", [(600, 1, 1, 520, 200), (1000, 8, 4, 264, 136), (300, 64, 8, 1032, 392)])
+def test_kernel_without_clusters(shape):
+    """cluster_m=1 (no weight multicast) runs the same tiles: every tile loads its own B."""
+    other = 3 - SM90WS_CLUSTER_M
+    check_gemm1(*shape, "Swiglu", torch.bfloat16, cluster_m=other)
+    tokens, experts, topk, hidden, inter_size = shape
+    check_gemm2(tokens, experts, topk, inter_size, hidden, torch.bfloat16, GEMM2_WIDE, cluster_m=other)
 
 
 # ---------------------------------------------------------------------------------------------------------------

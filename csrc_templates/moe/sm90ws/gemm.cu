@@ -8,14 +8,15 @@
 //   ${block_n}  output columns per tile: 64, 128, 192 or 256 (gated GEMM1: 64 or 128)
 //   ${block_k}  K slice per ring stage: 64
 //   ${stages}   depth of the TMA ring: >= 2, shared memory (ring + [BM, BN] staging tile) <= 227 KiB
-// This spec: ${dtype} ${act} ${mode} ${block_m}x${block_n}x${block_k}, ${stages} stages.
+//   ${cluster_m} CTAs per cluster along M sharing (multicasting) the weight tile: 1 or 2
+// This spec: ${dtype} ${act} ${mode} ${block_m}x${block_n}x${block_k}, ${stages} stages, clusters of ${cluster_m}.
 #include "moe/sm90ws/moe_gemm_sm90ws.cuh"
 
 namespace jitmoe::moe {
 
 void moe_gemm_launch(const MoeGemmArgs& args, cudaStream_t stream) {
   sm90ws::launch<jitmoe::dtype_${dtype}, Act::${act}, sm90ws::GemmMode::${mode}, ${block_m}, ${block_n},
-                 ${block_k}, ${stages}>(args, stream);
+                 ${block_k}, ${stages}, ${cluster_m}>(args, stream);
 }
 
 }  // namespace jitmoe::moe

@@ -4,28 +4,38 @@
 // contiguous in A (GEMM1: a_sorted, filled first by a small gather launch; GEMM2: inter) and all belong to one
 // expert e = block_expert[m_block]; the expert's weight tile is a contiguous box of rows of B viewed as one
 // [E * n_b, K] matrix. Both operands are therefore loaded by TMA (128-byte swizzle, hardware zero-fill of the K
-// tail and of rows past the matrix). A grid of one CTA per SM walks the output tiles (m_block, n_block) in a
-// static round-robin; M blocks past num_padded (a device value) do not exist and unused blocks (e = -1) are
-// skipped by every role alike. Tiles are rastered in groups of kRasterGroup M blocks with M fastest, so the CTAs
-// that run at the same time read the same weight tile (and a bounded set of A blocks) and each byte of B comes
-// from HBM about once per group. Each CTA has three warpgroups: a producer (registers given back with setmaxnreg)
-// whose one elected thread issues the TMA loads of every k-tile into a ring of kStages stages, each guarded by a
-// "full" transaction mbarrier (TMA bytes landed) and an "empty" mbarrier (both consumers' wgmma retired); and two
-// consumer warpgroups (registers raised) that each own 64 rows of the 128-row tile ("cooperative"), issue SS
-// wgmma with fp32 accumulators, and release a stage as soon as the wgmma that read it has retired. A gated GEMM1
-// keeps two accumulators with identical layouts, one fed by the up rows [n0, n0+BN) of fc1[e] and one by the gate
-// rows [N+n0, ...): element i of both holds the same (row, column). The epilogue (GEMM1: bias + activation; GEMM2:
-// (acc + bias) * routing weight) runs in fp32, goes through a dedicated XOR-swizzled staging tile (so the producer
-// keeps filling the ring for the next tile meanwhile) and leaves as 16-byte row chunks: GEMM1 to inter[p], GEMM2
-// scattered to out_slots[slot]; padding rows and columns >= N are never written.
+// tail and of rows past the matrix).
+//
+// The grid is persistent and made of clusters of kCluster CTAs along M (one CTA per SM). A cluster walks work
+// units (kCluster neighbouring M blocks, one N block) in a static round-robin; CTA r computes the tile of the
+// unit's r-th M block. M blocks past num_padded (a device value) do not exist and unused blocks (e = -1) have no
+// tile. When all of a unit's blocks belong to one expert (the common case in prefill) they need the same weight
+// tile: each CTA loads 1/kCluster of it and the TMA multicasts it to the whole cluster, which halves the L2 -> SM
+// traffic of B, the bound of this kernel at large batches. Units are rastered in groups of kRasterGroup M blocks
+// with M fastest, so the clusters that run at the same time read the same weight tile (and a bounded set of A
+// blocks) and each byte of B comes from HBM about once per group.
+//
+// Each CTA has three warpgroups: a producer (registers given back with setmaxnreg) whose one elected thread issues
+// the TMA loads of every k-tile into a ring of kStages stages, each guarded by a "full" transaction mbarrier (TMA
+// bytes landed) and an "empty" mbarrier (every consumer warp of the cluster retired its wgmma on that stage: the
+// peer may multicast into this CTA's stage, so the rings of a cluster move in step); and two consumer warpgroups
+// (registers raised) that each own 64 rows of the 128-row tile ("cooperative"), issue SS wgmma with fp32
+// accumulators, and release a stage as soon as the wgmma that read it has retired. A warpgroup whose 64 rows are
+// all padding (the tail of an expert's last block) issues no wgmma, which leaves the tensor cores to the other
+// one. A gated GEMM1 keeps two accumulators with identical layouts, one fed by the up rows [n0, n0+BN) of fc1[e]
+// and one by the gate rows [N+n0, ...): element i of both holds the same (row, column). The epilogue (GEMM1: bias
+// + activation; GEMM2: (acc + bias) * routing weight) runs in fp32, goes through a dedicated XOR-swizzled staging
+// tile (so the producer keeps filling the ring for the next tile meanwhile) and leaves as 16-byte row chunks:
+// GEMM1 to inter[p], GEMM2 scattered to out_slots[slot]; padding rows and columns >= N are never written.
 #pragma once
 #include <cuda.h>
-#include <cuda_runtime_api.h>
+#include <cuda_runtime.h>  // cudaLaunchKernelEx (cluster launch)
 #include <cstdint>
 #include <stdexcept>
 #include <type_traits>
 
 #include <cute/tensor.hpp>
+#include <cute/arch/cluster_sm90.hpp>
 #include <cute/arch/copy_sm90_desc.hpp>
 #include <cute/arch/copy_sm90_tma.hpp>
 #include <cute/arch/mma_sm90.hpp>
@@ -46,7 +56,7 @@ namespace jitmoe::moe::sm90ws {
 enum class GemmMode { gemm1, gemm2 };
 
 // Everything a specialization fixes at compile time, the shared-memory plan, and the invariants.
-template <typename T, Act A, GemmMode Mode, int BM, int BN, int BK, int Stages>
+template <typename T, Act A, GemmMode Mode, int BM, int BN, int BK, int Stages, int ClusterM>
 struct Config {
   static_assert(std::is_same_v<T, __nv_bfloat16> || std::is_same_v<T, __half>, "sm90ws GEMM: bf16 or fp16 only");
   using Element = T;                                          // CUDA type (conversions, epilogue)
@@ -61,8 +71,14 @@ struct Config {
   static constexpr int kThreads = 128 * (1 + kConsumerWarpGroups);
   static constexpr int kProducerRegs = 40;                   // 128 x 40 + 256 x 232 <= 64 K registers
   static constexpr int kConsumerRegs = 232;
-  static constexpr int kConsumerWarps = 4 * kConsumerWarpGroups;  // arrivals that empty a stage
+  // CTAs of a cluster along M. They walk the same sequence of tiles with their rings in step, on neighbouring M
+  // blocks of one N block; when both blocks belong to one expert each CTA loads half of the B tile and the TMA
+  // multicasts it into both, halving the L2 -> SM traffic of B (the kernel is bound by that traffic).
+  static constexpr int kCluster = ClusterM;
+  static constexpr int kConsumerWarps = 4 * kConsumerWarpGroups;
+  static constexpr int kEmptyArrivals = kConsumerWarps * kCluster;  // every consumer warp of the cluster
   static constexpr int kRasterGroup = 8;                     // M blocks per raster group
+  static constexpr int kBoxRowsB = BN / kCluster;            // rows of one B TMA box (one CTA's multicast share)
 
   static_assert(BM == 128, "BLOCK_M must be 128 (two consumer warpgroups of 64 rows)");
   static_assert(BK == 64, "BLOCK_K must be 64 (one 128-byte swizzle row per TMA box row)");
@@ -70,6 +86,8 @@ struct Config {
                                            "permutes groups of 8 16-byte chunks)");
   static_assert(BN * kHalves <= 256, "accumulators: BLOCK_N <= 256, gated BLOCK_N <= 128");
   static_assert(Stages >= 2, "the ring needs at least two stages to overlap loads and wgmma");
+  static_assert(kCluster == 1 || kCluster == 2, "clusters of one or two CTAs along M");
+  static_assert(kRasterGroup % kCluster == 0 && kBoxRowsB % 8 == 0, "a B box is whole 8-row swizzle atoms");
 
   using SmemAtom = cute::GMMA::Layout_K_SW128_Atom<Elem>;  // 8 rows x 64 elements, 128-byte swizzle (= TMA's)
   template <int Rows>
@@ -98,38 +116,82 @@ struct Config {
   static_assert(kSmemBytes <= 227 * 1024, "shared memory exceeds the 227 KiB an sm_90 CTA may use: fewer stages");
 };
 
-// The static tile order shared by the producer and the consumers (they must skip exactly the same tiles).
+// The static tile order shared by the producer and the consumers of every CTA of a cluster. The work units are
+// (M group, N block) pairs, an M group being kCluster neighbouring M blocks; CTA r of a cluster computes the tile
+// of M block group * kCluster + r. Every CTA of a cluster walks the same units, and every role skips exactly the
+// units where no CTA of the cluster has a used block.
 template <class Cfg>
 struct TileScheduler {
   int rows_used;  // rows of the sorted order in use: min(num_padded, m_pad_max)
   int m_blocks;   // M blocks that exist: ceil(rows_used / BM)
+  int m_groups;   // ceil(m_blocks / kCluster)
   int n_blocks;
-  int num_tiles;
+  int num_units;
 
   __device__ __forceinline__ explicit TileScheduler(const MoeGemmArgs& args) {
     rows_used = max(0, min(*args.num_padded, args.m_pad_max));
     m_blocks = (rows_used + Cfg::kBlockM - 1) / Cfg::kBlockM;
+    m_groups = (m_blocks + Cfg::kCluster - 1) / Cfg::kCluster;
     n_blocks = (args.n + Cfg::kBlockN - 1) / Cfg::kBlockN;
-    num_tiles = m_blocks * n_blocks;
+    num_units = m_groups * n_blocks;
   }
 
-  // Tile t -> (m_block, n_block): groups of kRasterGroup M blocks, M fastest inside a group, then N.
-  __device__ __forceinline__ void coords(int t, int& m_block, int& n_block) const {
-    const int per_group = Cfg::kRasterGroup * n_blocks;
-    const int group = t / per_group;
-    const int first_m = group * Cfg::kRasterGroup;
-    const int group_m = min(Cfg::kRasterGroup, m_blocks - first_m);
-    const int local = t - group * per_group;
-    m_block = first_m + local % group_m;
-    n_block = local / group_m;
+  // Unit u -> (M group, N block): raster groups of kRasterGroup M blocks, M fastest inside a group, then N, so the
+  // clusters running at the same time read the same weight tiles and a bounded set of A blocks.
+  __device__ __forceinline__ void coords(int u, int& m_group, int& n_block) const {
+    constexpr int kGroupsPerRaster = Cfg::kRasterGroup / Cfg::kCluster;
+    const int per_raster = kGroupsPerRaster * n_blocks;
+    const int raster = u / per_raster;
+    const int first = raster * kGroupsPerRaster;
+    const int groups_here = min(kGroupsPerRaster, m_groups - first);
+    const int local = u - raster * per_raster;
+    m_group = first + local % groups_here;
+    n_block = local / groups_here;
   }
 
-  // The local expert of an M block, or -1 when the block is unused.
-  __device__ __forceinline__ static int expert_of(const MoeGemmArgs& args, int m_block) {
+  // The local expert of M block m, or -1 when the block is unused or does not exist.
+  __device__ __forceinline__ int expert_of(const MoeGemmArgs& args, int m_block) const {
+    if (m_block >= m_blocks) return -1;
     const int e = args.block_expert[m_block];
     return e >= 0 && e < args.num_experts ? e : -1;
   }
 };
+
+// What one CTA does in one unit: its M block and expert, and whether its cluster shares (multicasts) the B tile.
+struct UnitRole {
+  int m_block;
+  int expert;     // -1: this CTA has no tile in the unit (it still keeps its ring in step)
+  bool skip;      // no CTA of the cluster has a tile: every role of every CTA skips the unit
+  bool multicast;
+};
+
+template <class Cfg>
+__device__ __forceinline__ UnitRole unit_role(const MoeGemmArgs& args, const TileScheduler<Cfg>& sched, int m_group,
+                                              int rank) {
+  UnitRole role;
+  role.m_block = m_group * Cfg::kCluster + rank;
+  role.expert = sched.expert_of(args, role.m_block);
+  if constexpr (Cfg::kCluster == 1) {
+    role.skip = role.expert < 0;
+    role.multicast = false;
+  } else {
+    const int peer = sched.expert_of(args, m_group * Cfg::kCluster + (rank ^ 1));
+    role.skip = role.expert < 0 && peer < 0;
+    role.multicast = role.expert >= 0 && role.expert == peer;
+  }
+  return role;
+}
+
+// Position of this CTA in the persistent grid: cluster index, cluster count, rank inside the cluster.
+struct ClusterCoord {
+  int id, count, rank;
+};
+
+template <class Cfg>
+__device__ __forceinline__ ClusterCoord cluster_coord() {
+  const int rank = Cfg::kCluster == 1 ? 0 : static_cast<int>(cute::block_rank_in_cluster());
+  return {static_cast<int>(blockIdx.x) / Cfg::kCluster, static_cast<int>(gridDim.x) / Cfg::kCluster, rank};
+}
 
 // The ring's position: stage index and the parity of the current pass over the ring.
 template <int Stages>
@@ -163,28 +225,37 @@ struct SmemPlan {
   }
 };
 
-// Producer (one thread): for every tile this CTA owns, every k-tile: wait for an empty stage, announce its bytes,
-// issue the TMA boxes of A [BM, 64] and of each B half [BN, 64].
+// Producer (one thread): for every unit of this cluster, every k-tile: wait until the stage is empty in every CTA
+// of the cluster, announce its bytes, issue the TMA boxes of A [BM, 64] and of each B half [BN, 64]. A shared B
+// tile is loaded as kCluster boxes, one per CTA, each multicast to the whole cluster; otherwise this CTA loads all
+// of its B boxes itself. A CTA without a tile in the unit only arrives, so its ring stays in step.
 template <class Cfg>
 __device__ __forceinline__ void produce(const MoeGemmArgs& args, const CUtensorMap* tmap_a,
                                         const CUtensorMap* tmap_b, const SmemPlan<Cfg>& smem) {
   using cutlass::arch::ClusterBarrier;
   using cutlass::arch::ClusterTransactionBarrier;
   constexpr uint64_t kHint = static_cast<uint64_t>(cute::TMA::CacheHintSm90::EVICT_NORMAL);
+  constexpr uint16_t kClusterMask = (1u << Cfg::kCluster) - 1;
   const TileScheduler<Cfg> sched(args);
+  const ClusterCoord cluster = cluster_coord<Cfg>();
   const int k_tiles = (args.k + Cfg::kBlockK - 1) / Cfg::kBlockK;
   const int n_b = args.n * Cfg::kHalves;
   RingState<Cfg::kStages> ring;
-  for (int t = blockIdx.x; t < sched.num_tiles; t += gridDim.x) {
-    int m_block, n_block;
-    sched.coords(t, m_block, n_block);
-    const int e = TileScheduler<Cfg>::expert_of(args, m_block);
-    if (e < 0) continue;
-    const int a_row = m_block * Cfg::kBlockM;
-    const int b_row = e * n_b + n_block * Cfg::kBlockN;  // up half; the gate half is args.n rows further
+  for (int u = cluster.id; u < sched.num_units; u += cluster.count) {
+    int m_group, n_block;
+    sched.coords(u, m_group, n_block);
+    const UnitRole role = unit_role<Cfg>(args, sched, m_group, cluster.rank);
+    if (role.skip) continue;
+    const int a_row = role.m_block * Cfg::kBlockM;
+    const int b_row = max(role.expert, 0) * n_b + n_block * Cfg::kBlockN;  // up half; gate is args.n rows further
     for (int kt = 0; kt < k_tiles; ++kt) {
       ClusterBarrier::wait(&smem.empty[ring.stage], ring.phase ^ 1);  // the first pass finds every stage empty
       uint64_t* full = &smem.full[ring.stage];
+      if (role.expert < 0) {
+        ClusterBarrier::arrive(full);
+        ring.advance();
+        continue;
+      }
       ClusterTransactionBarrier::arrive_and_expect_tx(full, Cfg::kTxBytes);
       const int k0 = kt * Cfg::kBlockK;
       cute::SM90_TMA_LOAD_2D::copy(tmap_a, full, kHint, smem.a + ring.stage * Cfg::kBlockM * Cfg::kBlockK, k0,
@@ -192,15 +263,56 @@ __device__ __forceinline__ void produce(const MoeGemmArgs& args, const CUtensorM
       CUTE_UNROLL
       for (int h = 0; h < Cfg::kHalves; ++h) {
         auto* dst = smem.b + (h * Cfg::kStages + ring.stage) * Cfg::kBlockN * Cfg::kBlockK;
-        cute::SM90_TMA_LOAD_2D::copy(tmap_b, full, kHint, dst, k0, b_row + h * args.n);
+        const int row = b_row + h * args.n;
+        if (role.multicast) {
+          const int box = cluster.rank * Cfg::kBoxRowsB;
+          cute::SM90_TMA_LOAD_MULTICAST_2D::copy(tmap_b, full, kClusterMask, kHint, dst + box * Cfg::kBlockK, k0,
+                                                 row + box);
+        } else {
+          CUTE_UNROLL
+          for (int box = 0; box < Cfg::kBlockN; box += Cfg::kBoxRowsB) {
+            cute::SM90_TMA_LOAD_2D::copy(tmap_b, full, kHint, dst + box * Cfg::kBlockK, k0, row + box);
+          }
+        }
       }
       ring.advance();
     }
   }
 }
 
+// A cluster-wide barrier that threads may reach from divergent paths (the producer warp's thread 0 arrives late).
+__device__ __forceinline__ void cluster_sync_unaligned() {
+  asm volatile("barrier.cluster.arrive;\nbarrier.cluster.wait;" ::: "memory");
+}
+
 __device__ __forceinline__ void named_barrier_sync(int id, int threads) {
   asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(threads) : "memory");
+}
+
+// True on every thread of the `threads` that meet at named barrier `id` when `pred` holds on any of them.
+__device__ __forceinline__ bool named_barrier_any(int id, int threads, bool pred) {
+  uint32_t any;
+  asm volatile(
+      "{\n .reg .pred p, q;\n setp.ne.u32 p, %1, 0;\n bar.red.or.pred q, %2, %3, p;\n selp.u32 %0, 1, 0, q;\n}"
+      : "=r"(any)
+      : "r"(static_cast<uint32_t>(pred)), "r"(id), "r"(threads)
+      : "memory");
+  return any != 0;
+}
+
+// Whether any of a warpgroup's 64 rows [row0, row0 + 64) of the sorted order holds a real slot. The last M block of
+// an expert is padded at its end, so its second warpgroup often has none: that warpgroup then issues no wgmma (the
+// other one gets the tensor cores to itself) and no epilogue.
+template <class Cfg>
+__device__ __forceinline__ bool warpgroup_has_rows(const MoeGemmArgs& args, const TileScheduler<Cfg>& sched,
+                                                   int row0, int wg_tid, int barrier_id) {
+  const int p = row0 + wg_tid % 64;
+  bool real = false;
+  if (p < sched.rows_used) {
+    const int s = args.sorted_ids[p];
+    real = s >= 0 && s < args.num_slots;
+  }
+  return named_barrier_any(barrier_id, 128, real);
 }
 
 // GEMM2 scale of sorted row p: the routing weight of its slot (1 for padding rows, which are never stored).
@@ -308,9 +420,16 @@ __device__ __forceinline__ void mma_stage(typename Cfg::TiledMma& mma, int stage
   cute::warpgroup_commit_batch();
 }
 
-// One warp's share of releasing a stage: lane 0 arrives once the warp's wgmma on it retired.
+// One warp's share of releasing a stage: lane 0 arrives, once the warp's wgmma on it retired, on the stage's empty
+// barrier in every CTA of the cluster (any of them may multicast into this CTA's stage next).
+template <class Cfg>
 __device__ __forceinline__ void release_stage(uint64_t* empty, int lane) {
-  if (lane == 0) cutlass::arch::ClusterBarrier::arrive(empty);
+  if constexpr (Cfg::kCluster == 1) {
+    if (lane == 0) cutlass::arch::ClusterBarrier::arrive(empty);
+  } else {
+    CUTE_UNROLL
+    for (int cta = 0; cta < Cfg::kCluster; ++cta) cutlass::arch::ClusterBarrier::arrive(empty, cta, lane == 0);
+  }
 }
 
 template <class Acc>
@@ -341,13 +460,26 @@ __device__ __forceinline__ void consume(const MoeGemmArgs& args, const SmemPlan<
   auto acc_gate = make_fragment_like(acc_up);
 
   const TileScheduler<Cfg> sched(args);
+  const ClusterCoord cluster = cluster_coord<Cfg>();
   const int k_tiles = (args.k + Cfg::kBlockK - 1) / Cfg::kBlockK;
   RingState<S> ring;
-  for (int t = blockIdx.x; t < sched.num_tiles; t += gridDim.x) {
-    int m_block, n_block;
-    sched.coords(t, m_block, n_block);
-    const int e = TileScheduler<Cfg>::expert_of(args, m_block);
-    if (e < 0) continue;
+  for (int u = cluster.id; u < sched.num_units; u += cluster.count) {
+    int m_group, n_block;
+    sched.coords(u, m_group, n_block);
+    const UnitRole role = unit_role<Cfg>(args, sched, m_group, cluster.rank);
+    if (role.skip) continue;
+    const int e = role.expert;
+    const int m0 = role.m_block * Cfg::kBlockM;
+    const int n0 = n_block * Cfg::kBlockN;
+    if (e < 0 || !warpgroup_has_rows<Cfg>(args, sched, m0 + warp_group * 64, consumer_tid % 128, 3 + warp_group)) {
+      // No tile or only padding: keep the ring in step, releasing each stage as soon as it lands.
+      for (int kt = 0; kt < k_tiles; ++kt) {
+        cutlass::arch::ClusterBarrier::wait(&smem.full[ring.stage], ring.phase);
+        release_stage<Cfg>(&smem.empty[ring.stage], lane);
+        ring.advance();
+      }
+      continue;
+    }
     clear(acc_up);
     if constexpr (Cfg::kGated) clear(acc_gate);
     fence_accumulators(acc_up, acc_gate, Cfg::kGated);
@@ -358,16 +490,14 @@ __device__ __forceinline__ void consume(const MoeGemmArgs& args, const SmemPlan<
       mma_stage<Cfg>(mma, ring.stage, tCrA, tCrB0, tCrB1, acc_up, acc_gate);
       cute::warpgroup_wait<1>();  // the batch of k-tile kt-1 retired: its stage can be refilled
       fence_accumulators(acc_up, acc_gate, Cfg::kGated);
-      if (previous >= 0) release_stage(&smem.empty[previous], lane);
+      if (previous >= 0) release_stage<Cfg>(&smem.empty[previous], lane);
       previous = ring.stage;
       ring.advance();
     }
     cute::warpgroup_wait<0>();
     fence_accumulators(acc_up, acc_gate, Cfg::kGated);
-    release_stage(&smem.empty[previous], lane);
+    release_stage<Cfg>(&smem.empty[previous], lane);
 
-    const int m0 = m_block * Cfg::kBlockM;
-    const int n0 = n_block * Cfg::kBlockN;
     // An opaque copy of the thread index, made here: the epilogue's thread-dependent addresses are then computed
     // per tile instead of being hoisted out of the tile loop, where they would sit next to the accumulators
     // through the main loop and push ptxas (capped at 65536 / 384 registers) into spilling.
@@ -392,11 +522,18 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   if (threadIdx.x == 0) {
     for (int s = 0; s < Cfg::kStages; ++s) {
       cutlass::arch::ClusterTransactionBarrier::init(&smem.full[s], 1);
-      cutlass::arch::ClusterBarrier::init(&smem.empty[s], Cfg::kConsumerWarps);
+      cutlass::arch::ClusterBarrier::init(&smem.empty[s], Cfg::kEmptyArrivals);
     }
     cutlass::arch::fence_barrier_init();
   }
-  __syncthreads();  // the last CTA-wide barrier: the roles below never wait for each other's threads
+  // Every CTA of the cluster sees every barrier initialised before anyone arrives on it or multicasts to it. The
+  // roles below never wait for each other's threads again until the exit.
+  if constexpr (Cfg::kCluster == 1) {
+    __syncthreads();
+  } else {
+    cute::cluster_arrive_relaxed();
+    cute::cluster_wait();
+  }
 
   if (threadIdx.x < 128) {
     cutlass::arch::warpgroup_reg_dealloc<Cfg::kProducerRegs>();
@@ -409,14 +546,15 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
     cutlass::arch::warpgroup_reg_alloc<Cfg::kConsumerRegs>();
     consume<Cfg>(args, smem);
   }
+  if constexpr (Cfg::kCluster > 1) cluster_sync_unaligned();  // the peer may still arrive on this CTA's barriers
 }
 
 // Host side: GEMM1 first gathers x into a_sorted; then one persistent CTA per SM (at most one per tile).
 // Never synchronises; bad arguments throw (pybind11 turns std::invalid_argument into ValueError).
-template <typename T, Act A, GemmMode Mode, int BM, int BN, int BK, int Stages>
+template <typename T, Act A, GemmMode Mode, int BM, int BN, int BK, int Stages, int ClusterM>
 void launch(const MoeGemmArgs& args, cudaStream_t stream) {
   static_assert(Mode == GemmMode::gemm1 || A == Act::Identity, "GEMM2 is rendered with act=Identity");
-  using Cfg = Config<T, A, Mode, BM, BN, BK, Stages>;
+  using Cfg = Config<T, A, Mode, BM, BN, BK, Stages, ClusterM>;
   if (args.k_splits > 1) {
     throw std::invalid_argument("moe_gemm sm90ws: k_splits: expected 1 (this kernel does not split K), got " +
                                 std::to_string(args.k_splits));
@@ -439,13 +577,26 @@ void launch(const MoeGemmArgs& args, cudaStream_t stream) {
       std::is_same_v<T, __nv_bfloat16> ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
   const int64_t b_rows = static_cast<int64_t>(args.num_experts) * args.n * Cfg::kHalves;
   const CUtensorMap tmap_a = make_tma_map_2d(a, kDtype, args.m_pad_max, args.k, BM);
-  const CUtensorMap tmap_b = make_tma_map_2d(args.b, kDtype, b_rows, args.k, BN);
-  const int64_t tiles = m_blocks * n_blocks;
-  const int grid = static_cast<int>(tiles < sms ? tiles : sms);
-  auto* kernel = &moe_gemm_sm90ws_kernel<Cfg>;
+  const CUtensorMap tmap_b = make_tma_map_2d(args.b, kDtype, b_rows, args.k, Cfg::kBoxRowsB);
+  // One cluster per unit at most, and at most one CTA per SM (clusters that do not fit wait: no CTA waits on
+  // another cluster, so this never deadlocks).
+  const int64_t units = (m_blocks + Cfg::kCluster - 1) / Cfg::kCluster * n_blocks;
+  const int64_t clusters = units < sms / Cfg::kCluster ? units : sms / Cfg::kCluster;
   // A failure here (tile too large for this GPU) makes the launch fail too; the binding reports it.
   set_max_dynamic_smem_once<&moe_gemm_sm90ws_kernel<Cfg>>(Cfg::kSmemBytes);
-  kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(tmap_a, tmap_b, args);
+  cudaLaunchAttribute cluster_dims{};
+  cluster_dims.id = cudaLaunchAttributeClusterDimension;
+  cluster_dims.val.clusterDim.x = Cfg::kCluster;
+  cluster_dims.val.clusterDim.y = 1;
+  cluster_dims.val.clusterDim.z = 1;
+  cudaLaunchConfig_t config{};
+  config.gridDim = dim3(static_cast<unsigned>((clusters > 0 ? clusters : 1) * Cfg::kCluster));
+  config.blockDim = dim3(Cfg::kThreads);
+  config.dynamicSmemBytes = Cfg::kSmemBytes;
+  config.stream = stream;
+  config.attrs = &cluster_dims;
+  config.numAttrs = 1;
+  cudaLaunchKernelEx(&config, &moe_gemm_sm90ws_kernel<Cfg>, tmap_a, tmap_b, args);
 }
 
 }  // namespace jitmoe::moe::sm90ws
