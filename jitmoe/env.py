@@ -10,7 +10,7 @@ import shlex
 from dataclasses import dataclass
 
 __all__ = ["ENV_VARS", "cache_dir", "cuda_arch_list", "max_jobs", "verbose", "debug", "disable_jit",
-           "cutlass_dir", "nvcc_path", "extra_cuda_cflags", "lock_log_seconds"]
+           "cutlass_dir", "nvcc_path", "extra_cuda_cflags", "lock_log_seconds", "tuning_enabled"]
 
 # name -> one-line description (the README table and `jitmoe env` print this).
 ENV_VARS = {
@@ -24,6 +24,7 @@ ENV_VARS = {
     "JITMOE_NVCC": "nvcc to use (default: CUDA_HOME/bin/nvcc, then PATH, then /usr/local/cuda)",
     "JITMOE_EXTRA_CUDA_CFLAGS": "extra nvcc flags (shell-quoted); part of the cache key",
     "JITMOE_LOCK_LOG_SECONDS": "while waiting on another process's build, log every N seconds (default 15)",
+    "JITMOE_TUNING": "0: ignore stored autotune choices and never tune (default: use them; tune inside autotune())",
 }
 
 
@@ -89,3 +90,9 @@ def extra_cuda_cflags() -> tuple[str, ...]:
 
 def lock_log_seconds() -> float:
     return float(os.environ.get("JITMOE_LOCK_LOG_SECONDS", "15"))
+
+
+def tuning_enabled() -> bool:
+    """False when JITMOE_TUNING is 0/false/no/off: stored autotune choices are ignored and nothing is tuned."""
+    raw = os.environ.get("JITMOE_TUNING")
+    return raw is None or raw.strip().lower() not in ("0", "false", "no", "off")

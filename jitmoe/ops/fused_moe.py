@@ -23,6 +23,7 @@ import torch
 
 from ..jit.arch import arch_of_capability
 from ..reference import moe as _ref
+from . import moe_autotune as _autotune
 from . import moe_gemm as _gemm
 from . import permute as _permute
 from ._library import custom_op
@@ -59,9 +60,17 @@ class ActivationType(enum.IntEnum):
 @contextlib.contextmanager
 def autotune(tune_mode: bool = True, cache: Optional[str] = None, tuning_buckets=None, round_up=None,
              skip_ops=None):
-    """FlashInfer's ``autotune`` context, accepted for compatibility: jitmoe picks tiles with a pure heuristic
-    (``moe_gemm.select_config``), so calls inside the context run exactly as outside it."""
-    yield
+    """FlashInfer's ``autotune`` context. With ``tune_mode`` True, every CUDA ``cutlass_fused_moe`` call inside it
+    whose problem (arch, dtype, gated, H, I, E_local, top-k, tokens rounded up to a power of two) has no stored
+    choice times the GEMM tile candidates on its own inputs (synchronising the device; configs not built before
+    cost 20-30 s of JIT build each), stores the fastest in memory and in the JIT cache (``<cache>/tuning/``), and
+    runs with it; with ``tune_mode`` False it only looks up. ``cache``: a JSON file whose choices are loaded on
+    entry (if it exists) and to which every choice is saved on exit (when ``tune_mode`` is True). Outside the
+    context stored choices are used, else the heuristic; ``JITMOE_TUNING=0`` turns both off. Calls captured in a
+    CUDA graph or traced by torch.compile never tune. ``tuning_buckets``, ``round_up`` and ``skip_ops`` are
+    accepted and ignored (the token buckets are powers of two; there is one op). See ``moe_autotune``."""
+    with _autotune.session(tune_mode, cache):
+        yield
 
 
 _forced_kernel = ""  # '' (heuristic) or a moe_gemm.KERNELS name; a plain global so torch.compile can guard on it
@@ -335,11 +344,17 @@ def _device_sms(index: int) -> int:
 
 
 def _gemm_configs(num_slots: int, num_local: int, hidden: int, inter: int, x: torch.Tensor, activation: str,
-                  kernel: str, k_splits: int):
-    """Configs of GEMM1 (n = I, k = H) and GEMM2 (n = H, k = I): same block_m, split-K chosen per GEMM."""
+                  kernel: str, k_splits: int, workload: Optional[_autotune.Workload] = None):
+    """Configs of GEMM1 (n = I, k = H) and GEMM2 (n = H, k = I), same block_m: the tuned choice for the call's
+    problem (stored, or measured now inside ``autotune()``; ``workload`` holds the tensors to measure on) unless
+    a kernel or split is forced, else the heuristic with split-K chosen per GEMM."""
     device = x.device
-    common = dict(arch=_device_arch(device.index), dtype=x.dtype, kernel=kernel or None,
-                  num_sms=_device_sms(device.index), k_splits=k_splits or None)
+    arch, num_sms = _device_arch(device.index), _device_sms(device.index)
+    if workload is not None and not (kernel or k_splits):
+        tuned = _autotune.choose(workload, arch, num_sms)
+        if tuned is not None:
+            return tuned
+    common = dict(arch=arch, dtype=x.dtype, kernel=kernel or None, num_sms=num_sms, k_splits=k_splits or None)
     return (_gemm.select_config(num_slots, num_local, inter, hidden, gated=activation in _gemm.GATED_ACTIVATIONS,
                                 **common),
             _gemm.select_config(num_slots, num_local, hidden, inter, gated=False, **common))
@@ -350,7 +365,10 @@ def _run_cuda(output, x, topk_ids, slot_weights, fc1, fc2, fc1_bias, fc2_bias, a
     """moe_align -> GEMM1 -> GEMM2 -> combine on the current stream; scratch from the caching allocator."""
     num_tokens, topk = topk_ids.shape
     num_local, hidden, inter = fc2.shape
-    cfg1, cfg2 = _gemm_configs(num_tokens * topk, num_local, hidden, inter, x, activation, kernel, k_splits)
+    workload = _autotune.Workload(x, topk_ids, slot_weights, fc1, fc2, fc1_bias, fc2_bias, act_params, activation,
+                                  local_expert_offset)
+    cfg1, cfg2 = _gemm_configs(num_tokens * topk, num_local, hidden, inter, x, activation, kernel, k_splits,
+                               workload)
     routing = _permute.empty_align_outputs(num_tokens * topk, num_local, cfg1.block_m, x.device)
     _permute.align_into(topk_ids, num_local, cfg1.block_m, local_expert_offset, routing)
     sorted_ids, block_expert, num_padded, _ = routing

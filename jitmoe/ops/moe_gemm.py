@@ -33,7 +33,10 @@ KERNELS = ("sm80", "sm90", "sm90ws")
 SM90A_KERNELS = frozenset({"sm90", "sm90ws"})   # wgmma / TMA: built for arch 90a only
 TMA_A_KERNELS = frozenset({"sm90ws"})           # GEMM1 reads a sorted copy of x (MoeGemmArgs::a_sorted)
 SPLIT_K_KERNELS = frozenset({"sm80", "sm90"})   # kernels that implement k_splits > 1
-SM90WS_CLUSTER_M = 2  # sm90ws: CTAs per cluster that share each weight tile by TMA multicast
+# sm90ws: CTAs per cluster that share each weight tile by TMA multicast. Two measured faster on DeepSeek-V3 T=4096
+# (GEMM1 -12%) and slower on DeepSeek-V3 T=16384 (GEMM1 +30%) and Qwen3 T=4096 (GEMM2 +11%) on the H100
+# (benchmarks/results/h100-2026-11-22-session3/), so the kernel runs unclustered unless a spec asks.
+SM90WS_CLUSTER_M = 1
 BLOCK_MS = (16, 32, 64, 128)
 MAX_K_SPLITS = 16
 GEMM_DTYPES = (torch.bfloat16, torch.float16)

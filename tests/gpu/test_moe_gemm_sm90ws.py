@@ -182,8 +182,9 @@ def test_gemm2_never_writes_dropped_slots():
 
 
 @pytest.mark.parametrize("shape", [(600, 1, 1, 520, 200), (1000, 8, 4, 264, 136), (300, 64, 8, 1032, 392)])
-def test_kernel_without_clusters(shape):
-    """cluster_m=1 (no weight multicast) runs the same tiles: every tile loads its own B."""
+def test_kernel_with_the_other_cluster_size(shape):
+    """The cluster size the default does not use (1 or 2 CTAs sharing each weight tile by multicast) computes the
+    same tiles: odd M-block counts, neighbouring blocks of different experts, CTAs without a tile in a unit."""
     other = 3 - SM90WS_CLUSTER_M
     check_gemm1(*shape, "Swiglu", torch.bfloat16, cluster_m=other)
     tokens, experts, topk, hidden, inter_size = shape

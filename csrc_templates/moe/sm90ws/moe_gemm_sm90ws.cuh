@@ -11,7 +11,8 @@
 // unit's r-th M block. M blocks past num_padded (a device value) do not exist and unused blocks (e = -1) have no
 // tile. When all of a unit's blocks belong to one expert (the common case in prefill) they need the same weight
 // tile: each CTA loads 1/kCluster of it and the TMA multicasts it to the whole cluster, which halves the L2 -> SM
-// traffic of B, the bound of this kernel at large batches. Units are rastered in groups of kRasterGroup M blocks
+// traffic of B. (Measured on the H100 it helps some shapes and hurts others, so the default is one CTA per
+// cluster: moe_gemm.SM90WS_CLUSTER_M.) Units are rastered in groups of kRasterGroup M blocks
 // with M fastest, so the clusters that run at the same time read the same weight tile (and a bounded set of A
 // blocks) and each byte of B comes from HBM about once per group.
 //
@@ -20,9 +21,7 @@
 // bytes landed) and an "empty" mbarrier (every consumer warp of the cluster retired its wgmma on that stage: the
 // peer may multicast into this CTA's stage, so the rings of a cluster move in step); and two consumer warpgroups
 // (registers raised) that each own 64 rows of the 128-row tile ("cooperative"), issue SS wgmma with fp32
-// accumulators, and release a stage as soon as the wgmma that read it has retired. A warpgroup whose 64 rows are
-// all padding (the tail of an expert's last block) issues no wgmma, which leaves the tensor cores to the other
-// one. A gated GEMM1 keeps two accumulators with identical layouts, one fed by the up rows [n0, n0+BN) of fc1[e]
+// accumulators, and release a stage as soon as the wgmma that read it has retired. A gated GEMM1 keeps two accumulators with identical layouts, one fed by the up rows [n0, n0+BN) of fc1[e]
 // and one by the gate rows [N+n0, ...): element i of both holds the same (row, column). The epilogue (GEMM1: bias
 // + activation; GEMM2: (acc + bias) * routing weight) runs in fp32, goes through a dedicated XOR-swizzled staging
 // tile (so the producer keeps filling the ring for the next tile meanwhile) and leaves as 16-byte row chunks:
@@ -73,7 +72,7 @@ struct Config {
   static constexpr int kConsumerRegs = 232;
   // CTAs of a cluster along M. They walk the same sequence of tiles with their rings in step, on neighbouring M
   // blocks of one N block; when both blocks belong to one expert each CTA loads half of the B tile and the TMA
-  // multicasts it into both, halving the L2 -> SM traffic of B (the kernel is bound by that traffic).
+  // multicasts it into both, halving the L2 -> SM traffic of B.
   static constexpr int kCluster = ClusterM;
   static constexpr int kConsumerWarps = 4 * kConsumerWarpGroups;
   static constexpr int kEmptyArrivals = kConsumerWarps * kCluster;  // every consumer warp of the cluster
@@ -289,32 +288,6 @@ __device__ __forceinline__ void named_barrier_sync(int id, int threads) {
   asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(threads) : "memory");
 }
 
-// True on every thread of the `threads` that meet at named barrier `id` when `pred` holds on any of them.
-__device__ __forceinline__ bool named_barrier_any(int id, int threads, bool pred) {
-  uint32_t any;
-  asm volatile(
-      "{\n .reg .pred p, q;\n setp.ne.u32 p, %1, 0;\n bar.red.or.pred q, %2, %3, p;\n selp.u32 %0, 1, 0, q;\n}"
-      : "=r"(any)
-      : "r"(static_cast<uint32_t>(pred)), "r"(id), "r"(threads)
-      : "memory");
-  return any != 0;
-}
-
-// Whether any of a warpgroup's 64 rows [row0, row0 + 64) of the sorted order holds a real slot. The last M block of
-// an expert is padded at its end, so its second warpgroup often has none: that warpgroup then issues no wgmma (the
-// other one gets the tensor cores to itself) and no epilogue.
-template <class Cfg>
-__device__ __forceinline__ bool warpgroup_has_rows(const MoeGemmArgs& args, const TileScheduler<Cfg>& sched,
-                                                   int row0, int wg_tid, int barrier_id) {
-  const int p = row0 + wg_tid % 64;
-  bool real = false;
-  if (p < sched.rows_used) {
-    const int s = args.sorted_ids[p];
-    real = s >= 0 && s < args.num_slots;
-  }
-  return named_barrier_any(barrier_id, 128, real);
-}
-
 // GEMM2 scale of sorted row p: the routing weight of its slot (1 for padding rows, which are never stored).
 template <class Cfg>
 __device__ __forceinline__ float row_scale(const MoeGemmArgs& args, const TileScheduler<Cfg>& sched, int p) {
@@ -471,8 +444,9 @@ __device__ __forceinline__ void consume(const MoeGemmArgs& args, const SmemPlan<
     const int e = role.expert;
     const int m0 = role.m_block * Cfg::kBlockM;
     const int n0 = n_block * Cfg::kBlockN;
-    if (e < 0 || !warpgroup_has_rows<Cfg>(args, sched, m0 + warp_group * 64, consumer_tid % 128, 3 + warp_group)) {
-      // No tile or only padding: keep the ring in step, releasing each stage as soon as it lands.
+    if (e < 0) {
+      // No tile for this CTA in the unit (its peer has one): keep the ring in step, releasing each stage as soon
+      // as it lands.
       for (int kt = 0; kt < k_tiles; ++kt) {
         cutlass::arch::ClusterBarrier::wait(&smem.full[ring.stage], ring.phase);
         release_stage<Cfg>(&smem.empty[ring.stage], lane);
