@@ -407,23 +407,6 @@ def test_alltoall_without_ep_is_accepted():
 
 
 # -- the CUDA pipeline's plumbing, run on CPU tensors: moe_gemm's CPU path plus reference align/combine --------------
-@pytest.fixture
-def cpu_pipeline(monkeypatch):
-    from jitmoe.reference.moe import moe_align_reference, moe_combine_reference
-
-    def align_into(ids, num_local, block_m, offset, outputs):
-        for out, ref in zip(outputs, moe_align_reference(ids, num_local, block_m, offset)):
-            out.copy_(ref)
-
-    def combine_into(out_slots, ids, output, num_local, offset):
-        output.copy_(moe_combine_reference(out_slots, ids, num_local, offset))
-
-    monkeypatch.setattr(fm, "_device_arch", lambda index: "90a")
-    monkeypatch.setattr(fm, "_device_sms", lambda index: 132)
-    monkeypatch.setattr(fm._permute, "align_into", align_into)
-    monkeypatch.setattr(fm._permute, "combine_into", combine_into)
-
-
 @pytest.mark.parametrize("k_splits", [0, 2])
 @pytest.mark.parametrize("kernel", ["", "sm80", "sm90"])
 @pytest.mark.parametrize("k,act,ep_rank", [(1, "Swiglu", 0), (2, "SwigluBias", 1), (3, "Relu2", 0)])

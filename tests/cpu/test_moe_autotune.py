@@ -15,7 +15,7 @@ from jitmoe.jit.tuning import TuningStore
 from jitmoe.ops import fused_moe as fm
 from jitmoe.ops import moe_autotune as at
 from jitmoe.ops import moe_gemm
-from jitmoe.reference.moe import fused_moe_reference, moe_align_reference, moe_combine_reference
+from jitmoe.reference.moe import fused_moe_reference
 from jitmoe.testing import rel_error
 
 BF16 = torch.bfloat16
@@ -33,19 +33,9 @@ def fresh(tmp_path, monkeypatch):
 
 
 @pytest.fixture
-def cpu_pipeline(fresh, monkeypatch):
-    """fm._run_cuda on CPU tensors: reference align/combine, moe_gemm's CPU path, an H100's arch and SM count."""
-    def align_into(ids, num_local, block_m, offset, outputs):
-        for out, ref in zip(outputs, moe_align_reference(ids, num_local, block_m, offset)):
-            out.copy_(ref)
-
-    def combine_into(out_slots, ids, output, num_local, offset):
-        output.copy_(moe_combine_reference(out_slots, ids, num_local, offset))
-
-    monkeypatch.setattr(fm, "_device_arch", lambda index: "90a")
-    monkeypatch.setattr(fm, "_device_sms", lambda index: 132)
-    monkeypatch.setattr(fm._permute, "align_into", align_into)
-    monkeypatch.setattr(fm._permute, "combine_into", combine_into)
+def cpu_pipeline(fresh, cpu_pipeline):
+    """The CUDA pipeline on CPU tensors (conftest) with a fresh, private tuning store."""
+    return cpu_pipeline
 
 
 class FakeTimer:
