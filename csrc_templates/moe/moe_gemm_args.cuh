@@ -17,6 +17,8 @@
 
 namespace jitmoe::moe {
 
+enum class GemmMode { gemm1, gemm2 };  // which of the two GEMMs above a kernel specialization computes
+
 struct MoeGemmArgs {
   const void* a;                // GEMM1: x [T, K]; GEMM2: inter [m_pad_max, K]
   const void* b;                // [E, n_b, K] row-major (K contiguous); gated GEMM1: n_b = 2N, rows [0,N) up,

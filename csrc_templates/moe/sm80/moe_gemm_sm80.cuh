@@ -27,7 +27,7 @@
 
 namespace jitmoe::moe::sm80 {
 
-enum class GemmMode { gemm1, gemm2 };
+using moe::GemmMode;
 
 // ---------------------------------------------------------------------------------------------------------------
 // PTX wrappers. The ones touching shared memory are volatile with a memory clobber so the compiler neither merges

@@ -29,26 +29,21 @@
 #include "common/dtypes.cuh"
 #include "common/launch.cuh"
 #include "moe/activation.cuh"
+#include "moe/sm90_gemm_traits.cuh"
 #include "moe/moe_gemm_args.cuh"
 #include "moe/split_k.cuh"
 
 namespace jitmoe::moe::sm90 {
 
-enum class GemmMode { gemm1, gemm2 };
+using moe::GemmMode;
 
 // Everything a specialization fixes at compile time, and the invariants the kernel relies on.
 template <typename T, Act A, GemmMode Mode, int BM, int BN, int BK, int Stages>
-struct Config {
-  static_assert(std::is_same_v<T, __nv_bfloat16> || std::is_same_v<T, __half>, "sm90 GEMM: bf16 or fp16 only");
-  using Element = T;                                          // CUDA type (conversions, epilogue)
-  using Elem = std::conditional_t<std::is_same_v<T, __nv_bfloat16>, cutlass::bfloat16_t, cutlass::half_t>;
-  static constexpr Act kAct = A;
-  static constexpr bool kGemm2 = Mode == GemmMode::gemm2;
-  static constexpr bool kGated = !kGemm2 && ActTraits<A>::kGated;
-  static constexpr int kHalves = kGated ? 2 : 1;             // B halves: up (+ gate)
+struct Config : Sm90GemmTraits<T, A, Mode, BM, BN, BK, Stages, BM / 64> {
+  using Traits = Sm90GemmTraits<T, A, Mode, BM, BN, BK, Stages, BM / 64>;
   static constexpr int kBlockM = BM, kBlockN = BN, kBlockK = BK, kStages = Stages;
 
-  static constexpr int kWarpGroups = BM / 64;
+  static constexpr int kWarpGroups = Traits::kMmaWarpGroups;
   static constexpr int kThreads = kWarpGroups * 128;
   static constexpr int kChunksK = BK / 8;                     // 16-byte chunks per tile row
   static constexpr int kRowsPerPass = kThreads / kChunksK;    // tile rows one cp.async pass covers
@@ -58,30 +53,17 @@ struct Config {
   static_assert(BM == 64 || BM == 128, "BLOCK_M must be 64 or 128 (one or two consumer warpgroups)");
   static_assert(BK == 64 || BK == 128, "BLOCK_K must be 64 or 128 (whole 128-byte swizzle atoms)");
   static_assert(BN % 32 == 0 && BN >= 32, "BLOCK_N must be a multiple of 32");
-  static_assert(BN * kHalves <= 256, "accumulators: BLOCK_N <= 256, gated BLOCK_N <= 128");
   static_assert(BN % kRowsPerPass == 0 && BM % kRowsPerPass == 0, "cp.async passes must tile the block");
   static_assert(Stages >= 3, "the pipeline keeps one wgmma batch and at least one copy in flight");
 
-  using SmemAtom = cute::GMMA::Layout_K_SW128_Atom<Elem>;  // 8 rows x 64 elements, 128-byte swizzle
-  template <int Rows>
-  using SmemLayout = decltype(cute::tile_to_shape(
-      SmemAtom{}, cute::Shape<cute::Int<Rows>, cute::Int<BK>, cute::Int<Stages>>{}));
-  using SmemLayoutA = SmemLayout<BM>;  // (BM, BK, Stages)
-  using SmemLayoutB = SmemLayout<BN>;  // (BN, BK, Stages), one per B half
-  using TiledMma = decltype(cute::make_tiled_mma(
-      cute::GMMA::ss_op_selector<Elem, Elem, float, cute::Shape<cute::_64, cute::Int<BN>, cute::Int<BK>>>(),
-      cute::Layout<cute::Shape<cute::Int<kWarpGroups>, cute::_1, cute::_1>>{}));
-
   // Shared memory: [A stages | B stages x halves] reused by the epilogue's staging tile, then per-row metadata.
-  static constexpr int kElemsA = cute::cosize_v<SmemLayoutA>;
-  static constexpr int kElemsB = cute::cosize_v<SmemLayoutB>;
-  static constexpr int kBytesPipe = (kElemsA + kHalves * kElemsB) * 2;
   static constexpr int kStageLd = BN + 8;                     // staging row pitch (elements): conflict-free
   static constexpr int kBytesStaging = BM * kStageLd * 2;
-  static constexpr int kBytesMain = kBytesPipe > kBytesStaging ? kBytesPipe : kBytesStaging;
+  static constexpr int kBytesMain = Traits::kBytesPipe > kBytesStaging ? Traits::kBytesPipe : kBytesStaging;
   static constexpr int kSwizzleAlign = 1024;                  // the 128-byte swizzle repeats every 1 KiB
   static constexpr int kSmemBytes = kSwizzleAlign + kBytesMain + BM * 3 * 4;
-  static_assert(kElemsA * 2 % kSwizzleAlign == 0 && kElemsB * 2 % kSwizzleAlign == 0, "stage buffers stay aligned");
+  static_assert(Traits::kElemsA * 2 % kSwizzleAlign == 0 && Traits::kElemsB * 2 % kSwizzleAlign == 0,
+                "stage buffers stay aligned");
   static_assert(kSmemBytes <= 227 * 1024, "shared memory exceeds the 227 KiB an sm_90 CTA may use: fewer stages");
 };
 

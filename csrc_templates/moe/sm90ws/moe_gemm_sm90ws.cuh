@@ -16,16 +16,17 @@
 // with M fastest, so the clusters that run at the same time read the same weight tile (and a bounded set of A
 // blocks) and each byte of B comes from HBM about once per group.
 //
-// Each CTA has three warpgroups: a producer (registers given back with setmaxnreg) whose one elected thread issues
-// the TMA loads of every k-tile into a ring of kStages stages, each guarded by a "full" transaction mbarrier (TMA
-// bytes landed) and an "empty" mbarrier (every consumer warp of the cluster retired its wgmma on that stage: the
-// peer may multicast into this CTA's stage, so the rings of a cluster move in step); and two consumer warpgroups
-// (registers raised) that each own 64 rows of the 128-row tile ("cooperative"), issue SS wgmma with fp32
-// accumulators, and release a stage as soon as the wgmma that read it has retired. A gated GEMM1 keeps two accumulators with identical layouts, one fed by the up rows [n0, n0+BN) of fc1[e]
-// and one by the gate rows [N+n0, ...): element i of both holds the same (row, column). The epilogue (GEMM1: bias
-// + activation; GEMM2: (acc + bias) * routing weight) runs in fp32, goes through a dedicated XOR-swizzled staging
-// tile (so the producer keeps filling the ring for the next tile meanwhile) and leaves as 16-byte row chunks:
-// GEMM1 to inter[p], GEMM2 scattered to out_slots[slot]; padding rows and columns >= N are never written.
+// Each CTA has three warpgroups: a producer (registers given back with setmaxnreg) whose one elected thread issues the
+// TMA loads of every k-tile into a ring of kStages stages, each guarded by a "full" transaction mbarrier (TMA bytes
+// landed) and an "empty" mbarrier (every consumer warp of the cluster retired its wgmma on that stage: the peer may
+// multicast into this CTA's stage, so the rings of a cluster move in step); and two consumer warpgroups (registers
+// raised) that each own 64 rows of the 128-row tile ("cooperative"), issue SS wgmma with fp32 accumulators, and release
+// a stage as soon as the wgmma that read it has retired. A gated GEMM1 keeps two accumulators with identical layouts,
+// one fed by the up rows [n0, n0+BN) of fc1[e] and one by the gate rows [N+n0, ...): element i of both holds the same
+// (row, column). The epilogue (GEMM1: bias + activation; GEMM2: (acc + bias) * routing weight) runs in fp32, goes
+// through a dedicated XOR-swizzled staging tile (so the producer keeps filling the ring for the next tile meanwhile)
+// and leaves as 16-byte row chunks: GEMM1 to inter[p], GEMM2 scattered to out_slots[slot]; padding rows and columns >=
+// N are never written.
 #pragma once
 #include <cuda.h>
 #include <cuda_runtime.h>  // cudaLaunchKernelEx (cluster launch)
@@ -46,27 +47,22 @@
 #include "common/dtypes.cuh"
 #include "common/launch.cuh"
 #include "moe/activation.cuh"
+#include "moe/sm90_gemm_traits.cuh"
 #include "moe/moe_gemm_args.cuh"
 #include "moe/sm90ws/gather.cuh"
 #include "moe/sm90ws/tma_host.cuh"
 
 namespace jitmoe::moe::sm90ws {
 
-enum class GemmMode { gemm1, gemm2 };
+using moe::GemmMode;
 
 // Everything a specialization fixes at compile time, the shared-memory plan, and the invariants.
 template <typename T, Act A, GemmMode Mode, int BM, int BN, int BK, int Stages, int ClusterM>
-struct Config {
-  static_assert(std::is_same_v<T, __nv_bfloat16> || std::is_same_v<T, __half>, "sm90ws GEMM: bf16 or fp16 only");
-  using Element = T;                                          // CUDA type (conversions, epilogue)
-  using Elem = std::conditional_t<std::is_same_v<T, __nv_bfloat16>, cutlass::bfloat16_t, cutlass::half_t>;
-  static constexpr Act kAct = A;
-  static constexpr bool kGemm2 = Mode == GemmMode::gemm2;
-  static constexpr bool kGated = !kGemm2 && ActTraits<A>::kGated;
-  static constexpr int kHalves = kGated ? 2 : 1;             // B halves: up (+ gate)
+struct Config : Sm90GemmTraits<T, A, Mode, BM, BN, BK, Stages, 2> {
+  using Traits = Sm90GemmTraits<T, A, Mode, BM, BN, BK, Stages, 2>;  // two consumer warpgroups
   static constexpr int kBlockM = BM, kBlockN = BN, kBlockK = BK, kStages = Stages;
 
-  static constexpr int kConsumerWarpGroups = 2;              // 64 rows of the tile each
+  static constexpr int kConsumerWarpGroups = Traits::kMmaWarpGroups;
   static constexpr int kThreads = 128 * (1 + kConsumerWarpGroups);
   static constexpr int kProducerRegs = 40;                   // 128 x 40 + 256 x 232 <= 64 K registers
   static constexpr int kConsumerRegs = 232;
@@ -83,34 +79,20 @@ struct Config {
   static_assert(BK == 64, "BLOCK_K must be 64 (one 128-byte swizzle row per TMA box row)");
   static_assert(BN % 64 == 0 && BN <= 256, "BLOCK_N: 64, 128, 192 or 256 (TMA box <= 256 rows; the staging swizzle "
                                            "permutes groups of 8 16-byte chunks)");
-  static_assert(BN * kHalves <= 256, "accumulators: BLOCK_N <= 256, gated BLOCK_N <= 128");
   static_assert(Stages >= 2, "the ring needs at least two stages to overlap loads and wgmma");
   static_assert(kCluster == 1 || kCluster == 2, "clusters of one or two CTAs along M");
   static_assert(kRasterGroup % kCluster == 0 && kBoxRowsB % 8 == 0, "a B box is whole 8-row swizzle atoms");
 
-  using SmemAtom = cute::GMMA::Layout_K_SW128_Atom<Elem>;  // 8 rows x 64 elements, 128-byte swizzle (= TMA's)
-  template <int Rows>
-  using SmemLayout = decltype(cute::tile_to_shape(
-      SmemAtom{}, cute::Shape<cute::Int<Rows>, cute::Int<BK>, cute::Int<Stages>>{}));
-  using SmemLayoutA = SmemLayout<BM>;  // (BM, BK, Stages): each stage one contiguous TMA box
-  using SmemLayoutB = SmemLayout<BN>;  // (BN, BK, Stages), one per B half
-  using TiledMma = decltype(cute::make_tiled_mma(
-      cute::GMMA::ss_op_selector<Elem, Elem, float, cute::Shape<cute::_64, cute::Int<BN>, cute::Int<BK>>>(),
-      cute::Layout<cute::Shape<cute::Int<kConsumerWarpGroups>, cute::_1, cute::_1>>{}));
-
   // Shared memory: [A stages | B stages x halves | staging tile | full barriers | empty barriers].
-  static constexpr int kElemsA = cute::cosize_v<SmemLayoutA>;
-  static constexpr int kElemsB = cute::cosize_v<SmemLayoutB>;
   static constexpr int kBytesStageA = BM * BK * 2;
   static constexpr int kBytesStageB = BN * BK * 2;
-  static constexpr int kTxBytes = kBytesStageA + kHalves * kBytesStageB;  // TMA bytes per stage (OOB fill counts)
-  static constexpr int kBytesPipe = (kElemsA + kHalves * kElemsB) * 2;
+  static constexpr int kTxBytes = kBytesStageA + Traits::kHalves * kBytesStageB;  // per stage (OOB fill counts)
   static constexpr int kBytesStaging = BM * BN * 2;
-  static constexpr int kOffsetStaging = kBytesPipe;
-  static constexpr int kOffsetBarriers = kBytesPipe + kBytesStaging;
+  static constexpr int kOffsetStaging = Traits::kBytesPipe;
+  static constexpr int kOffsetBarriers = Traits::kBytesPipe + kBytesStaging;
   static constexpr int kSwizzleAlign = 1024;                  // the 128-byte swizzle repeats every 1 KiB
   static constexpr int kSmemBytes = kSwizzleAlign + kOffsetBarriers + 2 * Stages * 8;
-  static_assert(kElemsA == Stages * BM * BK && kElemsB == Stages * BN * BK, "stage buffers are dense");
+  static_assert(Traits::kElemsA == Stages * BM * BK && Traits::kElemsB == Stages * BN * BK, "stage buffers are dense");
   static_assert(kBytesStageA % kSwizzleAlign == 0 && kBytesStageB % kSwizzleAlign == 0, "stages stay aligned");
   static_assert(kSmemBytes <= 227 * 1024, "shared memory exceeds the 227 KiB an sm_90 CTA may use: fewer stages");
 };
