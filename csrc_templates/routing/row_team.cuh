@@ -38,7 +38,7 @@ struct RowLayout {
   static constexpr int kChunk = 16 / static_cast<int>(sizeof(T));
   static constexpr int kSlots = NCH * kChunk;
   static_assert(kSlots <= 32, "the per-thread validity mask is 32 bits");
-  static_assert(G % kWarpSize == 0, "a team is made of whole warps");
+  static_assert(G == 16 || G % kWarpSize == 0, "a team is a half warp or made of whole warps");
 
   // Expert index held by team thread t in register slot s.
   __device__ __forceinline__ static int expert(int t, int s) { return ((s / kChunk) * G + t) * kChunk + s % kChunk; }
@@ -95,6 +95,49 @@ __device__ __forceinline__ float warp_sum(float v) {
   for (int off = kWarpSize / 2; off > 0; off /= 2) v += __shfl_xor_sync(kFullMask, v, off);
   return v;  // the butterfly adds the same operands in every lane, so all lanes hold bit-identical sums
 }
+
+// G consecutive lanes of a warp (G = 32: the whole warp, 16: a half) acting as one team: reductions and ballots
+// stay inside the group, and every lane names only its own group in the masks, so groups may diverge.
+template <int G>
+struct LaneGroup {
+  static_assert(G == 16 || G == kWarpSize, "lane groups are half or whole warps");
+  __device__ __forceinline__ static int lane() { return threadIdx.x % G; }
+  __device__ __forceinline__ static unsigned mask() {
+    return G == kWarpSize ? kFullMask : ((1u << G) - 1u) << (threadIdx.x % kWarpSize / G * G);
+  }
+  __device__ __forceinline__ static uint32_t max_u32(uint32_t v) {
+    if constexpr (G == kWarpSize) {
+      return __reduce_max_sync(kFullMask, v);
+    } else {
+#pragma unroll
+      for (int off = G / 2; off > 0; off /= 2) v = max(v, __shfl_xor_sync(mask(), v, off));
+      return v;
+    }
+  }
+  __device__ __forceinline__ static uint32_t min_u32(uint32_t v) {
+    if constexpr (G == kWarpSize) {
+      return __reduce_min_sync(kFullMask, v);
+    } else {
+#pragma unroll
+      for (int off = G / 2; off > 0; off /= 2) v = min(v, __shfl_xor_sync(mask(), v, off));
+      return v;
+    }
+  }
+  __device__ __forceinline__ static int32_t min_i32(int32_t v) {
+    if constexpr (G == kWarpSize) {
+      return __reduce_min_sync(kFullMask, v);
+    } else {
+#pragma unroll
+      for (int off = G / 2; off > 0; off /= 2) v = min(v, __shfl_xor_sync(mask(), v, off));
+      return v;
+    }
+  }
+  __device__ __forceinline__ static float sum_f32(float v) {  // bit-identical in every lane of the group
+#pragma unroll
+    for (int off = G / 2; off > 0; off /= 2) v += __shfl_xor_sync(mask(), v, off);
+    return v;
+  }
+};
 
 // Reductions over the team. Every thread of the team must call them (converged). Each reduction slot is used at
 // most once per kernel, so one barrier per reduction is enough.

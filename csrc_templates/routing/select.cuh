@@ -93,11 +93,11 @@ struct SplitList {
   __device__ __forceinline__ void remove(int f) const { ci[f] = -1; }
 };
 
-// The best remaining candidate among list positions lane, lane + 32, ... (removed entries have id -1).
-template <typename List>
+// The best remaining candidate among list positions lane, lane + G, ... (removed entries have id -1).
+template <int G, typename List>
 __device__ __forceinline__ LaneBest lane_best(const List& list, int n, int lane) {
   LaneBest b{0u, INT_MAX, -1};
-  for (int f = lane; f < n; f += kWarpSize) {
+  for (int f = lane; f < n; f += G) {
     const int32_t id = list.id(f);
     const uint32_t key = list.key(f);
     if (id >= 0 && (key > b.key || (key == b.key && id < b.id))) b = {key, id, f};
@@ -106,18 +106,20 @@ __device__ __forceinline__ LaneBest lane_best(const List& list, int n, int lane)
 }
 
 // Step C: k rounds of arg-max over a candidate list of n entries (consumed). On round r every lane calls
-// sink(r, key, id) with the r-th best candidate. Needs n >= k (guaranteed by step A). Called by one whole warp.
-template <typename List, typename Sink>
+// sink(r, key, id) with the r-th best candidate. Needs n >= k (guaranteed by step A). Called by a whole lane
+// group of G lanes (a warp by default) that owns the list.
+template <int G = kWarpSize, typename List, typename Sink>
 __device__ __forceinline__ void warp_select_list(const List& list, int n, int k, Sink&& sink) {
-  const int lane = threadIdx.x % kWarpSize;
-  LaneBest b = lane_best(list, n, lane);
+  using Group = LaneGroup<G>;
+  const int lane = Group::lane();
+  LaneBest b = lane_best<G>(list, n, lane);
   for (int r = 0; r < k; ++r) {
-    const uint32_t m = __reduce_max_sync(kFullMask, b.key);
-    const int32_t w = __reduce_min_sync(kFullMask, b.key == m ? b.id : INT_MAX);
+    const uint32_t m = Group::max_u32(b.key);
+    const int32_t w = Group::min_i32(b.key == m ? b.id : INT_MAX);
     sink(r, m, w);
     if (b.pos >= 0 && b.id == w) {  // ids are unique: exactly one lane consumed this round
       list.remove(b.pos);
-      b = n <= kWarpSize ? LaneBest{0u, INT_MAX, -1} : lane_best(list, n, lane);
+      b = n <= G ? LaneBest{0u, INT_MAX, -1} : lane_best<G>(list, n, lane);
     }
   }
 }

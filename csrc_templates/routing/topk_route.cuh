@@ -139,13 +139,13 @@ inline void launch_topk_team(const TopkParams& p, cudaStream_t stream) {
 }
 
 // Output slot pick.pos of row t: the weight from the winner's logit, renormalised over the row's winners if asked.
-template <typename T>
+template <int G, typename T>
 __device__ __forceinline__ void store_pick(const Pick& pick, const T* row /* [E] */, bool biased,
-                                           const FastScorer& sc, const TopkParams& p, int64_t t) {
+                                           const FastScorer& sc, const TopkParams& p, int64_t t, bool row_valid) {
   const float logit = biased && pick.have ? to_float(row[pick.id]) : pick.value;
   float w = pick.have ? sc(logit) : 0.f;
-  if (p.renormalize) w = __fdividef(w, warp_sum(w));
-  if (!pick.have) return;
+  if (p.renormalize) w = __fdividef(w, LaneGroup<G>::sum_f32(w));
+  if (!pick.have || !row_valid) return;
   const int64_t out = t * p.k + pick.pos;
   p.weights[out] = w;
   p.ids[out] = pick.id;
@@ -153,29 +153,36 @@ __device__ __forceinline__ void store_pick(const Pick& pick, const T* row /* [E]
     p.token_expert_indices[out] = static_cast<int32_t>(pick.pos * p.num_tokens + t);
 }
 
-// The fast path of warp_topk.cuh: one row per warp, k <= 32.
-template <typename T, int NCH>
+// The fast path of warp_topk.cuh, k <= G: one row per group of G lanes, 32 / G rows per warp.
+template <typename T, int NCH, int G>
 __global__ void __launch_bounds__(kWarpTeamRowsPerBlock * kWarpSize) topk_warp_kernel(const TopkParams p) {
-  using L = RowLayout<T, NCH, kWarpSize>;
+  using L = RowLayout<T, NCH, G>;
+  using Group = LaneGroup<G>;
   constexpr int S = L::kSlots;
-  __shared__ uint2 cand_smem[kWarpTeamRowsPerBlock][S * kWarpSize + 1];  // per warp: candidates (value bits, id)
-  const int warp = threadIdx.x / kWarpSize;
-  const int lane = threadIdx.x % kWarpSize;
+  constexpr int kGroups = kWarpSize / G;
+  __shared__ uint2 cand_smem[kWarpTeamRowsPerBlock * kGroups][S * G + 1];  // per group: candidates (value bits, id)
+  const int group = threadIdx.x / G;
+  const int lane = Group::lane();
   const int E = p.num_experts;
-  const int64_t t = static_cast<int64_t>(blockIdx.x) * kWarpTeamRowsPerBlock + warp;
-  if (t >= p.num_tokens) return;  // whole warps leave here; warps share nothing
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * kWarpTeamRowsPerBlock * kGroups;
+  if (first + (threadIdx.x / kWarpSize) * kGroups >= p.num_tokens) return;  // whole warps leave here
+  // A group past the last row (the second half of the last warp) routes the last row again and stores nothing,
+  // so that both halves of a warp always run the same path.
+  const int64_t t_raw = first + group;
+  const bool row_valid = t_raw < p.num_tokens;
+  const int64_t t = row_valid ? t_raw : p.num_tokens - 1;
   const T* row = static_cast<const T*>(p.logits) + t * E;
 
   float x[S];
-  load_row_padded<T, NCH>(row, E, lane, p.vec16, x);
+  load_row_padded<T, NCH, G>(row, E, lane, p.vec16, x);
   float lane_max = x[0];
 #pragma unroll
   for (int s = 1; s < S; ++s) lane_max = fmaxf(lane_max, x[s]);
   uint32_t lane_key = order_key(lane_max);
-  uint32_t max_key = __reduce_max_sync(kFullMask, lane_key);
+  uint32_t max_key = Group::max_u32(lane_key);
   const float row_max = key_to_float(max_key);
   const bool biased = p.bias != nullptr;
-  const FastScorer sc = make_fast_scorer(p.scoring, x, row_max, biased || !p.renormalize);
+  const FastScorer sc = make_fast_scorer<G>(p.scoring, x, row_max, biased || !p.renormalize);
   if (biased) {  // select by fp32 score + bias; padding slots stay -inf
     lane_max = -INFINITY;
 #pragma unroll
@@ -185,20 +192,21 @@ __global__ void __launch_bounds__(kWarpTeamRowsPerBlock * kWarpSize) topk_warp_k
       lane_max = fmaxf(lane_max, x[s]);
     }
     lane_key = order_key(lane_max);
-    max_key = __reduce_max_sync(kFullMask, lane_key);
+    max_key = Group::max_u32(lane_key);
   }
-  const float bound = key_to_float(kth_largest_lane_key(lane_key, max_key, p.k));
-  uint2* cand = cand_smem[warp];
-  const int n = compact_candidates<S, L::kChunk>(x, bound, lane, cand);
-  __syncwarp();
-  const Pick pick = n <= kWarpSize ? rank_candidates(cand, n, p.k, lane) : select_many(cand, n, p.k, lane);
-  store_pick(pick, row, biased, sc, p, t);
+  const float bound = key_to_float(kth_largest_lane_key<G>(lane_key, max_key, p.k));
+  uint2* cand = cand_smem[group];
+  const int n = compact_candidates<G, S, L::kChunk>(x, bound, lane, cand);
+  __syncwarp(Group::mask());
+  const Pick pick = n <= G ? rank_candidates(cand, n, p.k, lane) : select_many<G>(cand, n, p.k, lane);
+  store_pick<G>(pick, row, biased, sc, p, t, row_valid);
 }
 
-template <typename T, int NCH>
+template <typename T, int NCH, int G>
 inline void launch_topk_warp(const TopkParams& p, cudaStream_t stream) {
-  const int64_t blocks = (p.num_tokens + kWarpTeamRowsPerBlock - 1) / kWarpTeamRowsPerBlock;
-  topk_warp_kernel<T, NCH><<<static_cast<unsigned>(blocks), kWarpTeamRowsPerBlock * kWarpSize, 0, stream>>>(p);
+  const int64_t rows_per_block = kWarpTeamRowsPerBlock * (kWarpSize / G);
+  const int64_t blocks = (p.num_tokens + rows_per_block - 1) / rows_per_block;
+  topk_warp_kernel<T, NCH, G><<<static_cast<unsigned>(blocks), kWarpTeamRowsPerBlock * kWarpSize, 0, stream>>>(p);
 }
 
 // Picks the smallest team shape whose registers cover E (E <= 512 * CH is required: 4096 fp32 experts).
@@ -208,9 +216,13 @@ inline void launch_topk_route(const TopkParams& p, cudaStream_t stream) {
   const int E = p.num_experts;
   if (p.num_tokens <= 0) return;
   if constexpr (KMAX == kWarpSize) {
-    if (E <= 32 * CH) return launch_topk_warp<T, 1>(p, stream);
-    if (E <= 64 * CH) return launch_topk_warp<T, 2>(p, stream);
-    if (E <= 128 * CH) return launch_topk_warp<T, 4>(p, stream);
+    // Rows that fill only half a warp's first chunk (E <= 16 * CH) go two per warp. Measured on the H100 (fp32,
+    // k = 6..8): E = 64 25.0 -> 17.4 us at T = 65536; at E = 256 (four chunks per half warp) the half-warp kernel
+    // was slower (37 -> 45 us: twice the registers, shuffle reductions), and so was k = 16 (16 shuffle rounds).
+    if (E <= 16 * CH && p.k <= 8) return launch_topk_warp<T, 1, 16>(p, stream);
+    if (E <= 32 * CH) return launch_topk_warp<T, 1, kWarpSize>(p, stream);
+    if (E <= 64 * CH) return launch_topk_warp<T, 2, kWarpSize>(p, stream);
+    if (E <= 128 * CH) return launch_topk_warp<T, 4, kWarpSize>(p, stream);
   }
   if (E <= 32 * CH) return launch_topk_team<T, 1, 1, KMAX>(p, stream);
   if (E <= 64 * CH) return launch_topk_team<T, 2, 1, KMAX>(p, stream);

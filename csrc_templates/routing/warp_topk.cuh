@@ -1,16 +1,19 @@
-// Top-k routing of one row per warp for k <= 32 (E <= 128 * CH, CH = 16 / sizeof(T)): the common router shapes.
+// Top-k routing of one row per lane group for k <= G (E <= 4 * G * CH, CH = 16 / sizeof(T)): the common router
+// shapes. A group is a whole warp (G = 32) or, for rows too short to give every lane of a warp a 16-byte chunk, a
+// half warp (G = 16: two rows per warp instruction, no idle lanes).
 //
-// Built to issue few instructions per row: every step is one warp-wide pass over the lane's S = NCH * CH register
-// slots (RowLayout with a 32-thread team), and no step rescans a lane per selected expert.
+// Built to issue few instructions per row: every step is one group-wide pass over the lane's S = NCH * CH register
+// slots (RowLayout with a G-thread team), and no step rescans a lane per selected expert.
 //  1. load: 16-byte loads (scalar ones for unaligned rows); slots past E hold -inf and an id >= E, so they lose
 //     every comparison with a real expert (equal values go to the lower id) and add exp(-inf) = 0 to the softmax sum.
-//  2. row maximum: the lanes' maxima reduced with one redux.sync on order keys; softmax sum of exp2 terms.
-//  3. bound B: the k-th largest lane maximum (k - 1 rounds of redux.sync, each popping every lane that holds the
+//  2. row maximum: the lanes' maxima reduced on order keys (redux.sync for a warp, shuffles for a half warp);
+//     softmax sum of exp2 terms.
+//  3. bound B: the k-th largest lane maximum (k - 1 rounds of a group max, each popping every lane that holds the
 //     current maximum). At least k lanes hold an element >= B, so every top-k member is >= B.
 //  4. candidates: the slots >= B (k plus a few on random rows) are compacted into shared memory, each lane at the
-//     offset given by a warp scan of the per-lane counts.
-//  5. rank: with at most 32 candidates, lane i ranks candidate i against all of them under (value desc, id asc) and
-//     writes output slot `rank` when rank < k; more candidates (heavy ties) take k rounds of warp arg-max.
+//     offset given by a group scan of the per-lane counts.
+//  5. rank: with at most G candidates, lane i ranks candidate i against all of them under (value desc, id asc) and
+//     writes output slot `rank` when rank < k; more candidates (heavy ties) take k rounds of group arg-max.
 // Selection values are the logits themselves without a bias (softmax and sigmoid are increasing, so the order is
 // exact and immune to rounding), else the fp32 score + bias. Weights are recomputed from the winners' logits.
 //
@@ -66,14 +69,14 @@ __device__ __forceinline__ uint32_t neg_inf_word() {
   return 0xfc00fc00u;  // fp16
 }
 
-// Lane `lane`'s slots of one row (layout RowLayout<T, NCH, 32>); slots past E read -inf.
-template <typename T, int NCH>
+// Lane `lane`'s slots of one row (layout RowLayout<T, NCH, G> over a group of G lanes); slots past E read -inf.
+template <typename T, int NCH, int G>
 __device__ __forceinline__ void load_row_padded(const T* __restrict__ row /* [E] */, int E, int lane, bool vec16,
-                                                float (&x)[RowLayout<T, NCH, kWarpSize>::kSlots]) {
-  constexpr int CH = RowLayout<T, NCH, kWarpSize>::kChunk;
+                                                float (&x)[RowLayout<T, NCH, G>::kSlots]) {
+  constexpr int CH = RowLayout<T, NCH, G>::kChunk;
 #pragma unroll
   for (int c = 0; c < NCH; ++c) {
-    const int e0 = (c * kWarpSize + lane) * CH;
+    const int e0 = (c * G + lane) * CH;
     if (vec16) {  // every chunk is whole or entirely past E; a chunk past E re-reads the last one (no branch)
       const uint4 v = __ldg(reinterpret_cast<const uint4*>(row + min(e0, E - CH)));
       const uint32_t pad = neg_inf_word<T>();
@@ -86,8 +89,8 @@ __device__ __forceinline__ void load_row_padded(const T* __restrict__ row /* [E]
   }
 }
 
-// Softmax: the shift and 1 / sum over the row (padding slots add 0); sigmoid: nothing to compute.
-template <int S>
+// Softmax: the shift and 1 / sum over the row held by a group of G lanes (padding slots add 0); sigmoid: nothing.
+template <int G, int S>
 __device__ __forceinline__ FastScorer make_fast_scorer(int scoring, const float (&x)[S], float row_max,
                                                        bool need_sum) {
   FastScorer sc{scoring, -row_max * kLog2e, 1.0f};
@@ -95,46 +98,49 @@ __device__ __forceinline__ FastScorer make_fast_scorer(int scoring, const float 
   float acc = 0.f;
 #pragma unroll
   for (int s = 0; s < S; ++s) acc += fast_exp2(fmaf(x[s], kLog2e, sc.neg_max_log2e));
-  sc.rcp_sum = fast_rcp(warp_sum(acc));
+  sc.rcp_sum = fast_rcp(LaneGroup<G>::sum_f32(acc));
   return sc;
 }
 
-// A key >= the k-th largest of the lanes' keys (k <= 32; keys > 0), given their maximum: k - 1 rounds that each
-// remove every lane holding the current maximum. Exact when the lanes' keys are distinct; with ties the rounds go
-// past the k-th largest, which only loosens the bound. A round with nothing left keeps the last key.
+// A key >= the k-th largest of the keys of a group's G lanes (k <= G; keys > 0), given their maximum: k - 1
+// rounds that each remove every lane holding the current maximum. Exact when the lanes' keys are distinct; with
+// ties the rounds go past the k-th largest, which only loosens the bound. A round with nothing left keeps the last
+// key.
+template <int G>
 __device__ __forceinline__ uint32_t kth_largest_lane_key(uint32_t v, uint32_t max_key, int k) {
   uint32_t m = max_key;
   for (int r = 1; r < k; ++r) {
     v = v == m ? 0u : v;
-    const uint32_t next = __reduce_max_sync(kFullMask, v);
+    const uint32_t next = LaneGroup<G>::max_u32(v);
     m = next != 0u ? next : m;
   }
   return m;
 }
 
-// Writes this lane's slots with value >= bound to cand (after those of the lanes below); returns the total. The
-// stores are unconditional: a slot below the bound goes to the spare entry cand[32 * S].
-template <int S, int CH>
+// Writes this lane's slots with value >= bound to the group's list cand (after those of the group's lanes below);
+// returns the total. The stores are unconditional: a slot below the bound goes to the spare entry cand[G * S].
+template <int G, int S, int CH>
 __device__ __forceinline__ int compact_candidates(const float (&x)[S], float bound, int lane,
-                                                  uint2* cand /* [32 * S + 1] (value bits, expert id) */) {
+                                                  uint2* cand /* [G * S + 1] (value bits, expert id) */) {
+  const unsigned mask = LaneGroup<G>::mask();
   int count = 0;
 #pragma unroll
   for (int s = 0; s < S; ++s) count += x[s] >= bound ? 1 : 0;
   int incl = count;
 #pragma unroll
-  for (int off = 1; off < kWarpSize; off *= 2) {
-    const int up = __shfl_up_sync(kFullMask, incl, off);
+  for (int off = 1; off < G; off *= 2) {
+    const int up = __shfl_up_sync(mask, incl, off, G);
     if (lane >= off) incl += up;
   }
   int pos = incl - count;
 #pragma unroll
   for (int s = 0; s < S; ++s) {
     const bool take = x[s] >= bound;
-    const int expert = ((s / CH) * kWarpSize + lane) * CH + s % CH;  // RowLayout<T, S / CH, 32>::expert
-    cand[take ? pos : kWarpSize * S] = make_uint2(__float_as_uint(x[s]), static_cast<uint32_t>(expert));
+    const int expert = ((s / CH) * G + lane) * CH + s % CH;  // RowLayout<T, S / CH, G>::expert
+    cand[take ? pos : G * S] = make_uint2(__float_as_uint(x[s]), static_cast<uint32_t>(expert));
     pos += take ? 1 : 0;
   }
-  return __shfl_sync(kFullMask, incl, kWarpSize - 1);
+  return __shfl_sync(mask, incl, G - 1, G);
 }
 
 // A lane's result: output slot `pos` of the row gets expert `id` whose selection value is `value`.
@@ -145,7 +151,7 @@ struct Pick {
   int32_t id;
 };
 
-// n <= 32 candidates: lane i ranks candidate i against all of them.
+// n <= G candidates (the lanes of the group): lane i ranks candidate i against all of them.
 __device__ __forceinline__ Pick rank_candidates(const uint2* cand /* [n] */, int n, int k, int lane) {
   const uint2 mine = cand[min(lane, n - 1)];  // lanes >= n hold a copy and are masked out below
   const float v = __uint_as_float(mine.x);
@@ -167,10 +173,11 @@ struct PairList {
   __device__ __forceinline__ void remove(int f) const { cand[f].y = 0xffffffffu; }
 };
 
-// More than 32 candidates (ties at the bound): k rounds of warp arg-max; lane r keeps the r-th winner.
+// More than G candidates (ties at the bound): k rounds of arg-max over the group; lane r keeps the r-th winner.
+template <int G>
 __device__ __forceinline__ Pick select_many(uint2* cand /* [n] */, int n, int k, int lane) {
   Pick pick{lane < k, lane, 0.f, 0};
-  warp_select_list(PairList{cand}, n, k, [&](int r, uint32_t key, int32_t id) {
+  warp_select_list<G>(PairList{cand}, n, k, [&](int r, uint32_t key, int32_t id) {
     if (r == lane) {
       pick.value = key_to_float(key);
       pick.id = id;

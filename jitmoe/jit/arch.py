@@ -37,7 +37,15 @@ def device_archs(device=None) -> tuple[str, ...]:
     if forced:
         return tuple(normalize_arch(a) for a in forced)
     import torch
-    major, minor = torch.cuda.get_device_capability(device)
+    index = device if device is None or isinstance(device, int) else torch.device(device).index
+    return _device_arch(torch.cuda.current_device() if index is None else index)
+
+
+@functools.lru_cache(maxsize=None)
+def _device_arch(index: int) -> tuple[str, ...]:
+    # Cached: every op launch asks, and torch's capability query costs several microseconds of host time.
+    import torch
+    major, minor = torch.cuda.get_device_capability(index)
     return (arch_of_capability(major, minor),)
 
 
