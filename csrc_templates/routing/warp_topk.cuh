@@ -117,6 +117,23 @@ __device__ __forceinline__ uint32_t kth_largest_lane_key(uint32_t v, uint32_t ma
   return m;
 }
 
+// Like kth_largest_lane_key over each lane's two largest slots (head >= next, as keys; a round pops one entry of
+// every lane holding the current maximum). Rows that give few lanes real experts (k close to that number of
+// lanes) need it: the k-th largest lane maximum is then nearly the row's minimum, and the candidate list long.
+template <int G>
+__device__ __forceinline__ uint32_t kth_largest_top2_key(uint32_t head, uint32_t next, uint32_t max_key, int k) {
+  uint32_t m = max_key;
+  for (int r = 1; r < k; ++r) {
+    if (head == m) {
+      head = next;
+      next = 0u;
+    }
+    const uint32_t top = LaneGroup<G>::max_u32(head);
+    m = top != 0u ? top : m;
+  }
+  return m;
+}
+
 // Writes this lane's slots with value >= bound to the group's list cand (after those of the group's lanes below);
 // returns the total. The stores are unconditional: a slot below the bound goes to the spare entry cand[G * S].
 template <int G, int S, int CH>
