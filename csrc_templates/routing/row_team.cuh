@@ -105,37 +105,23 @@ struct LaneGroup {
   __device__ __forceinline__ static unsigned mask() {
     return G == kWarpSize ? kFullMask : ((1u << G) - 1u) << (threadIdx.x % kWarpSize / G * G);
   }
-  __device__ __forceinline__ static uint32_t max_u32(uint32_t v) {
-    if constexpr (G == kWarpSize) {
-      return __reduce_max_sync(kFullMask, v);
-    } else {
+  // Butterfly over the group's lanes: every lane ends with op over all of them (bit-identical in every lane).
+  template <typename V, typename Op>
+  __device__ __forceinline__ static V butterfly(V v, Op op) {
 #pragma unroll
-      for (int off = G / 2; off > 0; off /= 2) v = max(v, __shfl_xor_sync(mask(), v, off));
-      return v;
-    }
+    for (int off = G / 2; off > 0; off /= 2) v = op(v, __shfl_xor_sync(mask(), v, off));
+    return v;
   }
-  __device__ __forceinline__ static uint32_t min_u32(uint32_t v) {
-    if constexpr (G == kWarpSize) {
-      return __reduce_min_sync(kFullMask, v);
-    } else {
-#pragma unroll
-      for (int off = G / 2; off > 0; off /= 2) v = min(v, __shfl_xor_sync(mask(), v, off));
-      return v;
-    }
+  __device__ __forceinline__ static uint32_t max_u32(uint32_t v) {
+    if constexpr (G == kWarpSize) return __reduce_max_sync(kFullMask, v);
+    else return butterfly(v, [](uint32_t a, uint32_t b) { return max(a, b); });
   }
   __device__ __forceinline__ static int32_t min_i32(int32_t v) {
-    if constexpr (G == kWarpSize) {
-      return __reduce_min_sync(kFullMask, v);
-    } else {
-#pragma unroll
-      for (int off = G / 2; off > 0; off /= 2) v = min(v, __shfl_xor_sync(mask(), v, off));
-      return v;
-    }
+    if constexpr (G == kWarpSize) return __reduce_min_sync(kFullMask, v);
+    else return butterfly(v, [](int32_t a, int32_t b) { return min(a, b); });
   }
-  __device__ __forceinline__ static float sum_f32(float v) {  // bit-identical in every lane of the group
-#pragma unroll
-    for (int off = G / 2; off > 0; off /= 2) v += __shfl_xor_sync(mask(), v, off);
-    return v;
+  __device__ __forceinline__ static float sum_f32(float v) {
+    return butterfly(v, [](float a, float b) { return a + b; });
   }
 };
 
