@@ -54,15 +54,22 @@ __device__ __forceinline__ void chunk_range(const MultiAlignArgs& m, int c, int*
   *end = static_cast<int>(e < m.a.num_slots ? e : m.a.num_slots);
 }
 
+// v[i] = counts[g0 + i][e] for the kColumnBatch chunks from g0 (0 past g_end), loads issued together. From L2:
+// other CTAs of this launch wrote them.
+__device__ __forceinline__ void load_column_batch(const int32_t* counts, int num_experts, int e, int g0, int g_end,
+                                                  int (&v)[kColumnBatch]) {
+#pragma unroll
+  for (int i = 0; i < kColumnBatch; ++i) {
+    v[i] = g0 + i < g_end ? __ldcg(counts + static_cast<long long>(g0 + i) * num_experts + e) : 0;
+  }
+}
+
 // Sum of column e of counts [G][E] over the chunks [g_begin, g_end).
 __device__ __forceinline__ int column_sum(const int32_t* counts, int num_experts, int e, int g_begin, int g_end) {
   int sum = 0;
   for (int g0 = g_begin; g0 < g_end; g0 += kColumnBatch) {
     int v[kColumnBatch];
-#pragma unroll
-    for (int i = 0; i < kColumnBatch; ++i) {
-      v[i] = g0 + i < g_end ? __ldcg(counts + static_cast<long long>(g0 + i) * num_experts + e) : 0;
-    }
+    load_column_batch(counts, num_experts, e, g0, g_end, v);
 #pragma unroll
     for (int i = 0; i < kColumnBatch; ++i) sum += v[i];
   }
@@ -74,10 +81,7 @@ __device__ __forceinline__ void column_to_prefix(int32_t* counts, int num_expert
                                                  int running) {
   for (int g0 = g_begin; g0 < g_end; g0 += kColumnBatch) {
     int v[kColumnBatch];
-#pragma unroll
-    for (int i = 0; i < kColumnBatch; ++i) {
-      v[i] = g0 + i < g_end ? __ldcg(counts + static_cast<long long>(g0 + i) * num_experts + e) : 0;
-    }
+    load_column_batch(counts, num_experts, e, g0, g_end, v);
 #pragma unroll
     for (int i = 0; i < kColumnBatch; ++i) {
       if (g0 + i < g_end) {
