@@ -26,6 +26,14 @@ __device__ __forceinline__ float warp_max_f32(float v) {
   return v;
 }
 
+// Sum over the warp, rounded per add, as a halving tree over the lanes would (the butterfly's adds are the tree's,
+// and fp32 addition is commutative, so every lane ends with the tree's bits).
+__device__ __forceinline__ float warp_sum_tree_f32(float v) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) v = __fadd_rn(v, __shfl_xor_sync(kFullWarp, v, offset));
+  return v;
+}
+
 __device__ __forceinline__ unsigned warp_sum_u32(unsigned v) {
 #pragma unroll
   for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(kFullWarp, v, offset);
@@ -84,6 +92,30 @@ __device__ __forceinline__ unsigned block_inclusive_scan(unsigned v, Scratch* sc
   *total = sc->warp_total[kWarps - 1];
   __syncthreads();
   return v;
+}
+
+// Phases of one launch hand over through counters: a block's writes are released before it counts itself done,
+// and a waiting block sees every write of the blocks it waited for. Waiters hold later tickets than the blocks they
+// wait on, which are therefore already running: no deadlock, however many blocks are resident.
+// __syncthreads() is an aligned barrier: a warp split by a one-thread branch must reconverge before it, or its
+// halves count towards different barriers (compute-sanitizer synccheck caught this after `if (tid == 0)` blocks).
+__device__ __forceinline__ void converged_syncthreads() {
+  __syncwarp();
+  __syncthreads();
+}
+
+__device__ __forceinline__ void signal_done(unsigned* counter) {
+  __threadfence();
+  converged_syncthreads();
+  if (threadIdx.x == 0) atomicAdd(counter, 1u);
+}
+
+__device__ __forceinline__ void wait_for(unsigned* counter, int blocks) {
+  if (threadIdx.x == 0) {
+    while (atomicAdd(counter, 0u) < static_cast<unsigned>(blocks)) __nanosleep(256);
+    __threadfence();
+  }
+  converged_syncthreads();
 }
 
 // hist[digit] += 1 for every active lane, one shared atomic per distinct digit in the warp (equal digits are common:

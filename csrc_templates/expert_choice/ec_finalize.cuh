@@ -6,6 +6,8 @@
 // -1 / 0. Selection: top_k rounds of a warp argmax over the lanes' current bests. Each lane keeps its best two
 // keys; the lane whose expert won promotes its second, and rescans its own strided experts for a new best two only
 // when it wins again before that. Padding tokens get -1 / 0 throughout.
+// On the candidate path a token whose picks all fit its pick list, and that needs no fallback, skips the row and
+// routes from the list alone.
 // Per-expert counts of the written ids go to shared counters, then once per block to global memory.
 #pragma once
 #include "expert_choice/ec_block.cuh"
@@ -21,16 +23,6 @@ struct FinalizerSmem {
   unsigned* counts;    // [E]
   unsigned* stage;     // [fin_warps, E] (picked bit | score bits) of the warp's current token
 };
-
-template <typename In>
-__device__ void wait_for_selectors(const Params<In>& p) {
-  if (threadIdx.x == 0) {
-    // Selectors hold lower tickets, so they are already running and never wait: this cannot deadlock.
-    while (atomicAdd(p.counters + 1, 0u) < static_cast<unsigned>(p.sel_blocks)) __nanosleep(256);
-    __threadfence();
-  }
-  __syncthreads();
-}
 
 // The best two keys (0 = none) of a lane's experts; `second` is unknown after the best was taken.
 struct LaneBest {
@@ -51,8 +43,9 @@ __device__ __forceinline__ void keep_top_two(LaneBest& lb, unsigned long long ke
 template <typename In>
 __device__ LaneBest stage_token(const Params<In>& p, const FinalizerSmem& s, unsigned* stage, int t) {
   const In* logits = p.logits + static_cast<size_t>(t) * p.E;  // [E] row of token t
-  const float mx = p.tokens_softmax ? 0.0f : __ldg(p.row_max + t);
-  const float rcp = p.tokens_softmax ? 0.0f : __ldg(p.row_rcp + t);
+  // Row statistics from L2: the candidate path writes them earlier in the same launch.
+  const float mx = p.tokens_softmax ? 0.0f : __ldcg(p.row_max + t);
+  const float rcp = p.tokens_softmax ? 0.0f : __ldcg(p.row_rcp + t);
   LaneBest lb{0, 0, true};
   for (int e = lane_id(); e < p.E; e += 32) {
     const float x = to_float(__ldg(logits + e));  // read-only: the loads need not wait for the stage stores
@@ -81,13 +74,40 @@ __device__ __forceinline__ void advance(LaneBest& lb, const unsigned* stage, int
   lb = next;
 }
 
+// Candidate path: routes token t from its pick list, best first, when that list holds all its picks and no slot
+// needs a fallback expert; returns the slots filled, or -1 when the token must recompute its row instead.
+template <typename In>
+__device__ int route_from_picks(const Params<In>& p, const FinalizerSmem& s, int t, int32_t* out_ids,
+                                float* out_weights) {
+  // Both loads in flight at once: the lane's slot is read before the count says whether it holds a pick.
+  const uint2 pick = lane_id() < p.pick_slots ? __ldcg(p.picks + static_cast<size_t>(t) * p.pick_slots + lane_id())
+                                              : make_uint2(0u, 0u);  // (score bits, expert)
+  const unsigned n = __ldcg(p.pick_count + t);
+  if (n > static_cast<unsigned>(p.pick_slots) || (p.fallback_topk && n < static_cast<unsigned>(p.top_k))) return -1;
+  unsigned long long key = lane_id() < static_cast<int>(n) ? row_key(pick.x, static_cast<int>(pick.y)) : 0ull;
+  const int filled = min(static_cast<int>(n), p.top_k);
+  for (int j = 0; j < filled; ++j) {
+    const unsigned long long top = warp_max_u64(key);
+    const int e = static_cast<int>(0xFFFFFFFFu - static_cast<unsigned>(top));
+    if (lane_id() == 0) {
+      out_ids[j] = e;
+      out_weights[j] = __uint_as_float(static_cast<unsigned>(top >> 32));
+      atomicAdd(s.counts + e, 1u);
+    }
+    if (key == top) key = 0;
+  }
+  return filled;
+}
+
 template <typename In>
 __device__ void route_token(const Params<In>& p, const FinalizerSmem& s, unsigned* stage, int t) {
   const int k = p.top_k;
   int32_t* out_ids = p.ids + static_cast<size_t>(t) * k;          // [k]
   float* out_weights = p.weights + static_cast<size_t>(t) * k;    // [k]
-  int filled = 0;
-  if (token_is_real(p.token_mask, t)) {
+  int filled = token_is_real(p.token_mask, t) ? (p.candidates ? route_from_picks(p, s, t, out_ids, out_weights) : -1)
+                                               : 0;
+  if (filled < 0) {  // the whole row against the thresholds
+    filled = 0;
     // Each lane reads back only the stage entries it wrote itself, so no warp barrier is needed.
     LaneBest lb = stage_token(p, s, stage, t);
     for (; filled < k; ++filled) {
@@ -109,12 +129,13 @@ __device__ void route_token(const Params<In>& p, const FinalizerSmem& s, unsigne
   }
 }
 
+// Waits until the sel_blocks blocks that publish the thresholds have counted themselves in `selectors_done`.
 template <typename In>
-__device__ void run_finalizer(const Params<In>& p, int block, unsigned char* smem) {
+__device__ void run_finalizer(const Params<In>& p, int block, unsigned char* smem, unsigned* selectors_done) {
   unsigned* base = reinterpret_cast<unsigned*>(smem + kScratchBytes);
   const FinalizerSmem s{base, base + p.E, reinterpret_cast<float*>(base + 2 * p.E),
                         reinterpret_cast<float*>(base + 3 * p.E), base + 4 * p.E, base + 5 * p.E};
-  wait_for_selectors(p);
+  wait_for(selectors_done, p.sel_blocks);
   for (int e = threadIdx.x; e < p.E; e += kBlock) {
     s.theta_hi[e] = __ldcg(p.theta_hi + e);  // written by other blocks of this launch: read from L2
     s.theta_lo[e] = __ldcg(p.theta_lo + e);

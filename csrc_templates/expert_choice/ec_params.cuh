@@ -22,6 +22,15 @@ constexpr int kMaxGroup = 8;               // experts per selector block
 constexpr int kMaxFinalizerWarps = kWarps;
 constexpr unsigned kInvalidKey = 0xFFFFFFFFu;  // key of a padding token (a real key is a score >= 0: top bit 0)
 constexpr unsigned kPickedBit = 0x80000000u;   // finalizer: marks an expert that picked the token
+// Candidate path (ec_candidates.cuh)
+constexpr int kSampleTokens = 1024;        // tokens whose scores set each expert's candidate bound
+constexpr int kSampleMargin = 8;           // extra sample ranks below the expected threshold rank
+constexpr int kMaxPickSlots = 32;          // a token's recorded picks: one per lane of its finalizer warp
+constexpr int kMaxRowChunks = 8;           // row pass: scores held in registers up to 32 * 8 experts
+constexpr int kCachedItems = 4096;         // candidate lists up to this long are selected from shared memory
+constexpr int kCountStride = 32;           // words between two experts' candidate counters: one 128-byte L2 line each
+                                           // (packed counters serialise the row pass's atomics on a few lines)
+constexpr int kCounters = 8;               // [0] tickets, [1..3] phases done, [4] real tokens
 
 static_assert(kTokenLanes == kBlock, "the per-expert sum gives each selector thread exactly one lane");
 static_assert(kBins == 2 * kBlock, "the digit search gives each thread two bins");
@@ -40,14 +49,28 @@ struct Params {
   int group;                 // experts per selector block
   bool cache_keys;           // selectors keep their columns' keys in shared memory
   int sel_blocks, fin_blocks, fin_warps;
-  // workspace (written by the prepare kernel and the selectors)
-  unsigned* counters;        // [2] block tickets, selector blocks done
+  // candidate path (ec_candidates.cuh); candidates == false runs the selectors of ec_select.cuh over whole columns
+  bool candidates;
+  int bound_blocks, row_blocks;  // blocks of the bound and row phases (sel_blocks / fin_blocks: the later phases)
+  int row_chunks;            // row pass: 32-expert chunks held in registers (0: E > 32 * kMaxRowChunks, recompute)
+  int sample_count;          // S sampled tokens: token floor(s * T / S) for s < S
+  int sample_rank;           // each expert's candidate bound: at most the sample_rank-th best sampled score
+  int cand_cap;              // candidate slots per expert
+  int pick_slots;            // recorded picks per token (token-major)
+  // workspace (written by the prepare kernel and the earlier phases)
+  unsigned* counters;        // [kCounters] block tickets, phases done, real tokens
   float* row_max;            // [T] max logit of each token (normalize_over="experts")
   float* row_rcp;            // [T] 1 / softmax denominator of each token
   unsigned* theta_hi;        // [E] selection threshold per expert: high word of the 64-bit key (score bits)
   unsigned* theta_lo;        // [E] low word (~token id)
   float* col_max;            // [E] max logit of each expert over the real tokens (normalize_over="tokens")
   float* col_rcp;            // [E] 1 / softmax denominator of each expert
+  unsigned* sample_keys;     // [S, E] score bits of the sampled tokens (kInvalidKey: padding)
+  unsigned* bound;           // [E] score bits: tokens scoring >= bound[e] become candidates of expert e
+  unsigned* cand_count;      // [E * kCountStride] candidates offered to expert e at [e * kCountStride] (may exceed cand_cap)
+  uint2* cand;               // [E, cand_cap] (score bits, token)
+  unsigned* pick_count;      // [T] experts that picked each token (may exceed pick_slots)
+  uint2* picks;              // [T, pick_slots] (score bits, expert)
   // outputs
   float* weights;            // [T, top_k] token-major, or [E, capacity] expert-major
   int32_t* ids;              // [T, top_k] expert ids, or [E, capacity] token ids
@@ -67,6 +90,7 @@ constexpr size_t kScratchBytes = 256;
 static_assert(sizeof(Scratch) <= kScratchBytes, "Scratch must fit its slot");
 
 // Selector shared memory: [Scratch][hist: kBins u32][list: kListCap u32][cache: group * T u32 when cache_keys]
+// (the candidate path's phases put their cached items and token bitmap in the cache region)
 __host__ __device__ constexpr size_t selector_smem_bytes(int group, bool cache_keys, long long T) {
   return kScratchBytes + 4ull * (kBins + kListCap) + (cache_keys ? 4ull * group * T : 0ull);
 }
@@ -76,8 +100,6 @@ __host__ __device__ constexpr size_t finalizer_smem_bytes(int E, int warps) {
   return kScratchBytes + 4ull * E * (5ull + warps);
 }
 
-// Workspace in 32-bit words: [counters: 4][row_max, row_rcp: T each][theta_hi, theta_lo, col_max, col_rcp: E each]
-__host__ __device__ constexpr long long workspace_words(long long T, long long E) { return 4 + 2 * T + 4 * E; }
 
 __device__ __forceinline__ bool token_is_real(const bool* token_mask, int t) {
   return token_mask == nullptr || token_mask[t];

@@ -19,16 +19,28 @@ namespace jitmoe::ec {
 struct SelectorSmem {
   Scratch* sc;
   unsigned* hist;   // [kBins] digit histogram; also the kTokenLanes partial sums of a column softmax
-  unsigned* list;   // [kListCap] candidate tokens
-  unsigned* cache;  // [group, T] keys (or logits, briefly) of the block's experts, when cache_keys
+  unsigned* list;   // [kListCap] items still matching the radix prefix
+  unsigned* cache;  // [group, T] keys (or logits, briefly) of the block's experts, when cache_keys; the candidate
+                    // path's token bitmap
 };
+
+// Candidate path: the region after the list holds [cached items: kCachedItems u64][token bitmap, prefix counts].
+__device__ __forceinline__ unsigned long long* cached_items(const SelectorSmem& s) {
+  return reinterpret_cast<unsigned long long*>(s.cache);
+}
+__device__ __forceinline__ unsigned* token_bitmap(const SelectorSmem& s) { return s.cache + 2 * kCachedItems; }
+
+__device__ __forceinline__ SelectorSmem selector_smem(unsigned char* smem) {
+  unsigned* words = reinterpret_cast<unsigned*>(smem + kScratchBytes);
+  return SelectorSmem{reinterpret_cast<Scratch*>(smem), words, words + kBins, words + kBins + kListCap};
+}
 
 // The keys of one expert's column, from shared memory or recomputed from the logits.
 template <typename In>
 struct ColumnKeys {
   const In* logits;          // [T, E]
   const bool* token_mask;    // [T] or nullptr
-  const float* row_max;      // [T]
+  const float* row_max;      // [T] (read from L2: the candidate path writes it earlier in the same launch)
   const float* row_rcp;      // [T]
   const unsigned* cached;    // [T] this expert's keys in shared memory, or nullptr
   int E, expert;
@@ -42,9 +54,16 @@ struct ColumnKeys {
     if (cached != nullptr) return cached[t];
     if (!token_is_real(token_mask, t)) return kInvalidKey;
     const float s = tokens_softmax ? score_of(logit(t), col_max, col_rcp)
-                                   : score_of(logit(t), row_max[t], row_rcp[t]);
+                                   : score_of(logit(t), __ldcg(row_max + t), __ldcg(row_rcp + t));
     return __float_as_uint(s);
   }
+};
+
+// A column as radix-select items: item t is token t.
+template <typename In>
+struct ColumnItems {
+  const ColumnKeys<In>& col;
+  __device__ __forceinline__ unsigned long long operator()(int t) const { return column_key(col(t), t); }
 };
 
 template <typename In>
@@ -134,15 +153,13 @@ __device__ __forceinline__ unsigned find_digit(const SelectorSmem& s, unsigned* 
   return digit;
 }
 
-// The unique key matching (prefix, mask) among the tokens of the domain.
-template <typename In>
-__device__ unsigned long long find_unique(const ColumnKeys<In>& col, int n, bool use_list,
-                                          unsigned long long prefix, unsigned long long mask, const SelectorSmem& s) {
+// The unique key matching (prefix, mask) among the domain's items.
+template <typename Items>
+__device__ unsigned long long find_unique(const Items& items, int n, bool use_list, unsigned long long prefix,
+                                          unsigned long long mask, const SelectorSmem& s) {
   for (int i = threadIdx.x; i < n; i += kBlock) {
-    const int t = use_list ? static_cast<int>(s.list[i]) : i;
-    const unsigned k32 = col(t);
-    const unsigned long long key = column_key(k32, t);
-    if (k32 != kInvalidKey && (key & mask) == prefix) s.sc->key = key;
+    const unsigned long long key = items(use_list ? static_cast<int>(s.list[i]) : i);
+    if ((key & mask) == prefix) s.sc->key = key;
   }
   __syncthreads();
   const unsigned long long key = s.sc->key;
@@ -150,16 +167,17 @@ __device__ unsigned long long find_unique(const ColumnKeys<In>& col, int n, bool
   return key;
 }
 
-// The rank-th largest key (1 <= rank <= n_real) of the column's real tokens.
-template <typename In>
-__device__ unsigned long long radix_select(const ColumnKeys<In>& col, int T, unsigned rank, unsigned n_real,
+// The rank-th largest (1 <= rank <= n_real) of the real keys among n_items items. items(i) is a column_key of a
+// token below T, or has bit 63 set (a padding token: never matches, since bit 63 is in every mask).
+template <typename Items>
+__device__ unsigned long long radix_select(const Items& items, int n_items, int T, unsigned rank, unsigned n_real,
                                            const SelectorSmem& s) {
   const int tid = threadIdx.x;
   const int token_bits = T > 1 ? 32 - __clz(T - 1) : 0;             // ~t has ones above bit token_bits - 1
   const unsigned long long low_ones = static_cast<unsigned>(0xFFFFFFFFull << token_bits);
   unsigned long long prefix = low_ones;                             // bit 63 (the score's sign) is 0
   unsigned long long mask = (1ull << 63) | low_ones;
-  unsigned matching = n_real;                                       // real tokens matching the prefix
+  unsigned matching = n_real;                                       // real items matching the prefix
   bool use_list = false;
   int n_list = 0;
   for (int hi = 62; hi >= 0;) {
@@ -169,21 +187,20 @@ __device__ unsigned long long radix_select(const ColumnKeys<In>& col, int T, uns
     for (int b = tid; b < kBins; b += kBlock) s.hist[b] = 0;
     if (tid == 0) s.sc->n_list = 0;
     __syncthreads();
-    const int n = use_list ? n_list : T;
+    const int n = use_list ? n_list : n_items;
     for (int base = 0; base < n; base += kBlock) {  // uniform trip count: whole warps reach the warp helpers
       const int i = base + tid;
-      int t = 0;
+      int item = 0;
       bool active = false;
       unsigned digit = 0;
       if (i < n) {
-        t = use_list ? static_cast<int>(s.list[i]) : i;
-        const unsigned k32 = col(t);
-        const unsigned long long key = column_key(k32, t);
-        active = k32 != kInvalidKey && (key & mask) == prefix;
+        item = use_list ? static_cast<int>(s.list[i]) : i;
+        const unsigned long long key = items(item);
+        active = (key & mask) == prefix;
         digit = static_cast<unsigned>(key >> shift) & ((1u << width) - 1u);
       }
       histogram_add(s.hist, active, digit);
-      if (build) list_append(s.list, &s.sc->n_list, active, static_cast<unsigned>(t));
+      if (build) list_append(s.list, &s.sc->n_list, active, static_cast<unsigned>(item));
     }
     __syncthreads();
     if (build) {
@@ -193,7 +210,7 @@ __device__ unsigned long long radix_select(const ColumnKeys<In>& col, int T, uns
     const unsigned digit = find_digit(s, &rank, &matching);
     prefix |= static_cast<unsigned long long>(digit) << shift;
     mask |= static_cast<unsigned long long>((1u << width) - 1u) << shift;
-    if (matching == 1) return find_unique(col, use_list ? n_list : T, use_list, prefix, mask, s);
+    if (matching == 1) return find_unique(items, use_list ? n_list : n_items, use_list, prefix, mask, s);
     hi = shift - 1;
     if (hi == 31) hi = token_bits - 1;
   }
@@ -228,9 +245,7 @@ __device__ void write_expert_row(const Params<In>& p, const ColumnKeys<In>& col,
 
 template <typename In>
 __device__ void run_selector(const Params<In>& p, int block, unsigned char* smem) {
-  const SelectorSmem s{reinterpret_cast<Scratch*>(smem), reinterpret_cast<unsigned*>(smem + kScratchBytes),
-                       reinterpret_cast<unsigned*>(smem + kScratchBytes) + kBins,
-                       reinterpret_cast<unsigned*>(smem + kScratchBytes) + kBins + kListCap};
+  const SelectorSmem s = selector_smem(smem);
   const int e0 = block * p.group;
   const int group = min(p.group, p.E - e0);
   const unsigned n_real = count_real_tokens(p, s.sc);
@@ -241,7 +256,8 @@ __device__ void run_selector(const Params<In>& p, int block, unsigned char* smem
     unsigned* cache = p.cache_keys ? s.cache + static_cast<size_t>(g) * p.T : nullptr;  // [T]
     ColumnKeys<In> col{p.logits, p.token_mask, p.row_max, p.row_rcp, cache, p.E, e, p.tokens_softmax, 0.0f, 0.0f};
     if (p.tokens_softmax && n_real > 0) column_softmax(col, cache, p.T, s);
-    const unsigned long long theta = take == n_real ? 0ull : radix_select(col, p.T, take, n_real, s);
+    const unsigned long long theta =
+        take == n_real ? 0ull : radix_select(ColumnItems<In>{col}, p.T, p.T, take, n_real, s);
     if (threadIdx.x == 0) {
       if (p.expert_major) {
         p.counts[e] = static_cast<int32_t>(take);
@@ -252,14 +268,11 @@ __device__ void run_selector(const Params<In>& p, int block, unsigned char* smem
         p.col_rcp[e] = col.col_rcp;
       }
     }
+    __syncwarp();  // reconverge warp 0 before the barriers that follow
     if (p.expert_major) write_expert_row(p, col, e, theta, take, s);
     __syncthreads();  // the next expert reuses the scratch, histogram and list
   }
-  if (!p.expert_major) {  // release the thresholds to the finalizers
-    __threadfence();
-    __syncthreads();
-    if (threadIdx.x == 0) atomicAdd(p.counters + 1, 1u);
-  }
+  if (!p.expert_major) signal_done(p.counters + 1);  // release the thresholds to the finalizers
 }
 
 }  // namespace jitmoe::ec

@@ -1,4 +1,5 @@
-// Launch plan of the Expert Choice kernels (host code): grid sizes, experts per selector block, shared memory.
+// Launch plan of the Expert Choice kernels (host code): which path, the workspace layout, grid sizes, experts per
+// selector block, shared memory. The path and the workspace depend on the problem only, never on the device.
 #pragma once
 #include <algorithm>
 #include <cstddef>
@@ -10,16 +11,92 @@ namespace jitmoe::ec {
 constexpr size_t kCacheBudget = 128 * 1024;     // key cache of one selector block
 constexpr size_t kFinalizerBudget = 64 * 1024;  // finalizers may use this much even when selectors need less
 
+enum Path : int { kPathAuto = 0, kPathColumns = 1, kPathCandidates = 2 };
+
+// Below this many tokens the column path is as fast (its selectors then read short columns) and needs no sample.
+constexpr long long kCandidateMinTokens = 2048;
+// Expert-major candidate rows are ordered through a [T] bitmap and its prefix counts in shared memory.
+constexpr long long kCandidateMaxBitmapTokens = 1ll << 18;
+
+inline long long ceil_div(long long a, long long b) { return (a + b - 1) / b; }
+
+// The candidate path's sizes (see ec_candidates.cuh).
+struct CandidateShape {
+  bool on;
+  int sample_count, sample_rank, cand_cap, pick_slots, row_chunks;
+};
+
+// Returns nullptr, or why the requested path cannot run.
+inline const char* choose_path(CandidateShape& cs, long long T, int E, long long capacity, int top_k,
+                               bool tokens_softmax, bool expert_major, int path) {
+  cs = CandidateShape{};
+  const bool possible = !tokens_softmax && (!expert_major || T <= kCandidateMaxBitmapTokens);
+  if (path == kPathCandidates && !possible)
+    return "the candidate path needs normalize_over=\"experts\" (and T <= 2^18 when expert-major)";
+  // Auto: where the candidate lists stay short next to the columns they replace and the row pass keeps its scores
+  // in registers (H100, 2026-11-22: 1.4-2.3x faster there; E = 1024 at T = 4096 was 16% slower, 143 vs 123 us).
+  cs.on = path == kPathCandidates || (path == kPathAuto && possible && T >= kCandidateMinTokens &&
+                                      2 * capacity <= T && E <= 32 * kMaxRowChunks);
+  if (!cs.on) return nullptr;
+  cs.sample_count = static_cast<int>(std::min<long long>(T, kSampleTokens));
+  // Rank kSampleMargin + twice the sampled share of C: the bound's expected candidates are ~2C (never fewer than C
+  // unless the sample is far off), and the slots hold 1.5x that.
+  cs.sample_rank = static_cast<int>(
+      std::min<long long>(cs.sample_count, ceil_div(2 * capacity * cs.sample_count, T) + kSampleMargin));
+  const long long expected = ceil_div(static_cast<long long>(cs.sample_rank) * T, cs.sample_count);
+  cs.cand_cap = static_cast<int>(std::min<long long>(T, expected + expected / 2 + 1024));
+  cs.pick_slots = expert_major ? 0 : (top_k <= 8 ? 16 : kMaxPickSlots);
+  cs.row_chunks = 0;
+  for (int chunks = 1; chunks <= kMaxRowChunks && cs.row_chunks == 0; chunks *= 2)
+    if (E <= 32 * chunks) cs.row_chunks = chunks;
+  return nullptr;
+}
+
+// Workspace offsets in 32-bit words: [counters][row_max, row_rcp: T][theta_hi, theta_lo, col_max, col_rcp: E]
+// then, on the candidate path, [bound: E][cand_count: E * kCountStride][pick_count: T][sample_keys: S * E][cand: E * cap uint2]
+// [picks: T * pick_slots uint2].
+struct Workspace {
+  long long row_max, row_rcp, theta_hi, theta_lo, col_max, col_rcp;
+  long long bound, cand_count, pick_count, sample_keys, cand, picks;
+  long long words;
+};
+
+inline Workspace workspace_layout(const CandidateShape& cs, long long T, long long E) {
+  Workspace w{};
+  long long at = kCounters;
+  auto take = [&at](long long words) {
+    const long long offset = at;
+    at += words;
+    return offset;
+  };
+  w.row_max = take(T);
+  w.row_rcp = take(T);
+  w.theta_hi = take(E);
+  w.theta_lo = take(E);
+  w.col_max = take(E);
+  w.col_rcp = take(E);
+  if (cs.on) {
+    w.bound = take(E);
+    w.cand_count = take(E * kCountStride);
+    w.pick_count = take(cs.pick_slots > 0 ? T : 0);
+    w.sample_keys = take(static_cast<long long>(cs.sample_count) * E);
+    at += at & 1;  // uint2 alignment
+    w.cand = take(2 * E * cs.cand_cap);
+    w.picks = take(2 * T * cs.pick_slots);
+  }
+  w.words = at;
+  return w;
+}
+
 struct Plan {
   const char* error;     // nullptr when the plan can run
+  CandidateShape cs;
   int group;             // experts per selector block
   bool cache_keys;
-  int sel_blocks, fin_blocks, fin_warps;
+  int bound_blocks, row_blocks, sel_blocks, fin_blocks, fin_warps;
   long long prep_blocks;
   size_t smem_bytes;     // dynamic shared memory of the route kernel
 };
-
-inline long long ceil_div(long long a, long long b) { return (a + b - 1) / b; }
 
 // Selector blocks: cache the keys when a column fits the budget, and take up to 32 bytes of each row (adjacent
 // experts share the sectors they read) while at least half the SMs still get a selector block.
@@ -54,12 +131,37 @@ inline void fit_finalizers_in_one_wave(Plan& plan, int blocks_per_sm, int num_sm
   plan.fin_blocks = std::max(1, std::min(plan.fin_blocks, std::max(blocks_per_sm, 1) * std::max(num_sms, 1)));
 }
 
-inline Plan make_plan(long long T, int E, int elem_bytes, bool expert_major, bool tokens_softmax, int num_sms,
-                      size_t smem_optin) {
+// Candidate path: selector scratch, cached items (plus the expert-major token bitmap and its prefix counts), or the
+// row pass's bounds, whichever is larger.
+inline void plan_candidate_phases(Plan& plan, long long T, int E, bool expert_major) {
+  plan.group = 1;
+  plan.cache_keys = false;
+  const size_t bitmap = expert_major ? 8ull * ceil_div(T, 32) : 0ull;
+  plan.smem_bytes = std::max<size_t>(selector_smem_bytes(1, false, 0) + 8ull * kCachedItems + bitmap,
+                                     kScratchBytes + 4ull * E);
+}
+
+// Candidate path: every phase gets at most one wave of blocks (blocks_per_sm from the occupancy query).
+inline void fit_candidate_phases(Plan& plan, long long T, int E, int blocks_per_sm, int num_sms) {
+  const long long resident = static_cast<long long>(std::max(blocks_per_sm, 1)) * std::max(num_sms, 1);
+  plan.bound_blocks = static_cast<int>(std::min<long long>(E, resident));
+  plan.row_blocks = static_cast<int>(std::clamp<long long>(ceil_div(T, kWarps), 1, resident));
+  plan.sel_blocks = plan.bound_blocks;
+}
+
+inline Plan make_plan(long long T, int E, long long capacity, int top_k, int elem_bytes, bool expert_major,
+                      bool tokens_softmax, int path, int num_sms, size_t smem_optin) {
   Plan plan{};
-  plan_selectors(plan, T, E, elem_bytes, num_sms, smem_optin);
+  plan.error = choose_path(plan.cs, T, E, capacity, top_k, tokens_softmax, expert_major, path);
+  if (plan.error != nullptr) return plan;
+  if (plan.cs.on) {
+    plan_candidate_phases(plan, T, E, expert_major);
+  } else {
+    plan_selectors(plan, T, E, elem_bytes, num_sms, smem_optin);
+  }
   if (!expert_major) plan_finalizers(plan, T, E, num_sms, smem_optin);
-  const long long prep_threads = std::max<long long>({tokens_softmax ? 0 : 32 * T, E, 2});
+  const long long row_threads = plan.cs.on ? 32ll * plan.cs.sample_count : (tokens_softmax ? 0 : 32 * T);
+  const long long prep_threads = std::max<long long>({row_threads, plan.cs.on ? T : 0, E, kCounters});
   plan.prep_blocks = ceil_div(prep_threads, kPrepBlock);
   if (plan.smem_bytes > smem_optin) plan.error = "too many experts for this GPU's shared memory per block";
   return plan;

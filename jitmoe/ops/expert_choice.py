@@ -1,7 +1,7 @@
 """Expert Choice routing: each expert picks its top-C tokens; tokens keep up to top_k of the experts that picked them.
 
-CUDA tensors run two launches (per-token softmax statistics, then selectors + finalizers in one dataflow kernel), no
-host synchronisation and no dense [T, E] buffer; CPU tensors run the pure-torch reference. Semantics, tie rules and
+CUDA tensors run two launches (a prepare kernel, then one dataflow kernel whose phases hand over through counters),
+no host synchronisation and no dense [T, E] buffer; CPU tensors run the pure-torch reference. Semantics, tie rules and
 the exact score recipe: :mod:`jitmoe.reference.expert_choice`.
 """
 from __future__ import annotations
@@ -48,15 +48,23 @@ def new_outputs(gating_output: torch.Tensor, top_k: int, capacity: int, expert_m
     return (ids, weights, counts) if expert_major else (weights, ids, counts)
 
 
+# The kernels' two paths (csrc_templates/expert_choice/expert_choice.cuh): "columns" selects over whole columns,
+# "candidates" over short candidate lists from one row-major pass (normalize_over="experts" only). Both give the
+# same routing; "auto" picks by shape. Tests and benchmarks force one.
+PATHS = {"auto": 0, "columns": 1, "candidates": 2}
+
+
 def launch_expert_choice(gating_output, token_mask, top_k: int, capacity: int, normalize_over: str, fallback: str,
-                         expert_major: bool, outputs) -> None:
+                         expert_major: bool, outputs, path: str = "auto") -> None:
     """Run the CUDA kernels into ``outputs`` from :func:`new_outputs` (arguments already validated; tests poison
     the outputs first)."""
+    if path not in PATHS:
+        raise ValueError(f"path must be one of {sorted(PATHS)}, got {path!r}")
     first, second, counts = outputs
     weights, ids = (second, first) if expert_major else (first, second)
     module = _module(DTYPE_TAG[gating_output.dtype], device_archs(gating_output.device))
     module.run(gating_output, token_mask, weights, ids, counts, capacity, top_k, normalize_over == "tokens",
-               fallback == "topk", expert_major)
+               fallback == "topk", expert_major, PATHS[path])
 
 
 @custom_op("jitmoe::expert_choice", mutates_args=())

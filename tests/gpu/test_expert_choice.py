@@ -38,9 +38,9 @@ def _mask(num_tokens, masked):
     return (torch.rand(num_tokens, device="cuda") > 0.3) if masked else None
 
 
-def _run_kernel(x, mask, k, capacity, normalize_over, fallback, expert_major):
+def _run_kernel(x, mask, k, capacity, normalize_over, fallback, expert_major, path="auto"):
     outputs = tuple(poison_(t) for t in ops.new_outputs(x, k, capacity, expert_major))
-    ops.launch_expert_choice(x, mask, k, capacity, normalize_over, fallback, expert_major, outputs)
+    ops.launch_expert_choice(x, mask, k, capacity, normalize_over, fallback, expert_major, outputs, path)
     return outputs
 
 
@@ -60,13 +60,13 @@ def _assert_routing_equal(got, want, expert_major, what):
                                  f"got {row_got[:16]}, want {row_want[:16]}")
 
 
-def _check(x, k, cf, normalize_over="experts", fallback="topk", expert_major=False, mask=None):
+def _check(x, k, cf, normalize_over="experts", fallback="topk", expert_major=False, mask=None, path="auto"):
     capacity = jitmoe.expert_choice_capacity(*x.shape, k, cf)
-    got = _run_kernel(x, mask, k, capacity, normalize_over, fallback, expert_major)
+    got = _run_kernel(x, mask, k, capacity, normalize_over, fallback, expert_major, path)
     want = ref.route_expert_choice(x.cpu(), None if mask is None else mask.cpu(), k, capacity, normalize_over,
                                    fallback, expert_major)
     what = (f"T={x.shape[0]} E={x.shape[1]} k={k} cf={cf} {x.dtype} {normalize_over} fallback={fallback} "
-            f"{'expert' if expert_major else 'token'}-major{' masked' if mask is not None else ''}")
+            f"{'expert' if expert_major else 'token'}-major{' masked' if mask is not None else ''} path={path}")
     _assert_routing_equal(got, want, expert_major, what)
 
 
@@ -142,12 +142,63 @@ def test_public_api_on_cuda():
             assert torch.equal(g.cpu(), w)
 
 
+# -- the two kernel paths ----------------------------------------------------------------------------------------------
+# "auto" takes the candidate path for normalize_over="experts" from 2048 tokens on (E <= 256, C <= T / 2); force each
+# path on the other's ground too.
+CANDIDATE_CASES = [(1, 8, 1), (3, 60, 8), (256, 64, 8), (256, 1000, 64), (2048, 8, 2), (2048, 160, 16),
+                   (4096, 256, 8), (5000, 384, 4), (3000, 4096, 8), (16384, 64, 8), (16384, 512, 32)]
+
+
+@pytest.mark.parametrize("num_tokens,num_experts,k", CANDIDATE_CASES, ids=str)
+@pytest.mark.parametrize("variant", range(4))
+def test_candidate_path(num_tokens, num_experts, k, variant):
+    fallback, expert_major, masked = [("topk", False, False), ("none", True, True), ("topk", False, True),
+                                      ("none", False, False)][variant]
+    dtype = DTYPES[(variant + num_experts) % 3]
+    x = _logits(num_tokens, num_experts, dtype, quantised=variant == 3)
+    _check(x, k, CAPACITY_FACTORS[variant], "experts", fallback, expert_major, _mask(num_tokens, masked),
+           path="candidates")
+
+
+@pytest.mark.parametrize("expert_major", [False, True])
+def test_candidate_path_misleading_sample(expert_major):
+    # The candidate bounds come from every (T / 1024)-th token. Expert 0 scores high exactly on the sampled tokens
+    # (its bound is too high: too few candidates), expert 1 low on them (too many candidates), so both fall back to
+    # their whole columns; a few flat tokens are picked by almost every expert (more picks than their pick list
+    # holds), and peaked tokens are picked by few (the fallback fills their slots).
+    T, E = 8192, 64
+    x = torch.randn(T, E, device="cuda") * 3
+    sampled = torch.arange(1024, device="cuda") * T // 1024
+    x[sampled, 0] += 6.0
+    x[sampled, 1] -= 6.0
+    x[torch.randint(0, T, (40,), device="cuda")] = 0.0
+    x[:, 2] += torch.where(torch.rand(T, device="cuda") < 0.1, 8.0, 0.0)
+    for path in ("candidates", "columns"):
+        _check(x, 8, 1.25, "experts", "topk", expert_major, path=path)
+        _check(x, 2, 0.5, "experts", "none", expert_major, path=path)
+
+
+@pytest.mark.parametrize("num_experts,k,dtype", [(256, 8, torch.bfloat16), (60, 4, torch.float32)], ids=str)
+def test_column_path_on_large_batches(num_experts, k, dtype):
+    x = _logits(16384, num_experts, dtype)
+    _check(x, k, 1.25, "experts", "topk", False, _mask(16384, True), path="columns")
+    _check(x, k, 1.0, "experts", "none", True, path="columns")
+
+
+def test_candidate_path_rejects_tokens_softmax():
+    x = _logits(64, 8, torch.float32)
+    with pytest.raises(ValueError, match="normalize_over"):
+        _run_kernel(x, None, 2, 16, "tokens", "topk", False, path="candidates")
+    with pytest.raises(ValueError, match="path"):
+        _run_kernel(x, None, 2, 16, "experts", "topk", False, path="fastest")
+
+
 # -- CUDA graphs -------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("expert_major", [False, True])
-@pytest.mark.parametrize("normalize_over", ["experts", "tokens"])
-def test_cuda_graph_replay(expert_major, normalize_over):
-    static_x = _logits(512, 160, torch.bfloat16)
-    static_mask = _mask(512, True)
+@pytest.mark.parametrize("normalize_over,num_tokens", [("experts", 512), ("tokens", 512), ("experts", 4096)])
+def test_cuda_graph_replay(expert_major, normalize_over, num_tokens):
+    static_x = _logits(num_tokens, 160, torch.bfloat16)
+    static_mask = _mask(num_tokens, True)
     call = lambda: jitmoe.expert_choice(static_x, 8, 1.25, normalize_over=normalize_over, token_mask=static_mask,
                                         expert_major=expert_major, return_counts=True)
     stream = torch.cuda.Stream()
@@ -159,8 +210,8 @@ def test_cuda_graph_replay(expert_major, normalize_over):
     with torch.cuda.graph(graph):
         outputs = call()
     for _ in range(3):
-        static_x.copy_(_logits(512, 160, torch.bfloat16))
-        static_mask.copy_(_mask(512, True))
+        static_x.copy_(_logits(num_tokens, 160, torch.bfloat16))
+        static_mask.copy_(_mask(num_tokens, True))
         for out in outputs:
             poison_(out)
         graph.replay()
