@@ -42,13 +42,18 @@ __global__ void __launch_bounds__(kPrepBlock) prepare_kernel(Params<In> p) {
   }
 }
 
+// The block's ticket: blocks count themselves in counters[0] in the order they start.
+__device__ __forceinline__ int take_ticket(unsigned* counters, unsigned char* smem) {
+  Scratch* sc = reinterpret_cast<Scratch*>(smem);
+  if (threadIdx.x == 0) sc->ticket = atomicAdd(counters, 1u);
+  converged_syncthreads();
+  return static_cast<int>(sc->ticket);
+}
+
 template <typename In>
 __global__ void __launch_bounds__(kBlock, 2) route_kernel(Params<In> p) {
   extern __shared__ __align__(16) unsigned char ec_smem[];
-  Scratch* sc = reinterpret_cast<Scratch*>(ec_smem);
-  if (threadIdx.x == 0) sc->ticket = atomicAdd(p.counters, 1u);
-  converged_syncthreads();
-  const int ticket = static_cast<int>(sc->ticket);
+  const int ticket = take_ticket(p.counters, ec_smem);
   if (ticket < p.sel_blocks) {
     run_selector(p, ticket, ec_smem);
   } else {
@@ -56,13 +61,12 @@ __global__ void __launch_bounds__(kBlock, 2) route_kernel(Params<In> p) {
   }
 }
 
+// One 1024-thread block per SM: the row phase holds up to 8 scores per lane in registers (64 registers; at two
+// blocks per SM, 32 registers, it spilled).
 template <typename In>
 __global__ void __launch_bounds__(kBlock, 1) route_candidates_kernel(Params<In> p) {
   extern __shared__ __align__(16) unsigned char ec_smem[];
-  Scratch* sc = reinterpret_cast<Scratch*>(ec_smem);
-  if (threadIdx.x == 0) sc->ticket = atomicAdd(p.counters, 1u);
-  converged_syncthreads();
-  int ticket = static_cast<int>(sc->ticket);
+  int ticket = take_ticket(p.counters, ec_smem);
   if (ticket < p.bound_blocks) return run_bound(p, ticket, ec_smem);
   ticket -= p.bound_blocks;
   if (ticket < p.row_blocks) return run_rows(p, ticket, ec_smem);
