@@ -19,19 +19,6 @@
 
 namespace jitmoe::ec {
 
-// (max logit, 1 / softmax denominator) of a token's row, on every lane of the warp; the sum order of ec_scores.cuh.
-template <typename In>
-__device__ float2 row_softmax_stats(const In* row, int E) {
-  const int lane = lane_id();
-  float mx = -INFINITY;
-  for (int e = lane; e < E; e += kExpertLanes) mx = fmaxf(mx, to_float(__ldg(row + e)));
-  mx = warp_max_f32(mx);
-  float sum = 0.0f;  // lane `lane` of kExpertLanes: experts lane, lane + 32, ... in order
-  for (int e = lane; e < E; e += kExpertLanes) sum = __fadd_rn(sum, softmax_term(to_float(__ldg(row + e)), mx));
-  sum = warp_sum_tree_f32(sum);
-  return make_float2(mx, __frcp_rn(sum));
-}
-
 __device__ __forceinline__ long long sample_token(int s, long long T, int sample_count) {
   return static_cast<long long>(s) * T / sample_count;
 }
@@ -110,11 +97,16 @@ __device__ void run_bound(const Params<In>& p, int block, unsigned char* smem) {
   signal_done(p.counters + 1);
 }
 
-// Offers score bits k32 of token t to expert e.
+// An offer to expert e reserves a slot of its candidate list, then stores (score bits, token) there unless the list
+// is full (the count keeps growing, so the selector sees the overflow).
 template <typename In>
-__device__ __forceinline__ void offer(const Params<In>& p, int e, unsigned k32, int t) {
-  const unsigned pos = atomicAdd(p.cand_count + e * kCountStride, 1u);
-  if (pos < static_cast<unsigned>(p.cand_cap)) p.cand[static_cast<size_t>(e) * p.cand_cap + pos] = make_uint2(k32, t);
+__device__ __forceinline__ unsigned reserve_candidate(const Params<In>& p, int e) {
+  return atomicAdd(p.cand_count + e * kCountStride, 1u);
+}
+
+template <typename In>
+__device__ __forceinline__ void store_candidate(const Params<In>& p, int e, unsigned slot, unsigned k32, int t) {
+  if (slot < static_cast<unsigned>(p.cand_cap)) p.cand[static_cast<size_t>(e) * p.cand_cap + slot] = make_uint2(k32, t);
 }
 
 // Row pass for E <= 32 * NCH: the logits and then the softmax terms stay in registers (lane holds e = lane + 32j).
@@ -138,10 +130,7 @@ __device__ void offer_row_in_registers(const Params<In>& p, const unsigned* boun
     sum = __fadd_rn(sum, v[j]);
   }
   const float rcp = __frcp_rn(warp_sum_tree_f32(sum));
-  if (lane == 0) {
-    p.row_max[t] = mx;
-    p.row_rcp[t] = rcp;
-  }
+  store_row_stats(p, t, mx, rcp);
   if (!real) return;
   // All of the row's slot reservations first, then the stores: one atomic round trip per row, not one per chunk.
   unsigned key[NCH], slot[NCH];
@@ -149,12 +138,10 @@ __device__ void offer_row_in_registers(const Params<In>& p, const unsigned* boun
   for (int j = 0; j < NCH; ++j) {
     const int e = lane + 32 * j;
     key[j] = __float_as_uint(__fmul_rn(v[j], rcp));
-    slot[j] = e < p.E && key[j] >= bound[e] ? atomicAdd(p.cand_count + e * kCountStride, 1u) : 0xFFFFFFFFu;
+    slot[j] = e < p.E && key[j] >= bound[e] ? reserve_candidate(p, e) : 0xFFFFFFFFu;  // never stored
   }
 #pragma unroll
-  for (int j = 0; j < NCH; ++j)
-    if (slot[j] < static_cast<unsigned>(p.cand_cap))
-      p.cand[static_cast<size_t>(lane + 32 * j) * p.cand_cap + slot[j]] = make_uint2(key[j], t);
+  for (int j = 0; j < NCH; ++j) store_candidate(p, lane + 32 * j, slot[j], key[j], t);
 }
 
 // Row pass for any E: the terms are recomputed after the statistics.
@@ -162,14 +149,11 @@ template <typename In>
 __device__ void offer_row_streaming(const Params<In>& p, const unsigned* bound, int t, bool real) {
   const In* row = p.logits + static_cast<size_t>(t) * p.E;  // [E]
   const float2 stats = row_softmax_stats(row, p.E);
-  if (lane_id() == 0) {
-    p.row_max[t] = stats.x;
-    p.row_rcp[t] = stats.y;
-  }
+  store_row_stats(p, t, stats.x, stats.y);
   if (!real) return;
   for (int e = lane_id(); e < p.E; e += kExpertLanes) {
     const unsigned k32 = __float_as_uint(score_of(to_float(__ldg(row + e)), stats.x, stats.y));
-    if (k32 >= bound[e]) offer(p, e, k32, t);
+    if (k32 >= bound[e]) store_candidate(p, e, reserve_candidate(p, e), k32, t);
   }
 }
 

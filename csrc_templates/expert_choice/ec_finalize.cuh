@@ -74,6 +74,16 @@ __device__ __forceinline__ void advance(LaneBest& lb, const unsigned* stage, int
   lb = next;
 }
 
+// Output slot j of a token: expert e with its score, counted for expert e.
+__device__ __forceinline__ void write_slot(const FinalizerSmem& s, int32_t* out_ids, float* out_weights, int j, int e,
+                                           unsigned score_bits) {
+  if (lane_id() == 0) {
+    out_ids[j] = e;
+    out_weights[j] = __uint_as_float(score_bits);
+    atomicAdd(s.counts + e, 1u);
+  }
+}
+
 // Candidate path: routes token t from its pick list, best first, when that list holds all its picks and no slot
 // needs a fallback expert; returns the slots filled, or -1 when the token must recompute its row instead.
 template <typename In>
@@ -89,11 +99,7 @@ __device__ int route_from_picks(const Params<In>& p, const FinalizerSmem& s, int
   for (int j = 0; j < filled; ++j) {
     const unsigned long long top = warp_max_u64(key);
     const int e = static_cast<int>(0xFFFFFFFFu - static_cast<unsigned>(top));
-    if (lane_id() == 0) {
-      out_ids[j] = e;
-      out_weights[j] = __uint_as_float(static_cast<unsigned>(top >> 32));
-      atomicAdd(s.counts + e, 1u);
-    }
+    write_slot(s, out_ids, out_weights, j, e, static_cast<unsigned>(top >> 32));
     if (key == top) key = 0;
   }
   return filled;
@@ -115,11 +121,7 @@ __device__ void route_token(const Params<In>& p, const FinalizerSmem& s, unsigne
       const unsigned flagged = static_cast<unsigned>(top >> 32);
       if (top == 0 || (!p.fallback_topk && !(flagged & kPickedBit))) break;
       const int e = static_cast<int>(0xFFFFFFFFu - static_cast<unsigned>(top));
-      if (lane_id() == 0) {
-        out_ids[filled] = e;
-        out_weights[filled] = __uint_as_float(flagged & ~kPickedBit);
-        atomicAdd(s.counts + e, 1u);
-      }
+      write_slot(s, out_ids, out_weights, filled, e, flagged & ~kPickedBit);
       if (lb.best == top) advance(lb, stage, p.E, top);
     }
   }

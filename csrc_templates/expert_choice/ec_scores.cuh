@@ -10,7 +10,7 @@
 //                    (kExpertLanes = 32 lanes over a token's experts, kTokenLanes = 1024 over an expert's tokens).
 //   score:           exp(logit - max) * (1 / sum), the reciprocal rounded to nearest.
 #pragma once
-#include "expert_choice/ec_params.cuh"
+#include "expert_choice/ec_block.cuh"
 
 namespace jitmoe::ec {
 
@@ -42,6 +42,28 @@ __device__ __forceinline__ float softmax_term(float logit, float max_logit) {
 
 __device__ __forceinline__ float score_of(float logit, float max_logit, float rcp_sum) {
   return __fmul_rn(softmax_term(logit, max_logit), rcp_sum);
+}
+
+// (max logit, 1 / softmax denominator) of a token's row, on every lane of the warp, in the sum order above.
+template <typename In>
+__device__ float2 row_softmax_stats(const In* row, int E) {
+  const int lane = lane_id();
+  float mx = -INFINITY;
+  for (int e = lane; e < E; e += kExpertLanes) mx = fmaxf(mx, to_float(__ldg(row + e)));
+  mx = warp_max_f32(mx);
+  float sum = 0.0f;  // lane `lane` of kExpertLanes: experts lane, lane + 32, ... in order
+  for (int e = lane; e < E; e += kExpertLanes) sum = __fadd_rn(sum, softmax_term(to_float(__ldg(row + e)), mx));
+  sum = warp_sum_tree_f32(sum);
+  return make_float2(mx, __frcp_rn(sum));
+}
+
+// Row statistics of token t, for the selectors and finalizers that recompute its scores.
+template <typename In>
+__device__ __forceinline__ void store_row_stats(const Params<In>& p, long long t, float mx, float rcp) {
+  if (lane_id() == 0) {
+    p.row_max[t] = mx;
+    p.row_rcp[t] = rcp;
+  }
 }
 
 }  // namespace jitmoe::ec

@@ -36,10 +36,7 @@ __global__ void __launch_bounds__(kPrepBlock) prepare_kernel(Params<In> p) {
   const long long t = gid / 32;  // uniform within a warp
   if (p.tokens_softmax || t >= p.T) return;
   const float2 stats = row_softmax_stats(p.logits + static_cast<size_t>(t) * p.E, p.E);
-  if (lane_id() == 0) {
-    p.row_max[t] = stats.x;
-    p.row_rcp[t] = stats.y;
-  }
+  store_row_stats(p, t, stats.x, stats.y);
 }
 
 // The block's ticket: blocks count themselves in counters[0] in the order they start.
