@@ -136,11 +136,15 @@ def _buildable(cfg: GemmConfig, arch: str, gated: bool) -> bool:
 
 
 def tile_variants(kernel: str, block_m: int, arch: str, gated: bool, variants: bool = True) -> list[GemmConfig]:
-    """The heuristic's tile for (kernel, block_m) first, then (``variants``) the other block_n of _BLOCK_NS."""
+    """The heuristic's tile for (kernel, block_m) first, then (``variants``) the other block_n of _BLOCK_NS and,
+    on sm90ws, the heuristic's tile with the other cluster size."""
     base = next(c for c in _gemm.default_configs(kernel, arch, gated) if c.block_m == block_m)
     tiles = [base]
-    for block_n in _BLOCK_NS[(kernel, gated)] if variants else ():
-        cfg = _fit(GemmConfig(kernel, block_m, block_n, base.block_k, _STAGES[kernel][1]), arch, gated)
+    others = [_fit(dataclasses.replace(base, block_n=block_n, stages=_STAGES[kernel][1]), arch, gated)
+              for block_n in _BLOCK_NS[(kernel, gated)]]
+    if kernel == "sm90ws":
+        others.append(dataclasses.replace(base, cluster_m=3 - base.cluster_m))
+    for cfg in others if variants else ():
         if cfg is not None and cfg not in tiles and _buildable(cfg, arch, gated):
             tiles.append(cfg)
     return tiles

@@ -33,10 +33,12 @@ KERNELS = ("sm80", "sm90", "sm90ws")
 SM90A_KERNELS = frozenset({"sm90", "sm90ws"})   # wgmma / TMA: built for arch 90a only
 TMA_A_KERNELS = frozenset({"sm90ws"})           # GEMM1 reads a sorted copy of x (MoeGemmArgs::a_sorted)
 SPLIT_K_KERNELS = frozenset({"sm80", "sm90"})   # kernels that implement k_splits > 1
-# sm90ws: CTAs per cluster that share each weight tile by TMA multicast. Two measured faster on DeepSeek-V3 T=4096
-# (GEMM1 -12%) and slower on DeepSeek-V3 T=16384 (GEMM1 +30%) and Qwen3 T=4096 (GEMM2 +11%) on the H100
-# (benchmarks/results/h100-2026-11-22-session3/), so the kernel runs unclustered unless a spec asks.
-SM90WS_CLUSTER_M = 1
+# sm90ws: CTAs per cluster that share each weight tile by TMA multicast, by whether B has two halves (gated GEMM1).
+# Measured on the H100 (benchmarks/results/h100-2026-11-22-session6/): two CTAs cut the DRAM reads of gated GEMM1
+# where neighbouring CTAs drift apart and lose each other's weight tiles in L2 (DeepSeek-V3 T=16384: 85.5 -> 28.6 GB
+# read, 30.7 -> 16.4 ms; T=4096 9.7 -> 8.4 ms; Qwen3 T=4096 0.64 -> 0.59 ms) and never lost there; GEMM2 with two
+# was slower on 5 of 8 rows (Qwen3/OLMoE T=4096 +5-7%), so one-half GEMMs run unclustered.
+SM90WS_CLUSTER_M = {True: 2, False: 1}
 BLOCK_MS = (16, 32, 64, 128)
 MAX_K_SPLITS = 16
 GEMM_DTYPES = (torch.bfloat16, torch.float16)
@@ -57,6 +59,7 @@ class GemmConfig:
     block_k: int
     stages: int
     k_splits: int = 1
+    cluster_m: int = 1  # sm90ws only: CTAs per cluster multicasting each weight tile
 
     def __post_init__(self):
         check_choice("config.kernel", self.kernel, KERNELS)
@@ -67,6 +70,7 @@ class GemmConfig:
                 raise ValueError(f"config.{name}: expected a multiple of 16, got {value}")
         check_int("config.stages", self.stages, low=2, high=8)
         check_int("config.k_splits", self.k_splits, low=1, high=MAX_K_SPLITS)
+        check_choice("config.cluster_m", self.cluster_m, (1, 2) if self.kernel == "sm90ws" else (1,))
 
 
 # Shared memory a block may use (static + dynamic, opt-in maximum) per SM major.minor; unknown archs get the smallest.
@@ -150,8 +154,9 @@ def _fit_stages(kernel: str, block_m: int, arch: str, gated: bool = True) -> Gem
     block_n, block_k, stages = _TILES[(kernel, block_m)]
     if not gated:
         block_n = _WIDE_BLOCK_N.get((kernel, block_m), block_n)
+    cluster_m = SM90WS_CLUSTER_M[gated] if kernel == "sm90ws" else 1
     while True:
-        cfg = GemmConfig(kernel, block_m, block_n, block_k, stages)
+        cfg = GemmConfig(kernel, block_m, block_n, block_k, stages, cluster_m=cluster_m)
         if stages == 2 or smem_bytes(cfg, gated) <= smem_limit(arch):
             return cfg
         stages -= 1
@@ -299,7 +304,7 @@ def gemm_spec(cfg: GemmConfig, dtype: str, mode: str, activation: str, archs: tu
     params = {"kernel": cfg.kernel, "dtype": dtype, "act": activation, "mode": mode, "block_m": cfg.block_m,
               "block_n": cfg.block_n, "block_k": cfg.block_k, "stages": cfg.stages}
     if cfg.kernel == "sm90ws":
-        params["cluster_m"] = SM90WS_CLUSTER_M
+        params["cluster_m"] = cfg.cluster_m
     # The SM80 kernel is plain PTX; only the SM90 ones need the CUTLASS/CuTe headers.
     return KernelSpec.create("moe_gemm", "moe", (f"{cfg.kernel}/gemm.cu", "moe_gemm_binding.cpp"), params, archs,
                              cutlass=cfg.kernel in SM90A_KERNELS)
@@ -475,13 +480,13 @@ def _moe_gemm1_op(x: torch.Tensor, fc1: torch.Tensor, sorted_ids: torch.Tensor, 
                   num_padded: torch.Tensor, out: torch.Tensor, topk: int, activation: str,
                   fc1_bias: Optional[torch.Tensor], swiglu_alpha: Optional[torch.Tensor],
                   swiglu_beta: Optional[torch.Tensor], swiglu_limit: Optional[torch.Tensor], kernel: str,
-                  block_m: int, block_n: int, block_k: int, stages: int, k_splits: int) -> None:
+                  block_m: int, block_n: int, block_k: int, stages: int, k_splits: int, cluster_m: int) -> None:
     if not x.is_cuda:
         gemm1_reference(x, fc1, sorted_ids, block_expert, num_padded, out, topk, activation, fc1_bias,
                         swiglu_alpha, swiglu_beta, swiglu_limit, block_m)
         return
     _check_aligned(x=x, fc1=fc1, out=out)
-    cfg = GemmConfig(kernel, block_m, block_n, block_k, stages, k_splits)
+    cfg = GemmConfig(kernel, block_m, block_n, block_k, stages, k_splits, cluster_m)
     spec = gemm_spec(cfg, DTYPE_TAG[x.dtype], "gemm1", activation, device_archs(x.device))
     partials, a_sorted = _scratch(cfg, out.shape[0], fc1.shape[1], x, sorted_ids.shape[0], gemm1=True)
     load_module(spec).run(x, fc1, fc1_bias, out, sorted_ids, block_expert, num_padded, None, swiglu_alpha,
@@ -491,7 +496,7 @@ def _moe_gemm1_op(x: torch.Tensor, fc1: torch.Tensor, sorted_ids: torch.Tensor, 
 
 @_moe_gemm1_op.register_fake
 def _(x, fc1, sorted_ids, block_expert, num_padded, out, topk, activation, fc1_bias, swiglu_alpha, swiglu_beta,
-      swiglu_limit, kernel, block_m, block_n, block_k, stages, k_splits) -> None:
+      swiglu_limit, kernel, block_m, block_n, block_k, stages, k_splits, cluster_m) -> None:
     return None
 
 
@@ -499,12 +504,12 @@ def _(x, fc1, sorted_ids, block_expert, num_padded, out, topk, activation, fc1_b
 def _moe_gemm2_op(inter: torch.Tensor, fc2: torch.Tensor, sorted_ids: torch.Tensor, block_expert: torch.Tensor,
                   num_padded: torch.Tensor, slot_weights: Optional[torch.Tensor], out: torch.Tensor,
                   fc2_bias: Optional[torch.Tensor], kernel: str, block_m: int, block_n: int, block_k: int,
-                  stages: int, k_splits: int) -> None:
+                  stages: int, k_splits: int, cluster_m: int) -> None:
     if not inter.is_cuda:
         gemm2_reference(inter, fc2, sorted_ids, block_expert, num_padded, slot_weights, out, fc2_bias, block_m)
         return
     _check_aligned(inter=inter, fc2=fc2, out=out)
-    cfg = GemmConfig(kernel, block_m, block_n, block_k, stages, k_splits)
+    cfg = GemmConfig(kernel, block_m, block_n, block_k, stages, k_splits, cluster_m)
     spec = gemm_spec(cfg, DTYPE_TAG[inter.dtype], "gemm2", "Identity", device_archs(inter.device))
     partials, _ = _scratch(cfg, out.shape[0], out.shape[1], inter, 0, gemm1=False)
     load_module(spec).run(inter, fc2, fc2_bias, out, sorted_ids, block_expert, num_padded, slot_weights, None, None,
@@ -513,7 +518,7 @@ def _moe_gemm2_op(inter: torch.Tensor, fc2: torch.Tensor, sorted_ids: torch.Tens
 
 @_moe_gemm2_op.register_fake
 def _(inter, fc2, sorted_ids, block_expert, num_padded, slot_weights, out, fc2_bias, kernel, block_m, block_n,
-      block_k, stages, k_splits) -> None:
+      block_k, stages, k_splits, cluster_m) -> None:
     return None
 
 
@@ -535,7 +540,7 @@ def moe_gemm1(x, fc1, sorted_ids, block_expert, num_padded, *, out, topk, activa
     _check_gemm1(x, fc1, sorted_ids, block_expert, num_padded, out, topk, activation, fc1_bias, params, config)
     _moe_gemm1_op(x, fc1, sorted_ids, block_expert, num_padded, out, topk, activation, fc1_bias, swiglu_alpha,
                   swiglu_beta, swiglu_limit, config.kernel, config.block_m, config.block_n, config.block_k,
-                  config.stages, config.k_splits)
+                  config.stages, config.k_splits, config.cluster_m)
     return out
 
 
@@ -548,7 +553,7 @@ def moe_gemm2(inter, fc2, sorted_ids, block_expert, num_padded, slot_weights, *,
     """
     _check_gemm2(inter, fc2, sorted_ids, block_expert, num_padded, slot_weights, out, fc2_bias, config)
     _moe_gemm2_op(inter, fc2, sorted_ids, block_expert, num_padded, slot_weights, out, fc2_bias, config.kernel,
-                  config.block_m, config.block_n, config.block_k, config.stages, config.k_splits)
+                  config.block_m, config.block_n, config.block_k, config.stages, config.k_splits, config.cluster_m)
     return out
 
 

@@ -147,6 +147,22 @@ def test_gemm_config_validation(field, value):
         GemmConfig(**fields)
 
 
+@pytest.mark.parametrize("kernel, cluster_m", [("sm80", 2), ("sm90", 2), ("sm90ws", 3), ("sm90ws", 0)])
+def test_gemm_config_rejects_cluster_sizes_the_kernel_lacks(kernel, cluster_m):
+    with pytest.raises(ValueError, match="config.cluster_m"):
+        GemmConfig(kernel, 128, 128, 64, 4, cluster_m=cluster_m)
+
+
+def test_sm90ws_clusters_only_gated_gemm1():
+    """Gated GEMM1 (two B halves) multicasts its weight tiles over clusters of two; one-half GEMMs run alone."""
+    gated = select_config(4096 * 8, 256, 2048, 7168, "90a", "bf16", num_sms=132, gated=True)
+    plain = select_config(4096 * 8, 256, 7168, 2048, "90a", "bf16", num_sms=132, gated=False)
+    assert (gated.kernel, gated.cluster_m, plain.kernel, plain.cluster_m) == ("sm90ws", 2, "sm90ws", 1)
+    spec = mg.gemm_spec(gated, "bf16", "gemm1", "Swiglu", ("90a",))
+    assert dict(spec.params)["cluster_m"] == 2 and "cluster_m2" in spec.readable_name
+    assert select_config(4096, 8, 1024, 1024, "80", "bf16", gated=True).cluster_m == 1
+
+
 def test_gemm_config_is_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
         GemmConfig("sm80", 64, 128, 32, 4).block_m = 16
@@ -196,7 +212,7 @@ def test_prewarm_covers_every_activation_at_every_default_config():
     for s in specs:
         p = dict(s.params)
         built.add((s.archs, p["kernel"], p["dtype"], p["mode"], p["act"], p["block_m"], p["block_n"], p["block_k"],
-                   p["stages"]))
+                   p["stages"], p.get("cluster_m", 1)))
     # Every (mode, activation) at every config select_config can give it: gated GEMM1s at the two-half configs,
     # plain GEMM1s and GEMM2 at the one-half ones (wider on sm90ws).
     pairs = [("gemm1", a, a in mg.GATED_ACTIVATIONS) for a in mg.ACTIVATIONS] + [("gemm2", "Identity", False)]
@@ -207,7 +223,7 @@ def test_prewarm_covers_every_activation_at_every_default_config():
                     for slots in (1, 256, 4096, 65536):
                         cfg = select_config(slots, 8, 1024, 1024, arch, dtype, kernel=kernel, gated=gated)
                         assert ((arch,), kernel, dtype, mode, act, cfg.block_m, cfg.block_n, cfg.block_k,
-                                cfg.stages) in built
+                                cfg.stages, cfg.cluster_m) in built
     assert mg.default_configs("sm90ws", "90a", gated=False)[0].block_n == 256
     assert all(mg.smem_bytes(c, g) <= mg.smem_limit("90a") for g in (False, True)
                for c in mg.default_configs("sm90ws", "90a", gated=g))
@@ -434,11 +450,11 @@ def test_ops_pass_opcheck():
     c = a["config"]
     torch.library.opcheck(torch.ops.jitmoe.moe_gemm1.default,
                           (a["x"], a["fc1"], a["sorted_ids"], a["block_expert"], a["num_padded"], a["out"], a["topk"],
-                           "Swiglu", None, None, None, None, c.kernel, c.block_m, c.block_n, c.block_k, c.stages, 1))
+                           "Swiglu", None, None, None, None, c.kernel, c.block_m, c.block_n, c.block_k, c.stages, 1, 1))
     b = _gemm2_args()
     torch.library.opcheck(torch.ops.jitmoe.moe_gemm2.default,
                           (b["inter"], b["fc2"], b["sorted_ids"], b["block_expert"], b["num_padded"],
-                           b["slot_weights"], b["out"], None, c.kernel, c.block_m, c.block_n, c.block_k, c.stages, 1))
+                           b["slot_weights"], b["out"], None, c.kernel, c.block_m, c.block_n, c.block_k, c.stages, 1, 1))
 
 
 # ---------------------------------------------------------------------------------------------------------------

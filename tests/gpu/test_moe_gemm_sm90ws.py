@@ -34,7 +34,9 @@ GEMM2_WIDE = dict(block_n=256, stages=3)
 GEMM2_NARROW = dict(block_n=128, stages=6)
 
 
-def module(dtype, act, mode, block_n, stages, cluster_m=SM90WS_CLUSTER_M):
+def module(dtype, act, mode, block_n, stages, cluster_m=None):
+    if cluster_m is None:  # the default of a GEMM with this many B halves
+        cluster_m = SM90WS_CLUSTER_M[mode == "gemm1" and act in GATED_ACTIVATIONS]
     params = {"kernel": "sm90ws", "dtype": DTYPES[dtype], "act": act, "mode": mode, "block_m": BLOCK_M,
               "block_n": block_n, "block_k": 64, "stages": stages, "cluster_m": cluster_m}
     spec = KernelSpec.create("moe_gemm", "moe", ("sm90ws/gemm.cu", "moe_gemm_binding.cpp"), params, ("90a",),
@@ -81,7 +83,7 @@ def run_gemm2(mod, inter, fc2, bias, routing, out, slot_weights, k_splits=1):
 
 # ---------------------------------------------------------------------------------------------------------------
 def check_gemm1(tokens, experts, topk, hidden, inter_size, act, dtype, *, bias=True, params=None, skew=False,
-                cluster_m=SM90WS_CLUSTER_M):
+                cluster_m=None):
     gated = act in GATED_ACTIVATIONS
     tile = GEMM1_GATED if gated else GEMM1_PLAIN
     mod = module(dtype, act, "gemm1", **tile, cluster_m=cluster_m)
@@ -137,7 +139,7 @@ def test_gemm1_per_expert_activation_parameters():
 
 # ---------------------------------------------------------------------------------------------------------------
 def check_gemm2(tokens, local, topk, hidden, inter_size, dtype, tile, *, bias=True, slot_weights=True,
-                total_experts=None, cluster_m=SM90WS_CLUSTER_M):
+                total_experts=None, cluster_m=None):
     mod = module(dtype, "Identity", "gemm2", **tile, cluster_m=cluster_m)
     ids = random_ids(tokens, topk, total_experts or local)
     routing = align(ids, local)  # ids >= local belong to other ranks: their slots are dropped
@@ -183,12 +185,12 @@ def test_gemm2_never_writes_dropped_slots():
 
 @pytest.mark.parametrize("shape", [(600, 1, 1, 520, 200), (1000, 8, 4, 264, 136), (300, 64, 8, 1032, 392)])
 def test_kernel_with_the_other_cluster_size(shape):
-    """The cluster size the default does not use (1 or 2 CTAs sharing each weight tile by multicast) computes the
+    """The cluster size each default does not use (1 or 2 CTAs sharing each weight tile by multicast) computes the
     same tiles: odd M-block counts, neighbouring blocks of different experts, CTAs without a tile in a unit."""
-    other = 3 - SM90WS_CLUSTER_M
-    check_gemm1(*shape, "Swiglu", torch.bfloat16, cluster_m=other)
+    check_gemm1(*shape, "Swiglu", torch.bfloat16, cluster_m=3 - SM90WS_CLUSTER_M[True])
     tokens, experts, topk, hidden, inter_size = shape
-    check_gemm2(tokens, experts, topk, inter_size, hidden, torch.bfloat16, GEMM2_WIDE, cluster_m=other)
+    check_gemm2(tokens, experts, topk, inter_size, hidden, torch.bfloat16, GEMM2_WIDE,
+                cluster_m=3 - SM90WS_CLUSTER_M[False])
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -23,10 +23,12 @@
 // raised) that each own 64 rows of the 128-row tile ("cooperative"), issue SS wgmma with fp32 accumulators, and release
 // a stage as soon as the wgmma that read it has retired. A gated GEMM1 keeps two accumulators with identical layouts,
 // one fed by the up rows [n0, n0+BN) of fc1[e] and one by the gate rows [N+n0, ...): element i of both holds the same
-// (row, column). The epilogue (GEMM1: bias + activation; GEMM2: (acc + bias) * routing weight) runs in fp32, goes
-// through a dedicated XOR-swizzled staging tile (so the producer keeps filling the ring for the next tile meanwhile)
-// and leaves as 16-byte row chunks: GEMM1 to inter[p], GEMM2 scattered to out_slots[slot]; padding rows and columns >=
-// N are never written.
+// (row, column). When the second warpgroup's 64 rows are all padding (the tail of an expert's last block) it issues no
+// wgmma and the first one has the tensor cores to itself. The epilogue (GEMM1: bias + activation; GEMM2: (acc + bias)
+// * routing weight) runs in fp32, goes through a dedicated XOR-swizzled staging tile (so the producer keeps filling
+// the ring for the next tile meanwhile), each warp through its own 16 rows, and leaves as 16-byte row chunks: GEMM1 to
+// inter[p] (padding rows too: GEMM2 ignores them), GEMM2 scattered to out_slots[slot] (real rows only); columns >= N
+// are never written.
 #pragma once
 #include <cuda.h>
 #include <cuda_runtime.h>  // cudaLaunchKernelEx (cluster launch)
@@ -266,16 +268,20 @@ __device__ __forceinline__ void cluster_sync_unaligned() {
   asm volatile("barrier.cluster.arrive;\nbarrier.cluster.wait;" ::: "memory");
 }
 
-__device__ __forceinline__ void named_barrier_sync(int id, int threads) {
-  asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(threads) : "memory");
+// The slots of the 16 sorted rows a consumer warp owns (wgmma gives warp w of a warpgroup rows [16 w, 16 w + 16)
+// of its 64): lane j < 16 holds sorted_ids of row j, lanes 16..31 repeat lanes 0..15. A padding row holds a value
+// outside [0, num_slots). Loaded when a tile starts so the latency hides behind the main loop.
+template <class Cfg>
+__device__ __forceinline__ int load_warp_row_slot(const MoeGemmArgs& args, int row0, int lane) {
+  return args.sorted_ids[row0 + lane % 16];  // a used block lies entirely below num_padded
 }
 
-// GEMM2 scale of sorted row p: the routing weight of its slot (1 for padding rows, which are never stored).
-template <class Cfg>
-__device__ __forceinline__ float row_scale(const MoeGemmArgs& args, const TileScheduler<Cfg>& sched, int p) {
-  if (args.slot_weights == nullptr || p >= sched.rows_used) return 1.f;
-  const int s = args.sorted_ids[p];
-  return s >= 0 && s < args.num_slots ? args.slot_weights[s] : 1.f;
+__device__ __forceinline__ bool is_real_slot(int s, int num_slots) { return s >= 0 && s < num_slots; }
+
+// Whether the second warpgroup's 64 rows of the used M block at m0 are all padding. An expert's rows are padded at
+// the end of its last block, so that holds exactly when row m0 + 64 is padding.
+__device__ __forceinline__ bool upper_half_is_padding(const MoeGemmArgs& args, int m0) {
+  return !is_real_slot(args.sorted_ids[m0 + 64], args.num_slots);
 }
 
 // Element offset of (m, n) in the staging tile: 16-byte chunk n / 8 of row m moves to chunk (n / 8) ^ (m % 8), so
@@ -294,12 +300,11 @@ __device__ __forceinline__ uint32_t pack2(__half lo, __half hi) {
   return *reinterpret_cast<uint32_t*>(&v);
 }
 
-// fp32 epilogue math of this thread's accumulator elements, written as T pairs into its warpgroup's staging rows.
+// fp32 epilogue math of this thread's accumulator elements, written as T pairs into its warp's staging rows.
 template <class Cfg, class Acc>
-__device__ __forceinline__ void epilogue_to_staging(const MoeGemmArgs& args, const TileScheduler<Cfg>& sched,
-                                                    const Acc& acc_up, const Acc& acc_gate,
-                                                    typename Cfg::Element* staging, int consumer_tid, int m0, int n0,
-                                                    int e) {
+__device__ __forceinline__ void epilogue_to_staging(const MoeGemmArgs& args, const Acc& acc_up, const Acc& acc_gate,
+                                                    typename Cfg::Element* staging, int consumer_tid, int row_slot,
+                                                    int n0, int e) {
   using namespace cute;
   using T = typename Cfg::Element;
   typename Cfg::TiledMma mma;
@@ -311,12 +316,18 @@ __device__ __forceinline__ void epilogue_to_staging(const MoeGemmArgs& args, con
   const int64_t bias_row = static_cast<int64_t>(e) * args.n * Cfg::kHalves;
   ActParams params;
   if constexpr (!Cfg::kGemm2) params = load_act_params<Cfg::kAct>(args, e);
-  // wgmma's C layout gives a thread two rows, m_lo and m_lo + 8; GEMM2 needs their routing weights.
+  // wgmma's C layout gives a thread two rows, m_lo and m_lo + 8 (rows 16 w + lane / 4 and + 8 of its
+  // warpgroup); GEMM2 needs their routing weights (1 for padding rows, which are never stored).
   const int m_lo = get<0>(tCcC(0));
   float scale_lo = 1.f, scale_hi = 1.f;
   if constexpr (Cfg::kGemm2) {
-    scale_lo = row_scale<Cfg>(args, sched, m0 + m_lo);
-    scale_hi = row_scale<Cfg>(args, sched, m0 + m_lo + 8);
+    const int lane = consumer_tid % 32;
+    const int s_lo = __shfl_sync(0xffffffffu, row_slot, lane / 4);
+    const int s_hi = __shfl_sync(0xffffffffu, row_slot, lane / 4 + 8);
+    if (args.slot_weights != nullptr) {
+      if (is_real_slot(s_lo, args.num_slots)) scale_lo = args.slot_weights[s_lo];
+      if (is_real_slot(s_hi, args.num_slots)) scale_hi = args.slot_weights[s_hi];
+    }
   }
   CUTE_UNROLL
   for (int i = 0; i < size(acc_up); i += 2) {  // elements i, i + 1: columns n, n + 1 of row m
@@ -342,24 +353,27 @@ __device__ __forceinline__ void epilogue_to_staging(const MoeGemmArgs& args, con
   }
 }
 
-// Copies this warpgroup's 64 staged rows to the output in 16-byte chunks; padding rows and columns >= N skipped.
+// Copies a warp's 16 staged rows (tile rows row0 .. row0 + 15) to the output in 16-byte chunks, all of them issued
+// back to back. GEMM1 writes inter[p] for every row of the used block (padding rows included: GEMM2 ignores them);
+// GEMM2 scatters real rows to out_slots[slot] and skips padding. Columns >= N are never written.
 template <class Cfg>
-__device__ __forceinline__ void store_rows(const MoeGemmArgs& args, const TileScheduler<Cfg>& sched,
-                                           const typename Cfg::Element* staging, int warp_group, int wg_tid, int m0,
-                                           int n0) {
+__device__ __forceinline__ void store_warp_rows(const MoeGemmArgs& args, const typename Cfg::Element* staging,
+                                                int row0, int lane, int row_slot, int m0, int n0) {
   using T = typename Cfg::Element;
   constexpr int kChunksN = Cfg::kBlockN / 8;
+  static_assert(kChunksN % 2 == 0, "a warp's 16 rows are whole 32-lane steps");
   T* out = static_cast<T*>(args.out);  // GEMM1: [m_pad_max, N]; GEMM2: [num_slots, N]
-  for (int c = wg_tid; c < 64 * kChunksN; c += 128) {
-    const int m = warp_group * 64 + c / kChunksN;
+  CUTE_UNROLL
+  for (int i = 0; i < kChunksN / 2; ++i) {
+    const int c = lane + 32 * i;
+    const int r = c / kChunksN;
     const int chunk = c % kChunksN;
     const int col = n0 + chunk * 8;
-    const int p = m0 + m;
-    if (col >= args.n || p >= sched.rows_used) continue;
-    const int s = args.sorted_ids[p];
-    if (s < 0 || s >= args.num_slots) continue;  // padding row
-    const int64_t out_row = Cfg::kGemm2 ? s : p;
-    const uint4 v = *reinterpret_cast<const uint4*>(staging + staging_offset<Cfg>(m, chunk * 8));
+    const int s = __shfl_sync(0xffffffffu, row_slot, r);
+    int64_t out_row = m0 + row0 + r;
+    if constexpr (Cfg::kGemm2) out_row = s;
+    if (col >= args.n || (Cfg::kGemm2 && !is_real_slot(s, args.num_slots))) continue;
+    const uint4 v = *reinterpret_cast<const uint4*>(staging + staging_offset<Cfg>(row0 + r, chunk * 8));
     *reinterpret_cast<uint4*>(out + out_row * args.n + col) = v;
   }
 }
@@ -394,7 +408,7 @@ __device__ __forceinline__ void fence_accumulators(Acc& acc_up, Acc& acc_gate, b
 }
 
 // Consumer warpgroups: for every tile this CTA owns, accumulate A[BM, K] x B[BN, K]^T over the ring, then run
-// the epilogue through the warpgroup's half of the staging tile.
+// the epilogue, each warp through its own 16 rows of the staging tile.
 template <class Cfg>
 __device__ __forceinline__ void consume(const MoeGemmArgs& args, const SmemPlan<Cfg>& smem) {
   using namespace cute;
@@ -406,6 +420,7 @@ __device__ __forceinline__ void consume(const MoeGemmArgs& args, const SmemPlan<
   const int consumer_tid = static_cast<int>(threadIdx.x) - 128;
   const int warp_group = __shfl_sync(0xffffffff, consumer_tid / 128, 0);
   const int lane = consumer_tid % 32;
+  const int warp = __shfl_sync(0xffffffff, consumer_tid / 32 % 4, 0);  // in its warpgroup
   typename Cfg::TiledMma mma;
   auto wg_mma = mma.get_slice(warp_group * 128);
   Tensor tCrA = wg_mma.make_fragment_A(wg_mma.partition_A(sA));     // (MMA,MMA_M,MMA_K,S) smem descriptors
@@ -426,9 +441,15 @@ __device__ __forceinline__ void consume(const MoeGemmArgs& args, const SmemPlan<
     const int e = role.expert;
     const int m0 = role.m_block * Cfg::kBlockM;
     const int n0 = n_block * Cfg::kBlockN;
-    if (e < 0) {
-      // No tile for this CTA in the unit (its peer has one): keep the ring in step, releasing each stage as soon
-      // as it lands.
+    // This warp's rows in the tile and their slots (GEMM2 scales and scatters by slot; GEMM1 needs none).
+    const int warp_row0 = warp_group * 64 + warp * 16;
+    const int row_slot = Cfg::kGemm2 && e >= 0 ? load_warp_row_slot<Cfg>(args, m0 + warp_row0, lane) : 0;
+    // Idle: no tile for this CTA in the unit (its cluster peer has one), or this is the second warpgroup and its 64
+    // rows are all padding (the tail of an expert's last block): then the first warpgroup has the tensor cores to
+    // itself. An idle warpgroup keeps the ring in step, releasing each stage as soon as it lands.
+    // The vote makes the branch visibly warp-uniform, so the main loop below stays free of divergence.
+    const bool idle = __all_sync(0xffffffffu, e < 0 || (warp_group == 1 && upper_half_is_padding(args, m0)));
+    if (idle) {
       for (int kt = 0; kt < k_tiles; ++kt) {
         cutlass::arch::ClusterBarrier::wait(&smem.full[ring.stage], ring.phase);
         release_stage<Cfg>(&smem.empty[ring.stage], lane);
@@ -459,10 +480,12 @@ __device__ __forceinline__ void consume(const MoeGemmArgs& args, const SmemPlan<
     // through the main loop and push ptxas (capped at 65536 / 384 registers) into spilling.
     int epilogue_tid = consumer_tid;
     asm volatile("" : "+r"(epilogue_tid));
-    named_barrier_sync(1 + warp_group, 128);  // this warpgroup finished reading its staging rows of the last tile
-    epilogue_to_staging<Cfg>(args, sched, acc_up, acc_gate, smem.staging, epilogue_tid, m0, n0, e);
-    named_barrier_sync(1 + warp_group, 128);
-    store_rows<Cfg>(args, sched, smem.staging, warp_group, epilogue_tid % 128, m0, n0);
+    // The staging round trip is warp-local (a warp stages and stores only its own 16 rows), so __syncwarp orders
+    // it: before, this warp's reads of the last tile are done; after, its writes of this tile are visible.
+    __syncwarp();
+    epilogue_to_staging<Cfg>(args, acc_up, acc_gate, smem.staging, epilogue_tid, row_slot, n0, e);
+    __syncwarp();
+    store_warp_rows<Cfg>(args, smem.staging, warp_row0, epilogue_tid % 32, row_slot, m0, n0);
   }
 }
 
@@ -472,8 +495,10 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
                            const __grid_constant__ CUtensorMap tmap_b,  // B [E * n_b, K], box [BN, 64]
                            const __grid_constant__ MoeGemmArgs args) {
   extern __shared__ uint8_t smem_raw[];
-  uint8_t* base = reinterpret_cast<uint8_t*>(
-      (reinterpret_cast<uintptr_t>(smem_raw) + Cfg::kSwizzleAlign - 1) & ~uintptr_t(Cfg::kSwizzleAlign - 1));
+  // Aligned by an offset on smem_raw, not by rounding an integer: the compiler then still knows every pointer
+  // below is shared memory and accesses the staging tile with LDS/STS rather than generic loads and stores.
+  const uint32_t misalign = static_cast<uint32_t>(reinterpret_cast<uintptr_t>(smem_raw)) % Cfg::kSwizzleAlign;
+  uint8_t* base = smem_raw + (Cfg::kSwizzleAlign - misalign) % Cfg::kSwizzleAlign;
   const SmemPlan<Cfg> smem(base);
   if (threadIdx.x == 0) {
     for (int s = 0; s < Cfg::kStages; ++s) {
