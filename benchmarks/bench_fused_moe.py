@@ -136,7 +136,8 @@ def split_k_variants(values: tuple[int, ...], out: torch.Tensor, contexts: tuple
 
 
 def kernel_contexts(kernel: str | None) -> tuple[Callable, ...]:
-    """Force jitmoe's GEMM family ('sm80' runs the SM80 kernels on an H100) through ops.fused_moe.force_kernel."""
+    """Force jitmoe's GEMM family ('sm80' runs the SM80 kernels on an H100; 'decode' the decode path) through
+    ops.fused_moe.force_kernel."""
     if not kernel:
         return ()
     force = common.jitmoe_attr("ops.fused_moe.force_kernel")
@@ -375,9 +376,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--split-k", default=None, help="comma list of forced split-K values to sweep, e.g. 1,2,4,8")
     parser.add_argument("--device", default=None, help="cuda (default when present) or cpu (tiny shapes)")
     parser.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
-    parser.add_argument("--kernel", choices=("sm80", "sm90", "sm90ws"), default=None,
+    parser.add_argument("--kernel", choices=("sm80", "sm90", "sm90ws", "decode"), default=None,
                         help="force jitmoe's GEMM family (sm80 on an H100 times the SM80 path; sm90ws the "
-                             "persistent kernel at every T)")
+                             "persistent kernel at every T; decode the weight-streaming decode path)")
     parser.add_argument("--budget-ms", type=float, default=300.0, help="timed GPU time per implementation and row")
     parser.add_argument("--max-copies", type=int, default=4, help="weight copies rotated to defeat the L2")
     parser.add_argument("--impls", default=None,

@@ -33,15 +33,21 @@ struct ActParams {
   float limit = INFINITY; // SwigluBias, SwigluStep (SwigluStep's default is 7)
 };
 
-// Activation parameters of expert e (ActParams defaults when the pointers are null).
+// Activation parameters of expert e from per-expert arrays (ActParams defaults where a pointer is null).
 template <Act A>
-__device__ __forceinline__ ActParams load_act_params(const MoeGemmArgs& args, int e) {
+__device__ __forceinline__ ActParams load_act_params(const float* alpha, const float* beta, const float* limit,
+                                                     int e) {
   ActParams p;
-  if (args.act_alpha) p.alpha = args.act_alpha[e];
-  if (args.act_beta) p.beta = args.act_beta[e];
-  if (args.act_limit) p.limit = args.act_limit[e];
+  if (alpha) p.alpha = alpha[e];
+  if (beta) p.beta = beta[e];
+  if (limit) p.limit = limit[e];
   else if constexpr (A == Act::SwigluStep) p.limit = 7.f;
   return p;
+}
+
+template <Act A>
+__device__ __forceinline__ ActParams load_act_params(const MoeGemmArgs& args, int e) {
+  return load_act_params<A>(args.act_alpha, args.act_beta, args.act_limit, e);
 }
 
 // Non-gated: act(x). `gate` is unused.

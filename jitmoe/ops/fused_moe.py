@@ -7,6 +7,9 @@ CUDA graphs see a single opaque call. On CUDA:
     moe_align (expert-sorted, tile-padded rows) -> GEMM1 (+ fc1 bias, activation) -> GEMM2 (+ fc2 bias, x weight)
     -> moe_combine (sum over the top-k in fixed order)
 
+and for a few tokens (``moe_decode.use_decode``) the decode path: one weight-streaming launch per GEMM, GEMM2
+summing each token's choices itself.
+
 Everything is deterministic: no float atomics anywhere, so ``use_fused_finalize`` True and False give bitwise
 repeatable (and identical) results. Out-of-range expert ids contribute zero on CUDA (no device check: that would
 need a host sync); the CPU path, which runs the fp32 reference, raises ValueError for them.
@@ -24,6 +27,7 @@ import torch
 from ..jit.arch import arch_of_capability
 from ..reference import moe as _ref
 from . import moe_autotune as _autotune
+from . import moe_decode as _decode
 from . import moe_gemm as _gemm
 from . import permute as _permute
 from ._library import custom_op
@@ -73,17 +77,20 @@ def autotune(tune_mode: bool = True, cache: Optional[str] = None, tuning_buckets
         yield
 
 
-_forced_kernel = ""  # '' (heuristic) or a moe_gemm.KERNELS name; a plain global so torch.compile can guard on it
+DECODE = "decode"  # force_kernel's name for the decode path (moe_decode)
+PATHS = (*_gemm.KERNELS, DECODE)
+_forced_kernel = ""  # '' (heuristic) or one of PATHS; a plain global so torch.compile can guard on it
 _forced_split_k = 0  # 0 (heuristic) or the K slices of both GEMMs
 
 
 @contextlib.contextmanager
 def force_kernel(kernel: Optional[str]):
-    """Run the grouped GEMMs on one kernel family ('sm80', 'sm90' or 'sm90ws') inside the context, e.g. the SM80
-    kernels on an H100 to test them. None restores the heuristic. For tests and benchmarks; not thread-safe."""
+    """Run the layer on one kernel family inside the context: a grouped-GEMM kernel ('sm80', 'sm90' or 'sm90ws'),
+    e.g. the SM80 kernels on an H100 to test them, or 'decode' (the decode path at any token count it fits). None
+    restores the heuristic. For tests and benchmarks; not thread-safe."""
     global _forced_kernel
-    if kernel is not None and kernel not in _gemm.KERNELS:
-        raise ValueError(f"kernel: expected None or one of {_gemm.KERNELS}, got {kernel!r}")
+    if kernel is not None and kernel not in PATHS:
+        raise ValueError(f"kernel: expected None or one of {PATHS}, got {kernel!r}")
     previous, _forced_kernel = _forced_kernel, kernel or ""
     try:
         yield
@@ -362,9 +369,14 @@ def _gemm_configs(num_slots: int, num_local: int, hidden: int, inter: int, x: to
 
 def _run_cuda(output, x, topk_ids, slot_weights, fc1, fc2, fc1_bias, fc2_bias, act_params: dict, activation: str,
               local_expert_offset: int, kernel: str, k_splits: int) -> None:
-    """moe_align -> GEMM1 -> GEMM2 -> combine on the current stream; scratch from the caching allocator."""
+    """The decode path for a few tokens, else moe_align -> GEMM1 -> GEMM2 -> combine; on the current stream, scratch
+    from the caching allocator."""
     num_tokens, topk = topk_ids.shape
     num_local, hidden, inter = fc2.shape
+    if kernel == DECODE or (not kernel and not k_splits and _decode.use_decode(num_tokens, topk, hidden, inter)):
+        _decode.run_decode(output, x, topk_ids, slot_weights, fc1, fc2, fc1_bias, fc2_bias, act_params, activation,
+                           local_expert_offset)
+        return
     workload = _autotune.Workload(x, topk_ids, slot_weights, fc1, fc2, fc1_bias, fc2_bias, act_params, activation,
                                   local_expert_offset)
     cfg1, cfg2 = _gemm_configs(num_tokens * topk, num_local, hidden, inter, x, activation, kernel, k_splits,

@@ -1,0 +1,49 @@
+// Torch binding of the decode path: tensors -> DecodeArgs -> launch. Python (jitmoe/ops/moe_decode.py) validates.
+#include "common/torch_binding.h"
+#include "moe_decode/moe_decode.cuh"
+
+#include <optional>
+
+namespace jitmoe::moe_decode {
+void launch_decode(const DecodeArgs& a, cudaStream_t stream);
+}
+
+namespace {
+
+const void* ptr_or_null(const std::optional<at::Tensor>& t) { return t.has_value() ? t->data_ptr() : nullptr; }
+const float* float_ptr_or_null(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? t->data_ptr<float>() : nullptr;
+}
+
+void run(const at::Tensor& x, const at::Tensor& fc1, const std::optional<at::Tensor>& fc1_bias, const at::Tensor& inter,
+         const at::Tensor& fc2, const std::optional<at::Tensor>& fc2_bias, const at::Tensor& out,
+         const at::Tensor& topk_ids, const at::Tensor& slot_weights, const std::optional<at::Tensor>& act_alpha,
+         const std::optional<at::Tensor>& act_beta, const std::optional<at::Tensor>& act_limit,
+         int64_t expert_offset) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  jitmoe::moe_decode::DecodeArgs a{};
+  a.x = x.data_ptr();
+  a.fc1 = fc1.data_ptr();
+  a.fc1_bias = ptr_or_null(fc1_bias);
+  a.inter = inter.data_ptr();
+  a.fc2 = fc2.data_ptr();
+  a.fc2_bias = ptr_or_null(fc2_bias);
+  a.out = out.data_ptr();
+  a.topk_ids = topk_ids.data_ptr<int32_t>();
+  a.slot_weights = slot_weights.data_ptr<float>();
+  a.act_alpha = float_ptr_or_null(act_alpha);
+  a.act_beta = float_ptr_or_null(act_beta);
+  a.act_limit = float_ptr_or_null(act_limit);
+  a.num_tokens = static_cast<int>(x.size(0));
+  a.topk = static_cast<int>(topk_ids.size(1));
+  a.hidden = static_cast<int>(x.size(1));
+  a.inter_size = static_cast<int>(fc2.size(2));
+  a.num_experts = static_cast<int>(fc2.size(0));
+  a.expert_offset = static_cast<int>(expert_offset);
+  jitmoe::moe_decode::launch_decode(a, jitmoe::current_stream(x));
+  JITMOE_CHECK_LAUNCH("moe_decode");
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("run", &run); }

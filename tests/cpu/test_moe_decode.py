@@ -1,0 +1,71 @@
+"""The decode path's rules, specs and errors, and an nvcc -c of its template (no GPU needed); its numerics are
+checked on the GPU through cutlass_fused_moe (tests/gpu/test_fused_moe.py runs every test on kernel 'decode')."""
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from jitmoe.jit import compile_cuda_sources
+from jitmoe.jit.arch import find_nvcc
+from jitmoe.ops import fused_moe as fm
+from jitmoe.ops import moe_decode as dec
+from jitmoe.ops import prewarm_registry
+
+
+@pytest.mark.parametrize("tokens, expected", [(0, False), (1, True), (dec.DECODE_MAX_TOKENS, True),
+                                              (dec.DECODE_MAX_TOKENS + 1, False)])
+def test_use_decode_takes_few_tokens(tokens, expected):
+    assert dec.use_decode(tokens, 8, 2048, 768) is expected
+
+
+@pytest.mark.parametrize("shape, fits", [
+    ((1, 8, 7168, 2048), True),      # DeepSeek-V3: x[t] is 14 KiB, 8 inter rows 32 KiB
+    ((1, 2, 4096, 14336), True),     # Mixtral: 2 inter rows are 56 KiB
+    ((1, 8, 4096, 14336), False),    # 8 inter rows would need 224 KiB of shared memory
+    ((1, 1, 65536, 256), False),     # x[t] alone is 128 KiB
+    ((8192, 8, 256, 256), False),    # 65536 slots: more than a grid's y dimension
+    ((1, 2, 1028, 256), False),      # H not a multiple of 8
+])
+def test_fits_decode_bounds_shared_memory_and_grid(shape, fits):
+    assert dec.fits_decode(*shape) is fits
+    assert dec.use_decode(*shape) is fits  # one token: only the fit decides
+
+
+def test_run_decode_rejects_shapes_it_cannot_run():
+    x = torch.zeros(1, 4096, dtype=torch.bfloat16)
+    one = torch.zeros(1, 1, 1, dtype=torch.bfloat16)  # expanded views: the weights are never read
+    fc1, fc2 = one.expand(8, 2 * 14336, 4096), one.expand(8, 4096, 14336)
+    ids = torch.zeros(1, 8, dtype=torch.int32)
+    with pytest.raises(ValueError, match="does not fit the decode kernels"):
+        dec.run_decode(torch.empty_like(x), x, ids, torch.ones(8), fc1, fc2, None, None, {}, "Swiglu", 0)
+
+
+def test_force_kernel_accepts_the_decode_path():
+    with fm.force_kernel("decode"):
+        assert fm._forced_kernel == "decode"
+    assert fm._forced_kernel == ""
+    with pytest.raises(ValueError, match="kernel: expected None or one of"):
+        with fm.force_kernel("gemv"):
+            pass
+
+
+def test_spec_and_prewarm():
+    spec = dec.decode_spec("bf16", "Swiglu", ("90a",))
+    assert dict(spec.params) == {"dtype": "bf16", "act": "Swiglu"}
+    assert spec.readable_name.startswith("moe_decode_bf16_Swiglu")
+    specs = prewarm_registry()["fused_moe_decode"](["bf16", "fp16", "fp32"], [8], ["80", "90a"])
+    assert len(specs) == 2 * len(dec.ACTIVATIONS) and all(dict(s.params)["dtype"] != "fp32" for s in specs)
+
+
+@pytest.mark.skipif(find_nvcc() is None, reason="nvcc not found")
+@pytest.mark.parametrize("act", ["Swiglu", "Gelu"])
+def test_template_compiles_without_spills(act, tmp_path, monkeypatch):
+    monkeypatch.delenv("JITMOE_DEBUG", raising=False)
+    results = compile_cuda_sources(dec.decode_spec("bf16", act, ("80", "90a")), tmp_path, ptxas_verbose=True)
+    assert [r.source for r in results] == ["moe_decode.cu"]
+    output = results[0].output
+    assert "registers" in output, output
+    spills = [int(v) for v in re.findall(r"(\d+) bytes spill (?:stores|loads)", output)]
+    assert spills and not any(spills), output
