@@ -18,6 +18,7 @@
 
 #include "common/dtypes.cuh"
 #include "moe/activation.cuh"
+#include "moe_decode/moe_decode_args.h"
 
 namespace jitmoe::moe_decode {
 
@@ -31,21 +32,6 @@ constexpr int kUnroll = 2;    // chunk steps whose loads are in flight together
 constexpr int kChunk = 8;     // elements per 16-byte chunk
 constexpr int kColsPerBlock = kWarps * kCols;
 
-struct DecodeArgs {
-  const void* x;              // [T, H]
-  const void* fc1;            // [E, n1, H]: gated n1 = 2I (up rows, then gate rows), else n1 = I
-  const void* fc1_bias;       // [E, n1] or nullptr
-  void* inter;                // [T * k, I]
-  const void* fc2;            // [E, H, I]
-  const void* fc2_bias;       // [E, H] or nullptr
-  void* out;                  // [T, H]
-  const int32_t* topk_ids;    // [T * k] global expert ids
-  const float* slot_weights;  // [T * k]
-  const float* act_alpha;     // [E] or nullptr (activation parameters, see moe/activation.cuh)
-  const float* act_beta;
-  const float* act_limit;
-  int num_tokens, topk, hidden, inter_size, num_experts, expert_offset;
-};
 
 // Local expert of slot s, or -1 (unsigned wrap-around keeps the subtraction defined for any id).
 __device__ __forceinline__ int local_expert(const DecodeArgs& a, int s) {

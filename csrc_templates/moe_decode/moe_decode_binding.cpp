@@ -1,12 +1,8 @@
 // Torch binding of the decode path: tensors -> DecodeArgs -> launch. Python (jitmoe/ops/moe_decode.py) validates.
 #include "common/torch_binding.h"
-#include "moe_decode/moe_decode.cuh"
+#include "moe_decode/moe_decode_args.h"
 
 #include <optional>
-
-namespace jitmoe::moe_decode {
-void launch_decode(const DecodeArgs& a, cudaStream_t stream);
-}
 
 namespace {
 
