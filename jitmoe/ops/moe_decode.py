@@ -19,7 +19,8 @@ __all__ = ["decode_spec", "fits_decode", "use_decode", "run_decode", "DECODE_MAX
 
 # The path wins up to this many tokens on the H100 (benchmarks/results/h100-2026-11-22-session6/).
 DECODE_MAX_TOKENS = 4
-# Shared memory a decode block stages: x[t] (H elements) in GEMM1, the token's k inter rows in GEMM2.
+# Shared memory a decode block stages: x[t] (H elements) in GEMM1, the token's k inter rows in GEMM2
+# (kMaxStagedBytes of csrc_templates/moe_decode/moe_decode_args.h).
 _MAX_STAGED_BYTES = 96 * 1024
 
 
