@@ -15,10 +15,15 @@ from ..jit import KernelSpec, device_archs, load_module
 from ._validate import DTYPE_TAG
 from .moe_gemm import ACTIVATIONS, activation_name
 
-__all__ = ["decode_spec", "fits_decode", "use_decode", "run_decode", "DECODE_MAX_TOKENS"]
+__all__ = ["decode_spec", "fits_decode", "use_decode", "run_decode"]
 
-# The path wins up to this many tokens on the H100 (benchmarks/results/h100-2026-11-22-session6/).
-DECODE_MAX_TOKENS = 4
+# The decode path streams every slot's expert weights, the grouped GEMMs every distinct expert's once: it wins while
+# few slots share an expert. Measured on the H100 against the forced sm90 path at T = 1, 2, 4, 8, 16 on the four
+# benchmark shapes (benchmarks/results/h100-2026-11-22-session6/): it won every row with T <= 2, and up to T = 8
+# while slots <= E_local / 2 (Qwen3 T=8 0.21 vs 0.24 ms, DeepSeek-V3 T=8 1.85 vs 1.93), and lost the others
+# (Mixtral T=4 0.93 vs 0.81, OLMoE T=8 0.27 vs 0.25, every T=16).
+_ALWAYS_TOKENS = 2
+_MAX_TOKENS = 8
 # Shared memory a decode block stages: x[t] (H elements) in GEMM1, the token's k inter rows in GEMM2
 # (kMaxStagedBytes of csrc_templates/moe_decode/moe_decode_args.h).
 _MAX_STAGED_BYTES = 96 * 1024
@@ -35,9 +40,11 @@ def fits_decode(num_tokens: int, topk: int, hidden: int, inter: int, itemsize: i
             and hidden % 8 == 0 and inter % 8 == 0)
 
 
-def use_decode(num_tokens: int, topk: int, hidden: int, inter: int) -> bool:
-    """The pipeline's default: the decode path for at most DECODE_MAX_TOKENS tokens when the shape fits."""
-    return 0 < num_tokens <= DECODE_MAX_TOKENS and fits_decode(num_tokens, topk, hidden, inter)
+def use_decode(num_tokens: int, topk: int, num_experts: int, hidden: int, inter: int) -> bool:
+    """The pipeline's default: the decode path for a few tokens whose slots rarely share an expert (see above),
+    when the shape fits. ``num_experts`` is the number of local experts."""
+    few = num_tokens <= _ALWAYS_TOKENS or (num_tokens <= _MAX_TOKENS and 2 * num_tokens * topk <= num_experts)
+    return num_tokens > 0 and few and fits_decode(num_tokens, topk, hidden, inter)
 
 
 def run_decode(output: torch.Tensor, x: torch.Tensor, topk_ids: torch.Tensor, slot_weights: torch.Tensor,

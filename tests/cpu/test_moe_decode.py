@@ -14,10 +14,15 @@ from jitmoe.ops import moe_decode as dec
 from jitmoe.ops import prewarm_registry
 
 
-@pytest.mark.parametrize("tokens, expected", [(0, False), (1, True), (dec.DECODE_MAX_TOKENS, True),
-                                              (dec.DECODE_MAX_TOKENS + 1, False)])
-def test_use_decode_takes_few_tokens(tokens, expected):
-    assert dec.use_decode(tokens, 8, 2048, 768) is expected
+@pytest.mark.parametrize("tokens, topk, experts, expected", [
+    (0, 8, 128, False),
+    (1, 2, 8, True), (2, 2, 8, True), (4, 2, 8, False),        # Mixtral: 8 slots on 8 experts share them
+    (8, 8, 128, True), (16, 8, 128, False),                     # Qwen3: up to E / 2 slots
+    (4, 8, 64, True), (8, 8, 64, False),                        # OLMoE
+    (8, 8, 256, True), (16, 8, 256, False), (16, 1, 256, False),  # DeepSeek-V3; never past 8 tokens
+])
+def test_use_decode_takes_few_tokens_on_distinct_experts(tokens, topk, experts, expected):
+    assert dec.use_decode(tokens, topk, experts, 2048, 768) is expected
 
 
 @pytest.mark.parametrize("shape, fits", [
@@ -30,7 +35,9 @@ def test_use_decode_takes_few_tokens(tokens, expected):
 ])
 def test_fits_decode_bounds_shared_memory_and_grid(shape, fits):
     assert dec.fits_decode(*shape) is fits
-    assert dec.use_decode(*shape) is fits  # one token: only the fit decides
+    tokens, topk, hidden, inter = shape
+    if tokens == 1:  # one token: only the fit decides
+        assert dec.use_decode(tokens, topk, 256, hidden, inter) is fits
 
 
 def test_run_decode_rejects_shapes_it_cannot_run():
