@@ -36,8 +36,8 @@ SPLIT_K_KERNELS = frozenset({"sm80", "sm90"})   # kernels that implement k_split
 # sm90ws: CTAs per cluster that share each weight tile by TMA multicast, by whether B has two halves (gated GEMM1).
 # Measured on the H100 (benchmarks/results/h100-2026-11-22-session6/): two CTAs cut the DRAM reads of gated GEMM1
 # where neighbouring CTAs drift apart and lose each other's weight tiles in L2 (DeepSeek-V3 T=16384: 85.5 -> 28.6 GB
-# read, 30.7 -> 16.4 ms; T=4096 9.7 -> 8.4 ms; Qwen3 T=4096 0.64 -> 0.59 ms) and never lost there; GEMM2 with two
-# was slower on 5 of 8 rows (Qwen3/OLMoE T=4096 +5-7%), so one-half GEMMs run unclustered.
+# read, 30.8 -> 16.8 ms; T=4096 9.8 -> 8.4 ms; Qwen3 T=4096 0.65 -> 0.59 ms) and never lost there; GEMM2 with two
+# was slower on 6 of 8 rows (Qwen3/OLMoE T=4096 +4%/+7%), so one-half GEMMs run unclustered.
 SM90WS_CLUSTER_M = {True: 2, False: 1}
 BLOCK_MS = (16, 32, 64, 128)
 MAX_K_SPLITS = 16
