@@ -32,7 +32,6 @@ constexpr int kUnroll = 2;    // chunk steps whose loads are in flight together
 constexpr int kChunk = 8;     // elements per 16-byte chunk
 constexpr int kColsPerBlock = kWarps * kCols;
 
-
 // Local expert of slot s, or -1 (unsigned wrap-around keeps the subtraction defined for any id).
 __device__ __forceinline__ int local_expert(const DecodeArgs& a, int s) {
   const uint32_t d = static_cast<uint32_t>(a.topk_ids[s]) - static_cast<uint32_t>(a.expert_offset);

@@ -1,7 +1,8 @@
 """Op families: each validates inputs, picks a KernelSpec, loads it through jitmoe.jit and launches it."""
 import importlib
 
-_FAMILIES = ("routing", "expert_choice", "omni_router", "permute", "moe_gemm", "moe_decode", "fused_moe", "moe_autotune")
+_FAMILIES = ("routing", "expert_choice", "omni_router", "permute", "moe_gemm", "moe_decode", "fused_moe",
+             "moe_autotune")
 
 
 def prewarm_registry() -> dict:

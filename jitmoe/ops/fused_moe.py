@@ -373,7 +373,8 @@ def _run_cuda(output, x, topk_ids, slot_weights, fc1, fc2, fc1_bias, fc2_bias, a
     from the caching allocator."""
     num_tokens, topk = topk_ids.shape
     num_local, hidden, inter = fc2.shape
-    if kernel == DECODE or (not kernel and not k_splits and _decode.use_decode(num_tokens, topk, num_local, hidden, inter)):
+    heuristic = not kernel and not k_splits
+    if kernel == DECODE or (heuristic and _decode.use_decode(num_tokens, topk, num_local, hidden, inter)):
         _decode.run_decode(output, x, topk_ids, slot_weights, fc1, fc2, fc1_bias, fc2_bias, act_params, activation,
                            local_expert_offset)
         return
