@@ -51,8 +51,9 @@ def _parser() -> argparse.ArgumentParser:
     cl.add_argument("--json", action="store_true")
     cl.add_argument("--stale", action="store_true", help="only stale or incomplete entries")
     cl.set_defaults(func=_cmd_cache_list)
-    cc = csub.add_parser("clear", help="remove cached modules (keys being built are skipped)")
-    cc.add_argument("--stale", action="store_true", help="only stale/incomplete entries and dead builds' temp dirs")
+    cc = csub.add_parser("clear", help="remove cached modules and tuning choices (keys being built are skipped)")
+    cc.add_argument("--stale", action="store_true", help="only stale/incomplete entries, dead builds' temp dirs and "
+                                                         "tuning stores of other jitmoe/torch versions")
     cc.set_defaults(func=_cmd_cache_clear)
 
     e = sub.add_parser("env", help="JITMOE_* variables, toolchain and cache")
@@ -180,7 +181,7 @@ def _cmd_cache_list(args) -> int:
 def _cmd_cache_clear(args) -> int:
     from .jit.cache import clear
     removed = clear(stale_only=args.stale)
-    print(f"removed {len(removed)} entries")
+    print(f"removed {len(removed)} paths (modules, dead builds' temp dirs, tuning stores)")
     return 0
 
 

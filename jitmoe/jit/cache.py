@@ -67,12 +67,32 @@ def _du(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
+def _clear_tuning(root: Path, stale_only: bool) -> list[str]:
+    """Remove tuning stores (``<root>/tuning/<version>/<runtime tag>/``): all, or (stale_only) those written by
+    another jitmoe version or torch/CUDA build, which the current one never reads."""
+    tuning = root / "tuning"
+    if not tuning.is_dir():
+        return []
+    current = tuning / version_dir() / runtime_tag()
+    removed = []
+    for store in sorted(p for version in tuning.iterdir() if version.is_dir() for p in version.iterdir()):
+        if stale_only and store == current:
+            continue
+        shutil.rmtree(store, ignore_errors=True) if store.is_dir() else store.unlink(missing_ok=True)
+        removed.append(str(store))
+    for version in tuning.iterdir():
+        if version.is_dir() and not any(version.iterdir()):
+            version.rmdir()
+    return removed
+
+
 def clear(*, stale_only: bool = False, root: Path | None = None) -> list[str]:
-    """Remove entries (all, or only stale/incomplete ones) and leftover staging dirs. Lock files are kept."""
+    """Remove entries (all, or only stale/incomplete ones), leftover staging dirs and tuning stores (all, or those
+    of other versions: ``_clear_tuning``). Lock files are kept."""
     import filelock
 
     root = Path(root or cache_root())
-    removed = []
+    removed = _clear_tuning(root, stale_only)
     for entry in iter_entries(root):
         if stale_only and entry.status in ("valid", "unknown"):
             continue

@@ -10,6 +10,7 @@ import pytest
 
 from jitmoe.cli import main
 from jitmoe.jit import KernelSpec, build, load_module
+from jitmoe.jit.tuning import default_store_path
 
 REPO = Path(__file__).resolve().parents[2]
 TEMPLATES = Path(__file__).parent / "jit_templates"
@@ -69,12 +70,20 @@ def test_cache_info_list_clear(cache, capsys):
     (old / "meta.json").write_text(json.dumps({"spec": "hello_old", "key": "k"}))
     assert main(["cache", "list", "--stale"]) == 0
     assert "hello_old" in capsys.readouterr().out
+    # Tuning stores: the current version's is kept by --stale, another version's is not; a full clear drops both.
+    current_store = default_store_path("fused_moe")
+    old_store = cache / "tuning" / "0.0.1" / "tag" / "fused_moe.json"
+    for store in (current_store, old_store):
+        store.parent.mkdir(parents=True, exist_ok=True)
+        store.write_text('{"jitmoe_tuning": 1, "entries": {}}')
     assert main(["cache", "clear", "--stale"]) == 0
     capsys.readouterr()
     assert not old.exists() and not (cache / "tmp" / "x-1.host.999999999.abcd").exists()
+    assert current_store.exists() and not old_store.exists() and not (cache / "tuning" / "0.0.1").exists()
     assert [e["spec"] for e in _list(capsys)] == ["hello_offset1_cpu"]
     assert main(["cache", "clear"]) == 0
-    assert _list(capsys) == []
+    assert "removed 2 paths" in capsys.readouterr().out  # the module and the tuning store
+    assert _list(capsys) == [] and not current_store.exists()
 
 
 def _list(capsys):
