@@ -8,6 +8,8 @@
 #include <torch/csrc/utils/pybind.h>
 #include <cuda_runtime.h>
 
+#include <optional>
+
 // Launch errors surface as a RuntimeError naming the kernel (checked without a device synchronize).
 #define JITMOE_CHECK_LAUNCH(what)                                                                   \
   do {                                                                                              \
@@ -16,6 +18,12 @@
   } while (0)
 
 namespace jitmoe {
+// The data pointer of an optional tensor as T*, or nullptr when it is absent.
+template <typename T>
+const T* ptr_or_null(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? static_cast<const T*>(t->data_ptr()) : nullptr;
+}
+
 inline cudaStream_t current_stream(const at::Tensor& t) {
   return c10::cuda::getCurrentCUDAStream(t.device().index()).stream();
 }

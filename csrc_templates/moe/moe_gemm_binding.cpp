@@ -7,10 +7,7 @@
 
 namespace {
 
-template <typename T>
-const T* ptr_or_null(const std::optional<at::Tensor>& t) {
-  return t.has_value() ? static_cast<const T*>(t->data_ptr()) : nullptr;
-}
+using jitmoe::ptr_or_null;
 
 void run(const at::Tensor& a, const at::Tensor& b, const std::optional<at::Tensor>& bias, const at::Tensor& out,
          const at::Tensor& sorted_ids, const at::Tensor& block_expert, const at::Tensor& num_padded,

@@ -6,10 +6,7 @@
 
 namespace {
 
-const void* ptr_or_null(const std::optional<at::Tensor>& t) { return t.has_value() ? t->data_ptr() : nullptr; }
-const float* float_ptr_or_null(const std::optional<at::Tensor>& t) {
-  return t.has_value() ? t->data_ptr<float>() : nullptr;
-}
+using jitmoe::ptr_or_null;
 
 void run(const at::Tensor& x, const at::Tensor& fc1, const std::optional<at::Tensor>& fc1_bias, const at::Tensor& inter,
          const at::Tensor& fc2, const std::optional<at::Tensor>& fc2_bias, const at::Tensor& out,
@@ -20,16 +17,16 @@ void run(const at::Tensor& x, const at::Tensor& fc1, const std::optional<at::Ten
   jitmoe::moe_decode::DecodeArgs a{};
   a.x = x.data_ptr();
   a.fc1 = fc1.data_ptr();
-  a.fc1_bias = ptr_or_null(fc1_bias);
+  a.fc1_bias = ptr_or_null<void>(fc1_bias);
   a.inter = inter.data_ptr();
   a.fc2 = fc2.data_ptr();
-  a.fc2_bias = ptr_or_null(fc2_bias);
+  a.fc2_bias = ptr_or_null<void>(fc2_bias);
   a.out = out.data_ptr();
   a.topk_ids = topk_ids.data_ptr<int32_t>();
   a.slot_weights = slot_weights.data_ptr<float>();
-  a.act_alpha = float_ptr_or_null(act_alpha);
-  a.act_beta = float_ptr_or_null(act_beta);
-  a.act_limit = float_ptr_or_null(act_limit);
+  a.act_alpha = ptr_or_null<float>(act_alpha);
+  a.act_beta = ptr_or_null<float>(act_beta);
+  a.act_limit = ptr_or_null<float>(act_limit);
   a.num_tokens = static_cast<int>(x.size(0));
   a.topk = static_cast<int>(topk_ids.size(1));
   a.hidden = static_cast<int>(x.size(1));

@@ -78,7 +78,10 @@ def _clear_tuning(root: Path, stale_only: bool) -> list[str]:
     for store in sorted(p for version in tuning.iterdir() if version.is_dir() for p in version.iterdir()):
         if stale_only and store == current:
             continue
-        shutil.rmtree(store, ignore_errors=True) if store.is_dir() else store.unlink(missing_ok=True)
+        if store.is_dir():
+            shutil.rmtree(store, ignore_errors=True)
+        else:
+            store.unlink(missing_ok=True)
         removed.append(str(store))
     for version in tuning.iterdir():
         if version.is_dir() and not any(version.iterdir()):

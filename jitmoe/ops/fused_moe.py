@@ -24,7 +24,7 @@ from typing import Optional
 
 import torch
 
-from ..jit.arch import arch_of_capability
+from ..jit.arch import device_archs
 from ..reference import moe as _ref
 from . import moe_autotune as _autotune
 from . import moe_decode as _decode
@@ -340,9 +340,8 @@ def _plan(t: MoeTensors, *, output_dtype, activation_type, tp_size, tp_rank, ep_
 
 
 # -- the pipeline ----------------------------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=None)
 def _device_arch(index: int) -> str:
-    return arch_of_capability(*torch.cuda.get_device_capability(index))
+    return device_archs(index)[0]  # cached there; JITMOE_ARCH, when set, decides as it does for the specs
 
 
 @functools.lru_cache(maxsize=None)

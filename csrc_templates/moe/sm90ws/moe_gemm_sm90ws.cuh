@@ -271,7 +271,6 @@ __device__ __forceinline__ void cluster_sync_unaligned() {
 // The slots of the 16 sorted rows a consumer warp owns (wgmma gives warp w of a warpgroup rows [16 w, 16 w + 16)
 // of its 64): lane j < 16 holds sorted_ids of row j, lanes 16..31 repeat lanes 0..15. A padding row holds a value
 // outside [0, num_slots). Loaded when a tile starts so the latency hides behind the main loop.
-template <class Cfg>
 __device__ __forceinline__ int load_warp_row_slot(const MoeGemmArgs& args, int row0, int lane) {
   return args.sorted_ids[row0 + lane % 16];  // a used block lies entirely below num_padded
 }
@@ -443,7 +442,7 @@ __device__ __forceinline__ void consume(const MoeGemmArgs& args, const SmemPlan<
     const int n0 = n_block * Cfg::kBlockN;
     // This warp's rows in the tile and their slots (GEMM2 scales and scatters by slot; GEMM1 needs none).
     const int warp_row0 = warp_group * 64 + warp * 16;
-    const int row_slot = Cfg::kGemm2 && e >= 0 ? load_warp_row_slot<Cfg>(args, m0 + warp_row0, lane) : 0;
+    const int row_slot = Cfg::kGemm2 && e >= 0 ? load_warp_row_slot(args, m0 + warp_row0, lane) : 0;
     // Idle: no tile for this CTA in the unit (its cluster peer has one), or this is the second warpgroup and its 64
     // rows are all padding (the tail of an expert's last block): then the first warpgroup has the tensor cores to
     // itself. An idle warpgroup keeps the ring in step, releasing each stage as soon as it lands.
