@@ -10,8 +10,8 @@
 //     softmax sum of exp2 terms.
 //  3. bound B: the k-th largest lane maximum (k - 1 rounds of a group max, each popping every lane that holds the
 //     current maximum). At least k lanes hold an element >= B, so every top-k member is >= B.
-//  4. candidates: the slots >= B (k plus a few on random rows) are compacted into shared memory, each lane at the
-//     offset given by a group scan of the per-lane counts.
+//  4. candidates: the slots >= B (k plus a few on random rows) are appended to a list in shared memory, each lane
+//     at the offset one shared atomic gives it (the list's order does not matter to step 5).
 //  5. rank: with at most G candidates, lane i ranks candidate i against all of them under (value desc, id asc) and
 //     writes output slot `rank` when rank < k; more candidates (heavy ties) take k rounds of group arg-max.
 // Selection values are the logits themselves without a bias (softmax and sigmoid are increasing, so the order is
@@ -104,17 +104,18 @@ __device__ __forceinline__ FastScorer make_fast_scorer(int scoring, const float 
 
 // A key >= the k-th largest of the keys of a group's G lanes (k <= G; keys > 0), given their maximum: k - 1
 // rounds that each remove every lane holding the current maximum. Exact when the lanes' keys are distinct; with
-// ties the rounds go past the k-th largest, which only loosens the bound. A round with nothing left keeps the last
-// key.
+// ties the rounds go past the k-th largest, which only loosens the bound. Once every lane is removed the rounds
+// yield 0, and the bound falls to the key of -inf (every slot is a candidate): rare, loose, still exact. Four
+// instructions a round.
 template <int G>
 __device__ __forceinline__ uint32_t kth_largest_lane_key(uint32_t v, uint32_t max_key, int k) {
+  constexpr uint32_t kNegInfKey = 0x007fffffu;  // order_key(-inf): no slot's key is below it
   uint32_t m = max_key;
   for (int r = 1; r < k; ++r) {
     v = v == m ? 0u : v;
-    const uint32_t next = LaneGroup<G>::max_u32(v);
-    m = next != 0u ? next : m;
+    m = LaneGroup<G>::max_u32(v);
   }
-  return m;
+  return max(m, kNegInfKey);
 }
 
 // Like kth_largest_lane_key over each lane's two largest slots (head >= next, as keys; a round pops one entry of
@@ -134,30 +135,32 @@ __device__ __forceinline__ uint32_t kth_largest_top2_key(uint32_t head, uint32_t
   return m;
 }
 
-// Writes this lane's slots with value >= bound to the group's list cand (after those of the group's lanes below);
-// returns the total. The stores are unconditional: a slot below the bound goes to the spare entry cand[G * S].
+// Appends this lane's slots with value >= bound to the group's list cand and returns the list's length. A lane
+// reserves its range with one shared atomic on *count (zero on entry; the group's lanes only), so the list's order
+// varies from run to run: its users rank by (value, id), which does not depend on it. The predicated adds and
+// stores are written in PTX because the compiler's version took about twice the instructions per slot, and this
+// kernel is issue-bound at large T.
 template <int G, int S, int CH>
 __device__ __forceinline__ int compact_candidates(const float (&x)[S], float bound, int lane,
-                                                  uint2* cand /* [G * S + 1] (value bits, expert id) */) {
-  const unsigned mask = LaneGroup<G>::mask();
-  int count = 0;
-#pragma unroll
-  for (int s = 0; s < S; ++s) count += x[s] >= bound ? 1 : 0;
-  int incl = count;
-#pragma unroll
-  for (int off = 1; off < G; off *= 2) {
-    const int up = __shfl_up_sync(mask, incl, off, G);
-    if (lane >= off) incl += up;
-  }
-  int pos = incl - count;
+                                                  uint2* cand /* [G * S] (value bits, expert id) */, int* count) {
+  uint32_t mine = 0;
 #pragma unroll
   for (int s = 0; s < S; ++s) {
-    const bool take = x[s] >= bound;
-    const int expert = ((s / CH) * G + lane) * CH + s % CH;  // RowLayout<T, S / CH, G>::expert
-    cand[take ? pos : G * S] = make_uint2(__float_as_uint(x[s]), static_cast<uint32_t>(expert));
-    pos += take ? 1 : 0;
+    asm("{\n .reg .pred p;\n setp.ge.f32 p, %1, %2;\n @p add.u32 %0, %0, 1;\n}\n"
+        : "+r"(mine) : "f"(x[s]), "f"(bound));
   }
-  return __shfl_sync(mask, incl, G - 1, G);
+  uint32_t dst = static_cast<uint32_t>(__cvta_generic_to_shared(cand));
+  if (mine > 0) dst += 8u * atomicAdd(reinterpret_cast<unsigned*>(count), mine);
+#pragma unroll
+  for (int s = 0; s < S; ++s) {
+    const uint32_t expert = ((s / CH) * G + lane) * CH + s % CH;  // RowLayout<T, S / CH, G>::expert
+    asm volatile(
+        "{\n .reg .pred p;\n setp.ge.f32 p, %1, %2;\n @p st.shared.v2.u32 [%0], {%3, %4};\n"
+        " @p add.u32 %0, %0, 8;\n}\n"
+        : "+r"(dst) : "f"(x[s]), "f"(bound), "r"(__float_as_uint(x[s])), "r"(expert) : "memory");
+  }
+  __syncwarp(LaneGroup<G>::mask());
+  return *count;
 }
 
 // A lane's result: output slot `pos` of the row gets expert `id` whose selection value is `value`.
