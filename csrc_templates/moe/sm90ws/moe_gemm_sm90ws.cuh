@@ -74,8 +74,7 @@ struct Config : Sm90GemmTraits<T, A, Mode, BM, BN, BK, Stages, 2> {
   static constexpr int kCluster = ClusterM;
   static constexpr int kConsumerWarps = 4 * kConsumerWarpGroups;
   static constexpr int kEmptyArrivals = kConsumerWarps * kCluster;  // every consumer warp of the cluster
-  static constexpr int kRasterGroup = 8;                     // M blocks per raster group (GEMM2; GEMM1: see below)
-  static constexpr int kRasterGroupWide = 32;                // GEMM1 with more N blocks than half the clusters
+  static constexpr int kRasterGroup = 8;                     // M blocks per raster group (GEMM1: see TileScheduler)
   static constexpr int kBoxRowsB = BN / kCluster;            // rows of one B TMA box (one CTA's multicast share)
 
   static_assert(BM == 128, "BLOCK_M must be 128 (two consumer warpgroups of 64 rows)");
@@ -84,8 +83,7 @@ struct Config : Sm90GemmTraits<T, A, Mode, BM, BN, BK, Stages, 2> {
                                            "permutes groups of 8 16-byte chunks)");
   static_assert(Stages >= 2, "the ring needs at least two stages to overlap loads and wgmma");
   static_assert(kCluster == 1 || kCluster == 2, "clusters of one or two CTAs along M");
-  static_assert(kRasterGroup % kCluster == 0 && kRasterGroupWide % kCluster == 0 && kBoxRowsB % 8 == 0,
-                "raster groups are whole clusters; a B box is whole 8-row swizzle atoms");
+  static_assert(kRasterGroup % kCluster == 0 && kBoxRowsB % 8 == 0, "a B box is whole 8-row swizzle atoms");
 
   // Shared memory: [A stages | B stages x halves | staging tile | full barriers | empty barriers].
   static constexpr int kBytesStageA = BM * BK * 2;
@@ -114,13 +112,14 @@ struct TileScheduler {
   int num_units;
   int raster_groups;  // M groups per raster group
 
-  // GEMM1 (K = hidden, a long A block re-read once per N block) orders its units by how many N blocks there are.
-  // Few (at most half the clusters: DeepSeek-V3, Qwen3, OLMoE): N fastest, one M group per raster group, so the
-  // clusters that share an A block start together and read it from L2 while the running window still spans
-  // several M groups (an expert's other blocks). Many (Mixtral: 112): 32 M blocks, so an expert's blocks meet its
-  // weight tile in L2. Measured on the H100 (GEMM1 alone, cluster 2, raster of 8 M blocks before): DeepSeek-V3
-  // T=16384 17.2 -> 14.9 ms, T=4096 8.88 -> 8.42, Qwen3 T=1024 0.386 -> 0.348, Mixtral T=4096 3.54 -> 3.45; GEMM2
-  // kept 8 (N fastest was up to 30% slower there).
+  // GEMM1 (K = hidden: a long A block, read once per N block) with few N blocks (at most half the clusters:
+  // DeepSeek-V3, Qwen3, OLMoE) takes one M group per raster group, i.e. N fastest: the clusters that share an A block
+  // start together and find it in L2, while the running window still spans several M groups (an expert's other
+  // blocks). Measured on the H100, GEMM1 alone (cluster 2) against raster groups of 8 M blocks: DeepSeek-V3 T=16384
+  // 17.0 -> 14.5 ms, T=4096 8.93 -> 8.58; Qwen3 T=1024 0.414 -> 0.397; held-out shapes Qwen3-235B T=4096 2.08 ->
+  // 1.92, DeepSeek-V2-Lite and Qwen2-57B -1 to -5% (one +2%). With many N blocks (Mixtral: 112) the window would cover
+  // one M group and an expert's blocks would re-read its weights, so those keep 8; so does GEMM2 (N fastest was up to
+  // 30% slower there). Raster groups of 32 M blocks looked better for Mixtral once and were 14-35% slower on re-run.
   __device__ __forceinline__ explicit TileScheduler(const MoeGemmArgs& args) {
     rows_used = max(0, min(*args.num_padded, args.m_pad_max));
     m_blocks = (rows_used + Cfg::kBlockM - 1) / Cfg::kBlockM;
@@ -128,11 +127,8 @@ struct TileScheduler {
     n_blocks = (args.n + Cfg::kBlockN - 1) / Cfg::kBlockN;
     num_units = m_groups * n_blocks;
     const int clusters = static_cast<int>(gridDim.x) / Cfg::kCluster;
-    if constexpr (Cfg::kGemm2) {
-      raster_groups = Cfg::kRasterGroup / Cfg::kCluster;
-    } else {
-      raster_groups = 2 * n_blocks <= clusters ? 1 : Cfg::kRasterGroupWide / Cfg::kCluster;
-    }
+    const bool n_fastest = !Cfg::kGemm2 && 2 * n_blocks <= clusters;
+    raster_groups = n_fastest ? 1 : Cfg::kRasterGroup / Cfg::kCluster;
   }
 
   // Unit u -> (M group, N block): raster groups of raster_groups M groups, M fastest inside a group, then N, so the
