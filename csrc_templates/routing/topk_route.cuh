@@ -168,7 +168,7 @@ __global__ void __launch_bounds__(kWarpTeamRowsPerBlock * kWarpSize) topk_warp_k
   constexpr int S = L::kSlots;
   constexpr int kGroups = kWarpSize / G;
   constexpr bool kLean = kMode != kGeneric;
-  __shared__ uint2 cand_smem[kWarpTeamRowsPerBlock * kGroups][S * G];  // per group: candidates (value bits, id)
+  __shared__ __align__(16) uint2 cand_smem[kWarpTeamRowsPerBlock * kGroups][S * G];  // per group: (value bits, id)
   __shared__ int cand_count[kWarpTeamRowsPerBlock * kGroups];
   const int group = threadIdx.x / G;
   const int lane = Group::lane();
@@ -226,7 +226,7 @@ __global__ void __launch_bounds__(kWarpTeamRowsPerBlock * kWarpSize) topk_warp_k
   const float bound = key_to_float(bound_key);
   uint2* cand = cand_smem[group];
   const int n = compact_candidates<G, S, L::kChunk>(x, bound, lane, cand, &cand_count[group]);
-  const Pick pick = n <= G ? rank_candidates(cand, n, p.k, lane) : select_many<G>(cand, n, p.k, lane);
+  const Pick pick = n <= G ? rank_candidates<G>(cand, n, p.k, lane) : select_many<G>(cand, n, p.k, lane);
   store_pick<G>(pick, row, biased, sc, p, t, row_valid);
 }
 
