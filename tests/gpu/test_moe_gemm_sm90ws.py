@@ -120,6 +120,16 @@ def test_gemm1_swiglu_shapes(shape, dtype, bias):
     check_gemm1(*shape, "Swiglu", dtype, bias=bias)
 
 
+@pytest.mark.parametrize("cluster_m", [1, 2])
+def test_gemm1_tile_orders(cluster_m):
+    """GEMM1 walks its units N fastest when a row of N blocks fits half the clusters, else in raster groups of 8 M
+    blocks: an N of 8 blocks and one of more blocks than any GPU's clusters / 2 take the two orders."""
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    wide = 128 * (sms // (2 * cluster_m) + 2)  # block_n 128: more N blocks than half the clusters
+    for inter_size in (8 * 128, wide + 40):
+        check_gemm1(700, 8, 2, 136, inter_size, "Swiglu", torch.bfloat16, cluster_m=cluster_m)
+
+
 @pytest.mark.parametrize("shape", [(1000, 8, 4, 264, 136), (300, 64, 8, 1032, 392), (40, 256, 8, 136, 520)])
 @pytest.mark.parametrize("bias", [True, False])
 def test_gemm1_gelu_plain_tile(shape, bias):
