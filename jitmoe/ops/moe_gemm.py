@@ -184,15 +184,23 @@ def _block_m(kernel: str, rows_per_expert: float) -> int:
 
 # The persistent kernel (128-row blocks) wins from this many rows per expert on (H100, the four model shapes of the
 # benchmark: benchmarks/results/h100-2026-11-22-session2/README.md); with fewer, the sm90 kernel's 64-row blocks
-# waste less MMA on padding and its split-K fills the GPU.
+# waste less MMA on padding and its split-K fills the GPU ...
 _PERSISTENT_MIN_ROWS_PER_EXPERT = 64
+# ... except in layers whose hidden size is at most this: there the persistent kernel won at every token count the
+# decode path leaves (T = 16..256 on the H100, 1-8% on Qwen3, OLMoE, Mixtral-8x7B, Qwen1.5-MoE, Granite-MoE,
+# gpt-oss-20b, Phi-3.5-MoE, DeepSeek-V2-Lite, Qwen2-57B; Qwen3-235B within 2%), while DeepSeek-V3 (7168) lost 3-8%
+# and Mixtral-8x22B / DBRX (6144) were even: benchmarks/results/h100-2026-11-23-session7/README.md.
+_PERSISTENT_MAX_HIDDEN_ANY_ROWS = 4096
 
 
-def _auto_kernel(candidates: tuple[str, ...], rows_per_expert: float, k_splits: int | None) -> str:
+def _auto_kernel(candidates: tuple[str, ...], rows_per_expert: float, k_splits: int | None,
+                 hidden: int | None) -> str:
     """The preferred kernel: the persistent TMA one (sm90ws) from _PERSISTENT_MIN_ROWS_PER_EXPERT rows per expert
-    on without a forced split, else the first kernel that runs every tier and split-K."""
-    if ("sm90ws" in candidates and "sm90" in candidates and rows_per_expert >= _PERSISTENT_MIN_ROWS_PER_EXPERT
-            and (k_splits or 1) == 1):
+    on (at any count when the layer's hidden size is at most _PERSISTENT_MAX_HIDDEN_ANY_ROWS) without a forced
+    split, else the first kernel that runs every tier and split-K."""
+    persistent = rows_per_expert >= _PERSISTENT_MIN_ROWS_PER_EXPERT or (
+        hidden is not None and hidden <= _PERSISTENT_MAX_HIDDEN_ANY_ROWS)
+    if "sm90ws" in candidates and "sm90" in candidates and persistent and (k_splits or 1) == 1:
         return "sm90ws"
     return next(k for k in candidates if k in SPLIT_K_KERNELS)
 
@@ -223,14 +231,15 @@ def split_k_for(tiles: int, k: int, block_k: int, num_sms: int) -> int:
 
 def select_config(num_slots: int, num_experts: int, n: int, k: int, arch: str, dtype, *,
                   kernel: str | None = None, kernels=None, num_sms: int | None = None,
-                  k_splits: int | None = None, gated: bool = True) -> GemmConfig:
+                  k_splits: int | None = None, gated: bool = True, hidden: int | None = None) -> GemmConfig:
     """Tile config for one grouped GEMM of ``num_slots`` (token, choice) rows over ``num_experts`` local experts,
     ``n`` output columns and reduction length ``k``.
 
     block_m grows with the expected rows per expert (decode: 16, prefill: 128) and depends only on (num_slots,
-    num_experts, arch, kernel), so GEMM1 and GEMM2 of one call get the same one. ``kernel`` forces one of KERNELS;
-    by default, on arch 90a, 'sm90ws' from _PERSISTENT_MIN_ROWS_PER_EXPERT rows per expert on and 'sm90' below
-    (``_auto_kernel``; ``kernels`` overrides the list of available templates), elsewhere 'sm80'.
+    num_experts, hidden, arch, kernel), so GEMM1 and GEMM2 of one call get the same one. ``kernel`` forces one of
+    KERNELS; by default, on arch 90a, 'sm90ws' from _PERSISTENT_MIN_ROWS_PER_EXPERT rows per expert on, or at any
+    count when ``hidden`` (the layer's H, the same for both GEMMs) is at most _PERSISTENT_MAX_HIDDEN_ANY_ROWS, and
+    'sm90' otherwise (``_auto_kernel``; ``kernels`` overrides the list of available templates), elsewhere 'sm80'.
     Split-K (``split_k_for``) is chosen when ``num_sms`` is given and the GEMM has less than a wave of tiles;
     ``k_splits`` forces a value. ``gated`` says whether B has two halves (GEMM1 with a gated activation); GEMMs
     with one half may get a wider block_n.
@@ -249,9 +258,11 @@ def select_config(num_slots: int, num_experts: int, n: int, k: int, arch: str, d
         check_int("num_sms", num_sms, low=1)
     if k_splits is not None:
         check_int("k_splits", k_splits, low=1, high=MAX_K_SPLITS)
+    if hidden is not None:
+        check_int("hidden", hidden, low=1)
     rows_per_expert = num_slots / num_experts
     if kernel is None:
-        kernel = _auto_kernel(candidates, rows_per_expert, k_splits)
+        kernel = _auto_kernel(candidates, rows_per_expert, k_splits, hidden)
     elif kernel not in candidates:
         raise ValueError(f"kernel: expected one of {candidates} on arch {arch!r}, got {kernel!r}")
     if kernel not in SPLIT_K_KERNELS:
