@@ -186,20 +186,25 @@ def _block_m(kernel: str, rows_per_expert: float) -> int:
 # benchmark: benchmarks/results/h100-2026-11-22-session2/README.md); with fewer, the sm90 kernel's 64-row blocks
 # waste less MMA on padding and its split-K fills the GPU ...
 _PERSISTENT_MIN_ROWS_PER_EXPERT = 64
-# ... except in layers whose hidden size is at most this: there the persistent kernel won at every token count the
-# decode path leaves (T = 16..256 on the H100, 1-8% on Qwen3, OLMoE, Mixtral-8x7B, Qwen1.5-MoE, Granite-MoE,
-# gpt-oss-20b, Phi-3.5-MoE, DeepSeek-V2-Lite, Qwen2-57B; Qwen3-235B within 2%), while DeepSeek-V3 (7168) lost 3-8%
-# and Mixtral-8x22B / DBRX (6144) were even: benchmarks/results/h100-2026-11-23-session7/README.md.
-_PERSISTENT_MAX_HIDDEN_ANY_ROWS = 4096
+# ... except with at most _PERSISTENT_FEW_ROWS rows per expert in layers whose hidden size is at most
+# _PERSISTENT_FEW_ROWS_MAX_HIDDEN. There both kernels only stream weights, and on the H100 the persistent one was
+# faster (1-8% at T = 64: Qwen3, OLMoE, Mixtral-8x7B, Qwen1.5-MoE, Granite-MoE, gpt-oss-20b, Phi-3.5-MoE,
+# DeepSeek-V2-Lite, Qwen2-57B, ERNIE-4.5-21B) or even (Qwen3-235B, Jamba) on all 12 such shapes, while DeepSeek-V3
+# (H 7168) lost 3-8% and the H = 5120-6144 shapes were even or lost. From 17 to 63 rows most small-H shapes still
+# gained, but OLMoE at T = 256 (32 rows) measured 0.44-0.54 ms in 5 of 6 runs against 0.38-0.46 for sm90 in 3 of 5,
+# so that range keeps sm90: benchmarks/results/h100-2026-11-23-session7/README.md.
+_PERSISTENT_FEW_ROWS = 16
+_PERSISTENT_FEW_ROWS_MAX_HIDDEN = 4096
 
 
 def _auto_kernel(candidates: tuple[str, ...], rows_per_expert: float, k_splits: int | None,
                  hidden: int | None) -> str:
     """The preferred kernel: the persistent TMA one (sm90ws) from _PERSISTENT_MIN_ROWS_PER_EXPERT rows per expert
-    on (at any count when the layer's hidden size is at most _PERSISTENT_MAX_HIDDEN_ANY_ROWS) without a forced
-    split, else the first kernel that runs every tier and split-K."""
-    persistent = rows_per_expert >= _PERSISTENT_MIN_ROWS_PER_EXPERT or (
-        hidden is not None and hidden <= _PERSISTENT_MAX_HIDDEN_ANY_ROWS)
+    on, and up to _PERSISTENT_FEW_ROWS when the layer's hidden size is at most _PERSISTENT_FEW_ROWS_MAX_HIDDEN,
+    without a forced split; else the first kernel that runs every tier and split-K."""
+    few_rows = (hidden is not None and hidden <= _PERSISTENT_FEW_ROWS_MAX_HIDDEN
+                and rows_per_expert <= _PERSISTENT_FEW_ROWS)
+    persistent = rows_per_expert >= _PERSISTENT_MIN_ROWS_PER_EXPERT or few_rows
     if "sm90ws" in candidates and "sm90" in candidates and persistent and (k_splits or 1) == 1:
         return "sm90ws"
     return next(k for k in candidates if k in SPLIT_K_KERNELS)
@@ -237,9 +242,10 @@ def select_config(num_slots: int, num_experts: int, n: int, k: int, arch: str, d
 
     block_m grows with the expected rows per expert (decode: 16, prefill: 128) and depends only on (num_slots,
     num_experts, hidden, arch, kernel), so GEMM1 and GEMM2 of one call get the same one. ``kernel`` forces one of
-    KERNELS; by default, on arch 90a, 'sm90ws' from _PERSISTENT_MIN_ROWS_PER_EXPERT rows per expert on, or at any
-    count when ``hidden`` (the layer's H, the same for both GEMMs) is at most _PERSISTENT_MAX_HIDDEN_ANY_ROWS, and
-    'sm90' otherwise (``_auto_kernel``; ``kernels`` overrides the list of available templates), elsewhere 'sm80'.
+    KERNELS; by default, on arch 90a, 'sm90ws' from _PERSISTENT_MIN_ROWS_PER_EXPERT rows per expert on, or up to
+    _PERSISTENT_FEW_ROWS when ``hidden`` (the layer's H, the same for both GEMMs) is at most
+    _PERSISTENT_FEW_ROWS_MAX_HIDDEN, and 'sm90' otherwise (``_auto_kernel``; ``kernels`` overrides the list of
+    available templates), elsewhere 'sm80'.
     Split-K (``split_k_for``) is chosen when ``num_sms`` is given and the GEMM has less than a wave of tiles;
     ``k_splits`` forces a value. ``gated`` says whether B has two halves (GEMM1 with a gated activation); GEMMs
     with one half may get a wider block_n.

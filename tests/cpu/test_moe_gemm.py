@@ -107,12 +107,14 @@ def test_large_batches_go_to_the_persistent_kernel_unless_split():
         select_config(8192, 8, 64, 64, "90a", "bf16", kernel="sm90ws", kernels=every, k_splits=2)
 
 
-def test_small_hidden_layers_take_the_persistent_kernel_at_any_row_count():
+def test_small_hidden_layers_take_the_persistent_kernel_with_few_rows_per_expert():
     every = ("sm80", "sm90", "sm90ws")
-    limit = mg._PERSISTENT_MAX_HIDDEN_ANY_ROWS
+    limit, rows = mg._PERSISTENT_FEW_ROWS_MAX_HIDDEN, mg._PERSISTENT_FEW_ROWS
     few = dict(arch="90a", dtype="bf16", kernels=every, num_sms=132)  # 128 slots over 128 experts: one row each
     assert select_config(128, 128, 768, limit, hidden=limit, **few).kernel == "sm90ws"    # GEMM1: k = H
     assert select_config(128, 128, limit, 768, hidden=limit, gated=False, **few).kernel == "sm90ws"  # GEMM2: n = H
+    assert select_config(rows * 128, 128, 768, 2048, hidden=2048, **few).kernel == "sm90ws"
+    assert select_config(rows * 128 + 1, 128, 768, 2048, hidden=2048, **few).kernel == "sm90"  # 17..63 rows: sm90
     assert select_config(128, 128, 768, limit + 8, hidden=limit + 8, **few).kernel == "sm90"
     assert select_config(128, 128, 768, 2048, **few).kernel == "sm90"  # without the hidden size: rows only
     assert select_config(128, 128, 768, 2048, hidden=2048, k_splits=2, **few).kernel == "sm90"  # a forced split
