@@ -101,28 +101,6 @@ def ceilings(device: torch.device) -> dict:
             "bf16_TFLOPs": 2 * 512**3 / (mm["median_ms"] * 1e-3) / 1e12, "note": "CPU stand-in (fp32 matmul)"}
 
 
-def settle(device: torch.device, copy_TBps: float, *, fraction: float = 0.95, max_s: float = 5.0) -> dict:
-    """Wait until a 1 GiB copy runs at >= ``fraction`` of ``copy_TBps`` (the run's measured ceiling), at most max_s.
-
-    Freeing and allocating tens of GB (one model shape's weight copies after another's) leaves the device busy in the
-    background for a while: on the H100, memory-bound rows timed right after ran up to 2.7x slower for a fraction
-    of a second (benchmarks/results/h100-2026-11-23-session7/README.md, "Bimodal rows"), so a row flipped between two
-    speeds from run to run. Returns the seconds waited and the last probe's bandwidth; on the CPU it returns at once.
-    """
-    if device.type != "cuda":
-        return {"waited_s": 0.0, "copy_TBps": None}
-    n = 1 << 30
-    src = torch.empty(n, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    start = time.perf_counter()
-    while True:
-        ms = bench_events(lambda: dst.copy_(src), warmup=1, iters=5, flush_l2=False)["median_ms"]
-        tbps = 2 * n / (ms * 1e-3) / 1e12
-        waited = time.perf_counter() - start
-        if tbps >= fraction * copy_TBps or waited >= max_s:
-            return {"waited_s": waited, "copy_TBps": tbps}
-
-
 def floor_ms(nbytes: float, flops: float, ceil: dict) -> tuple[float, str]:
     """max(bytes / copy BW, FLOPs / GEMM peak) in ms, and which term bounds it ('mem' or 'compute')."""
     mem_ms = nbytes / (ceil["copy_TBps"] * 1e12) * 1e3

@@ -406,9 +406,6 @@ def main(argv=None) -> dict:
     rows = []
     for name, shape in shapes.items():
         weights = make_weights(shape, device, ctx["dtype"], rotation_copies(shape, device, args.max_copies))
-        settled = common.settle(device, ceil["copy_TBps"])  # the previous shape's freed copies: see settle()
-        if settled["waited_s"] > 0.05:
-            print(f"  {name}: waited {settled['waited_s']:.2f} s for the copy bandwidth to recover", flush=True)
         for T in tokens:
             rows.append(measure_row(name, shape, T, weights, ctx))
             print(f"  {name} T={T}: " + ", ".join(f"{k} {v:.4g} ms" for k, v in rows[-1]["best_ms"].items()),

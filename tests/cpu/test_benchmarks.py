@@ -66,10 +66,6 @@ def test_router_and_omni_bytes():
     assert common.floor_ms(omni["fwd"], 0, H100_OMNI_COPY)[0] == pytest.approx(0.006870281446026638, rel=1e-12)
 
 
-def test_settle_returns_at_once_without_a_gpu():
-    assert common.settle(torch.device("cpu"), 3.0) == {"waited_s": 0.0, "copy_TBps": None}
-
-
 def test_parse_ints_and_slug():
     assert common.parse_ints("1, 2,4") == (1, 2, 4)
     with pytest.raises(ValueError, match="comma-separated"):
