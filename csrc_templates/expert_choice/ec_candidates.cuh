@@ -1,11 +1,12 @@
 // Expert Choice, candidate path (normalize_over="experts"): every score is computed once, in a row-major pass, and
 // each expert selects among a short candidate list instead of reading its whole column.
-//   prepare (first launch): zeroes the counters; one warp per sampled token writes the token's scores.
+//   prepare (first launch): zeroes the counters; one warp per sampled token writes the token's scores, expert-major.
 //   route kernel, phases by ticket (each phase's blocks wait until every block of the previous phase is done):
-//   1. bound: per expert, bound[e] = (about) the sample_rank-th best sampled score, so that about 2C tokens of the
-//      whole column score at least that much (the planner picks sample_rank).
-//   2. rows: one warp per token computes the token's softmax statistics and scores and offers every score >=
-//      bound[e] to expert e's candidate list.
+//   1. bound: one warp per expert sets bound[e] = (about) the sample_rank-th best sampled score, so that about 2C
+//      tokens of the whole column score at least that much (the planner picks sample_rank).
+//   2. rows: one warp per token (two tokens in flight) computes the token's softmax statistics and scores and offers
+//      every score >= bound[e] to expert e. Offers are staged per expert in shared memory and reach the global
+//      candidate lists with one atomic per (block, expert): per-candidate global atomics on 256 counters serialised.
 //   3. select: per expert, theta = the take-th best key among the candidates when the list is complete (at least
 //      take and at most cand_cap candidates). A misleading sample (too few or too many candidates) only costs
 //      time: that expert falls back to the whole-column radix select of ec_select.cuh. The picks go to the
@@ -34,11 +35,209 @@ __device__ void prepare_candidates(const Params<In>& p, long long gid) {
   const In* row = p.logits + static_cast<size_t>(t) * p.E;  // [E]
   const float2 stats = row_softmax_stats(row, p.E);
   const bool real = token_is_real(p.token_mask, static_cast<int>(t));
-  unsigned* keys = p.sample_keys + static_cast<size_t>(s) * p.E;  // [E]
-  for (int e = lane_id(); e < p.E; e += kExpertLanes)
-    keys[e] = real ? __float_as_uint(score_of(to_float(__ldg(row + e)), stats.x, stats.y)) : kInvalidKey;
+  for (int e = lane_id(); e < p.E; e += kExpertLanes)  // expert-major: the bound phase reads a column coalesced
+    p.sample_keys[static_cast<size_t>(e) * p.sample_count + s] =
+        real ? __float_as_uint(score_of(to_float(__ldg(row + e)), stats.x, stats.y)) : kInvalidKey;
 }
 
+// ---- 1. bound -----------------------------------------------------------------------------------------------------
+constexpr int kBoundLowBit = 19;  // the bound keeps score bits 30..19: exponent and 4 mantissa bits (16 per octave)
+
+// The largest value with zero bits below kBoundLowBit that at least `rank` of the expert's sampled keys reach
+// (0 when fewer real keys exist), by bisection over the bits. Approximate on purpose: only the candidate count depends
+// on it, never the routing. Whole warp.
+__device__ unsigned sample_bound(const unsigned* keys, int count, int rank) {
+  constexpr int kPerLane = kSampleTokens / 32;
+  unsigned k[kPerLane];
+#pragma unroll
+  for (int i = 0; i < kPerLane; ++i) {
+    const int s = lane_id() + 32 * i;
+    const unsigned key = s < count ? __ldg(keys + s) : kInvalidKey;  // written by the prepare launch
+    k[i] = key == kInvalidKey ? 0u : key;                            // padding never reaches a nonzero bound
+  }
+  unsigned bound = 0;
+  for (int bit = 30; bit >= kBoundLowBit; --bit) {
+    const unsigned trial = bound | (1u << bit);
+    unsigned n = 0;
+#pragma unroll
+    for (int i = 0; i < kPerLane; ++i) n += k[i] >= trial ? 1u : 0u;
+    if (__reduce_add_sync(kFullWarp, n) >= static_cast<unsigned>(rank)) bound = trial;
+  }
+  return bound;
+}
+
+template <typename In>
+__device__ void run_bound(const Params<In>& p, int block) {
+  // One expert per warp; adjacent experts go to different blocks, so the few busy warps spread over the SMs.
+  for (int e = block + p.bound_blocks * warp_id(); e < p.E; e += p.bound_blocks * kWarps) {
+    const unsigned bound = sample_bound(p.sample_keys + static_cast<size_t>(e) * p.sample_count, p.sample_count,
+                                        p.sample_rank);
+    if (lane_id() == 0) p.bound[e] = bound;
+  }
+  signal_done(p.counters + 1);
+}
+
+// ---- 2. rows ------------------------------------------------------------------------------------------------------
+// Row-phase shared memory after the scratch: [bound: E][staged: E][items: E * stage_slots uint2].
+struct RowStage {
+  unsigned* bound;   // [E] copy of the bounds
+  unsigned* staged;  // [E] offers to expert e in this block (beyond stage_slots they went straight to global memory)
+  uint2* items;      // [E, slots] (score bits, token)
+  int slots;
+};
+
+__device__ __forceinline__ RowStage row_stage(unsigned char* smem, int E, int slots) {
+  unsigned* words = reinterpret_cast<unsigned*>(smem + kScratchBytes);
+  return RowStage{words, words + E, reinterpret_cast<uint2*>(words + 2 * E), slots};
+}
+
+template <typename In>
+__device__ __forceinline__ void store_candidate(const Params<In>& p, int e, unsigned slot, uint2 item) {
+  if (slot < static_cast<unsigned>(p.cand_cap)) p.cand[static_cast<size_t>(e) * p.cand_cap + slot] = item;
+}
+
+constexpr unsigned kNoSlot = 0xFFFFFFFFu;
+
+// Reserves a stage slot of expert e for an offer (slots at or past st.slots overflow to the global list).
+__device__ __forceinline__ unsigned reserve_stage(const RowStage& st, int e) { return atomicAdd(st.staged + e, 1u); }
+
+// Stores an offer to expert e in its reserved stage slot or, once the stage is full, in the global list (whose count
+// keeps growing past cand_cap, so the selector sees an overflow).
+template <typename In>
+__device__ __forceinline__ void place_offer(const Params<In>& p, const RowStage& st, int e, unsigned slot,
+                                            unsigned k32, int t) {
+  const uint2 item = make_uint2(k32, static_cast<unsigned>(t));
+  if (slot < static_cast<unsigned>(st.slots)) {
+    st.items[static_cast<size_t>(e) * st.slots + slot] = item;
+  } else {
+    store_candidate(p, e, atomicAdd(p.cand_count + e * kCountStride, 1u), item);
+  }
+}
+
+// Row of token t for E <= 32 * NCH: lane holds experts lane + 32j.
+template <typename In, int NCH>
+__device__ __forceinline__ void load_row(const Params<In>& p, int t, float (&v)[NCH]) {
+  const In* row = p.logits + static_cast<size_t>(t) * p.E;  // [E]
+#pragma unroll
+  for (int j = 0; j < NCH; ++j) {
+    const int e = lane_id() + 32 * j;
+    v[j] = e < p.E ? to_float(__ldg(row + e)) : -INFINITY;
+  }
+}
+
+// Softmax statistics and scores of a loaded row; offers the scores that reach their expert's bound.
+template <typename In, int NCH>
+__device__ __forceinline__ void offer_loaded_row(const Params<In>& p, const RowStage& st, int t, float (&v)[NCH]) {
+  const int lane = lane_id();
+  float mx = -INFINITY;
+#pragma unroll
+  for (int j = 0; j < NCH; ++j) mx = fmaxf(mx, v[j]);
+  mx = warp_max_f32(mx);
+  float sum = 0.0f;
+#pragma unroll
+  for (int j = 0; j < NCH; ++j) {
+    v[j] = lane + 32 * j < p.E ? softmax_term(v[j], mx) : 0.0f;  // now the term
+    sum = __fadd_rn(sum, v[j]);
+  }
+  const float rcp = __frcp_rn(warp_sum_tree_f32(sum));
+  store_row_stats(p, t, mx, rcp);
+  if (!token_is_real(p.token_mask, t)) return;
+  // Every slot reservation of the row first, then the stores: the shared atomics overlap instead of each waiting
+  // for the one before.
+  unsigned slot[NCH];
+#pragma unroll
+  for (int j = 0; j < NCH; ++j) {
+    const int e = lane + 32 * j;
+    v[j] = __fmul_rn(v[j], rcp);  // now the score
+    slot[j] = e < p.E && __float_as_uint(v[j]) >= st.bound[e] ? reserve_stage(st, e) : kNoSlot;
+  }
+#pragma unroll
+  for (int j = 0; j < NCH; ++j)
+    if (slot[j] != kNoSlot) place_offer(p, st, lane + 32 * j, slot[j], __float_as_uint(v[j]), t);
+}
+
+// Row pass for any E: the terms are recomputed after the statistics.
+template <typename In>
+__device__ void offer_row_streaming(const Params<In>& p, const RowStage& st, int t) {
+  const In* row = p.logits + static_cast<size_t>(t) * p.E;  // [E]
+  const float2 stats = row_softmax_stats(row, p.E);
+  store_row_stats(p, t, stats.x, stats.y);
+  if (!token_is_real(p.token_mask, t)) return;
+  for (int e = lane_id(); e < p.E; e += kExpertLanes) {
+    const unsigned k32 = __float_as_uint(score_of(to_float(__ldg(row + e)), stats.x, stats.y));
+    if (k32 >= st.bound[e]) place_offer(p, st, e, reserve_stage(st, e), k32, t);
+  }
+}
+
+// The warp's tokens, two rows in flight: the second row's loads are issued before the first row's math.
+template <typename In, int NCH>
+__device__ void offer_rows(const Params<In>& p, const RowStage& st, int block) {
+  const int stride = p.row_blocks * kWarps;
+  for (int t = block * kWarps + warp_id(); t < p.T; t += 2 * stride) {
+    if constexpr (NCH == 0) {
+      offer_row_streaming(p, st, t);
+      if (t + stride < p.T) offer_row_streaming(p, st, t + stride);
+    } else {
+      float a[NCH], b[NCH];
+      const bool second = t + stride < p.T;  // uniform within the warp
+      load_row<In, NCH>(p, t, a);
+      if (second) load_row<In, NCH>(p, t + stride, b);
+      offer_loaded_row<In, NCH>(p, st, t, a);
+      if (second) offer_loaded_row<In, NCH>(p, st, t + stride, b);
+    }
+  }
+}
+
+// Moves the block's staged offers to the global lists: one atomic per expert reserves the slots for all of them.
+template <typename In>
+__device__ void flush_stage(const Params<In>& p, const RowStage& st) {
+  __syncthreads();
+  for (int e = threadIdx.x; e < p.E; e += kBlock) {
+    const unsigned n = min(st.staged[e], static_cast<unsigned>(st.slots));
+    st.staged[e] = n == 0 ? 0u : atomicAdd(p.cand_count + e * kCountStride, n);  // now the global base
+    st.bound[e] = n;                                                              // the bounds are done with
+  }
+  __syncthreads();
+  for (int e = warp_id(); e < p.E; e += kWarps) {
+    const unsigned n = st.bound[e], base = st.staged[e];
+    for (unsigned i = lane_id(); i < n; i += 32)
+      store_candidate(p, e, base + i, st.items[static_cast<size_t>(e) * st.slots + i]);
+  }
+}
+
+template <typename In>
+__device__ unsigned count_real_rows(const Params<In>& p, int block) {
+  unsigned n = 0;
+  const int stride = p.row_blocks * kWarps;
+  if (lane_id() == 0)
+    for (int t = block * kWarps + warp_id(); t < p.T; t += stride) n += token_is_real(p.token_mask, t) ? 1u : 0u;
+  return n;
+}
+
+template <typename In>
+__device__ void run_rows(const Params<In>& p, int block, unsigned char* smem) {
+  Scratch* sc = reinterpret_cast<Scratch*>(smem);
+  const RowStage st = row_stage(smem, p.E, p.stage_slots);
+  wait_for(p.counters + 1, p.bound_blocks);
+  for (int e = threadIdx.x; e < p.E; e += kBlock) {
+    st.bound[e] = __ldcg(p.bound + e);
+    st.staged[e] = 0;
+  }
+  __syncthreads();
+  switch (p.row_chunks) {
+    case 1: offer_rows<In, 1>(p, st, block); break;
+    case 2: offer_rows<In, 2>(p, st, block); break;
+    case 4: offer_rows<In, 4>(p, st, block); break;
+    case 8: offer_rows<In, 8>(p, st, block); break;
+    default: offer_rows<In, 0>(p, st, block); break;
+  }
+  flush_stage(p, st);
+  const unsigned real_rows = p.token_mask == nullptr ? 0u : block_sum_u32(count_real_rows(p, block), sc);
+  if (threadIdx.x == 0 && real_rows != 0) atomicAdd(p.counters + 4, real_rows);
+  signal_done(p.counters + 2);  // reconverges warp 0 first
+}
+
+// ---- 3. select ----------------------------------------------------------------------------------------------------
 // The candidate list of one expert: item i is (score bits, token).
 struct CandidateItems {
   const uint2* cand;  // [n]
@@ -63,135 +262,6 @@ __device__ SmemItems cache_items(const Items& items, int n, unsigned long long* 
 }
 
 __device__ __forceinline__ bool is_real_key(unsigned long long key) { return key < (1ull << 63); }
-
-// The bound's histogram bin of a score: 16 bins per octave over [2^-63, 1], bin 0 below (score bits 29..19).
-constexpr unsigned kBoundBinBase = 64u << 4;  // (exponent 64) << 4
-__device__ __forceinline__ unsigned bound_bin(unsigned k32) {
-  const unsigned b = k32 >> 19;
-  return b <= kBoundBinBase ? 0u : min(b - kBoundBinBase, static_cast<unsigned>(kBins - 1));
-}
-
-// bound[e]: the lower edge of the histogram bin holding the sample_rank-th best sampled score, so at least that
-// many sampled tokens (and, scaled, about 2C of the column) score >= bound[e]. Approximate on purpose: only the
-// candidate count depends on it, never the routing.
-template <typename In>
-__device__ void run_bound(const Params<In>& p, int block, unsigned char* smem) {
-  const SelectorSmem s = selector_smem(smem);
-  for (int e = block; e < p.E; e += p.bound_blocks) {
-    for (int b = threadIdx.x; b < kBins; b += kBlock) s.hist[b] = 0;
-    __syncthreads();
-    unsigned n_real = 0;
-    for (int base = 0; base < p.sample_count; base += kBlock) {  // uniform trip count: whole warps
-      const int i = base + threadIdx.x;
-      const unsigned k32 = i < p.sample_count ? p.sample_keys[static_cast<size_t>(i) * p.E + e] : kInvalidKey;
-      const bool real = k32 != kInvalidKey;
-      n_real += real ? 1u : 0u;
-      histogram_add(s.hist, real, real ? bound_bin(k32) : 0u);
-    }
-    n_real = block_sum_u32(n_real, s.sc);  // also orders the histogram before find_digit
-    unsigned rank = static_cast<unsigned>(p.sample_rank), count = 0;
-    const unsigned bin = rank > n_real ? 0u : find_digit(s, &rank, &count);
-    if (threadIdx.x == 0) p.bound[e] = bin == 0 ? 0u : (bin + kBoundBinBase) << 19;
-    converged_syncthreads();  // the next expert reuses the histogram
-  }
-  signal_done(p.counters + 1);
-}
-
-// An offer to expert e reserves a slot of its candidate list, then stores (score bits, token) there unless the list
-// is full (the count keeps growing, so the selector sees the overflow).
-template <typename In>
-__device__ __forceinline__ unsigned reserve_candidate(const Params<In>& p, int e) {
-  return atomicAdd(p.cand_count + e * kCountStride, 1u);
-}
-
-template <typename In>
-__device__ __forceinline__ void store_candidate(const Params<In>& p, int e, unsigned slot, unsigned k32, int t) {
-  if (slot < static_cast<unsigned>(p.cand_cap)) p.cand[static_cast<size_t>(e) * p.cand_cap + slot] = make_uint2(k32, t);
-}
-
-// Row pass for E <= 32 * NCH: the logits and then the softmax terms stay in registers (lane holds e = lane + 32j).
-template <typename In, int NCH>
-__device__ void offer_row_in_registers(const Params<In>& p, const unsigned* bound, int t, bool real) {
-  const In* row = p.logits + static_cast<size_t>(t) * p.E;  // [E]
-  const int lane = lane_id();
-  float v[NCH];
-  float mx = -INFINITY;
-#pragma unroll
-  for (int j = 0; j < NCH; ++j) {
-    const int e = lane + 32 * j;
-    v[j] = e < p.E ? to_float(__ldg(row + e)) : -INFINITY;
-    mx = fmaxf(mx, v[j]);
-  }
-  mx = warp_max_f32(mx);
-  float sum = 0.0f;
-#pragma unroll
-  for (int j = 0; j < NCH; ++j) {
-    v[j] = lane + 32 * j < p.E ? softmax_term(v[j], mx) : 0.0f;  // now the term
-    sum = __fadd_rn(sum, v[j]);
-  }
-  const float rcp = __frcp_rn(warp_sum_tree_f32(sum));
-  store_row_stats(p, t, mx, rcp);
-  if (!real) return;
-  // All of the row's slot reservations first, then the stores: one atomic round trip per row, not one per chunk.
-  unsigned key[NCH], slot[NCH];
-#pragma unroll
-  for (int j = 0; j < NCH; ++j) {
-    const int e = lane + 32 * j;
-    key[j] = __float_as_uint(__fmul_rn(v[j], rcp));
-    slot[j] = e < p.E && key[j] >= bound[e] ? reserve_candidate(p, e) : 0xFFFFFFFFu;  // never stored
-  }
-#pragma unroll
-  for (int j = 0; j < NCH; ++j) store_candidate(p, lane + 32 * j, slot[j], key[j], t);
-}
-
-// Row pass for any E: the terms are recomputed after the statistics.
-template <typename In>
-__device__ void offer_row_streaming(const Params<In>& p, const unsigned* bound, int t, bool real) {
-  const In* row = p.logits + static_cast<size_t>(t) * p.E;  // [E]
-  const float2 stats = row_softmax_stats(row, p.E);
-  store_row_stats(p, t, stats.x, stats.y);
-  if (!real) return;
-  for (int e = lane_id(); e < p.E; e += kExpertLanes) {
-    const unsigned k32 = __float_as_uint(score_of(to_float(__ldg(row + e)), stats.x, stats.y));
-    if (k32 >= bound[e]) store_candidate(p, e, reserve_candidate(p, e), k32, t);
-  }
-}
-
-template <typename In, int NCH>
-__device__ unsigned offer_rows(const Params<In>& p, const unsigned* bound, int block) {
-  unsigned real_rows = 0;  // lane 0's count of the warp's real tokens
-  const int stride = p.row_blocks * kWarps;
-  for (int t = block * kWarps + warp_id(); t < p.T; t += stride) {
-    const bool real = token_is_real(p.token_mask, t);
-    real_rows += real && lane_id() == 0 ? 1u : 0u;
-    if constexpr (NCH == 0) {
-      offer_row_streaming(p, bound, t, real);
-    } else {
-      offer_row_in_registers<In, NCH>(p, bound, t, real);
-    }
-  }
-  return real_rows;
-}
-
-template <typename In>
-__device__ void run_rows(const Params<In>& p, int block, unsigned char* smem) {
-  Scratch* sc = reinterpret_cast<Scratch*>(smem);
-  unsigned* bound = reinterpret_cast<unsigned*>(smem + kScratchBytes);  // [E]
-  wait_for(p.counters + 1, p.bound_blocks);
-  for (int e = threadIdx.x; e < p.E; e += kBlock) bound[e] = __ldcg(p.bound + e);
-  __syncthreads();
-  unsigned real_rows;
-  switch (p.row_chunks) {
-    case 1: real_rows = offer_rows<In, 1>(p, bound, block); break;
-    case 2: real_rows = offer_rows<In, 2>(p, bound, block); break;
-    case 4: real_rows = offer_rows<In, 4>(p, bound, block); break;
-    case 8: real_rows = offer_rows<In, 8>(p, bound, block); break;
-    default: real_rows = offer_rows<In, 0>(p, bound, block); break;
-  }
-  real_rows = block_sum_u32(real_rows, sc);
-  if (threadIdx.x == 0) atomicAdd(p.counters + 4, real_rows);
-  signal_done(p.counters + 2);  // reconverges warp 0 first
-}
 
 // Token-major: appends expert e to the pick list of every item picked (key >= theta).
 template <typename Items>
@@ -272,7 +342,7 @@ template <typename In>
 __device__ void run_candidate_selector(const Params<In>& p, int block, unsigned char* smem) {
   const SelectorSmem s = selector_smem(smem);
   wait_for(p.counters + 2, p.row_blocks);
-  const unsigned n_real = __ldcg(p.counters + 4);
+  const unsigned n_real = p.token_mask == nullptr ? static_cast<unsigned>(p.T) : __ldcg(p.counters + 4);
   const unsigned take = min(static_cast<unsigned>(p.capacity), n_real);
   for (int e = block; e < p.E; e += p.sel_blocks) {
     const unsigned n = __ldcg(p.cand_count + e * kCountStride);

@@ -27,6 +27,7 @@ constexpr int kSampleTokens = 1024;        // tokens whose scores set each exper
 constexpr int kSampleMargin = 8;           // extra sample ranks below the expected threshold rank
 constexpr int kMaxPickSlots = 32;          // a token's recorded picks: one per lane of its finalizer warp
 constexpr int kMaxRowChunks = 8;           // row pass: scores held in registers up to 32 * 8 experts
+constexpr int kMaxStageSlots = 64;         // row pass: offers staged per (block, expert) before going to global memory
 constexpr int kCachedItems = 4096;         // candidate lists up to this long are selected from shared memory
 constexpr int kCountStride = 32;           // words between two experts' candidate counters: one 128-byte L2 line each
                                            // (packed counters serialise the row pass's atomics on a few lines)
@@ -56,6 +57,7 @@ struct Params {
   int sample_count;          // S sampled tokens: token floor(s * T / S) for s < S
   int sample_rank;           // each expert's candidate bound: at most the sample_rank-th best sampled score
   int cand_cap;              // candidate slots per expert
+  int stage_slots;           // row pass: offers staged per expert in shared memory
   int pick_slots;            // recorded picks per token (token-major)
   // workspace (written by the prepare kernel and the earlier phases)
   unsigned* counters;        // [kCounters] block tickets, phases done, real tokens
@@ -65,7 +67,7 @@ struct Params {
   unsigned* theta_lo;        // [E] low word (~token id)
   float* col_max;            // [E] max logit of each expert over the real tokens (normalize_over="tokens")
   float* col_rcp;            // [E] 1 / softmax denominator of each expert
-  unsigned* sample_keys;     // [S, E] score bits of the sampled tokens (kInvalidKey: padding)
+  unsigned* sample_keys;     // [E, S] score bits of the sampled tokens (kInvalidKey: padding)
   unsigned* bound;           // [E] score bits: tokens scoring >= bound[e] become candidates of expert e
   unsigned* cand_count;      // [E * kCountStride] candidates offered to expert e at [e * kCountStride] (may exceed cand_cap)
   uint2* cand;               // [E, cand_cap] (score bits, token)
@@ -100,6 +102,11 @@ __host__ __device__ constexpr size_t finalizer_smem_bytes(int E, int warps) {
   return kScratchBytes + 4ull * E * (5ull + warps);
 }
 
+
+// Candidate path, row phase: [Scratch][bound, staged: E each][staged items: E * slots uint2]
+__host__ __device__ constexpr size_t candidate_rows_smem_bytes(int E, int slots) {
+  return kScratchBytes + 8ull * E + 8ull * E * slots;
+}
 
 __device__ __forceinline__ bool token_is_real(const bool* token_mask, int t) {
   return token_mask == nullptr || token_mask[t];

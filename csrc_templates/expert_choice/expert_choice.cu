@@ -73,6 +73,7 @@ const char* expert_choice_launch(const void* logits,      // [T, E]
   p.sample_rank = plan.cs.sample_rank;
   p.cand_cap = plan.cs.cand_cap;
   p.pick_slots = plan.cs.pick_slots;
+  p.stage_slots = plan.stage_slots;
 
   const ec::Workspace w = ec::workspace_layout(plan.cs, T, E);
   unsigned* words = reinterpret_cast<unsigned*>(workspace);

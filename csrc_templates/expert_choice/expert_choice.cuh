@@ -64,7 +64,7 @@ template <typename In>
 __global__ void __launch_bounds__(kBlock, 1) route_candidates_kernel(Params<In> p) {
   extern __shared__ __align__(16) unsigned char ec_smem[];
   int ticket = take_ticket(p.counters, ec_smem);
-  if (ticket < p.bound_blocks) return run_bound(p, ticket, ec_smem);
+  if (ticket < p.bound_blocks) return run_bound(p, ticket);
   ticket -= p.bound_blocks;
   if (ticket < p.row_blocks) return run_rows(p, ticket, ec_smem);
   ticket -= p.row_blocks;

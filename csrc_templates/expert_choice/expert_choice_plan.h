@@ -53,7 +53,7 @@ inline const char* choose_path(CandidateShape& cs, long long T, int E, long long
 }
 
 // Workspace offsets in 32-bit words: [counters][row_max, row_rcp: T][theta_hi, theta_lo, col_max, col_rcp: E]
-// then, on the candidate path, [bound: E][cand_count: E * kCountStride][pick_count: T][sample_keys: S * E][cand: E * cap uint2]
+// then, on the candidate path, [bound: E][cand_count: E * kCountStride][pick_count: T][sample_keys: E * S][cand: E * cap uint2]
 // [picks: T * pick_slots uint2].
 struct Workspace {
   long long row_max, row_rcp, theta_hi, theta_lo, col_max, col_rcp;
@@ -94,6 +94,7 @@ struct Plan {
   int group;             // experts per selector block
   bool cache_keys;
   int bound_blocks, row_blocks, sel_blocks, fin_blocks, fin_warps;
+  int stage_slots;  // candidate path: row-phase offers staged per expert
   long long prep_blocks;
   size_t smem_bytes;     // dynamic shared memory of the route kernel
 };
@@ -131,14 +132,22 @@ inline void fit_finalizers_in_one_wave(Plan& plan, int blocks_per_sm, int num_sm
   plan.fin_blocks = std::max(1, std::min(plan.fin_blocks, std::max(blocks_per_sm, 1) * std::max(num_sms, 1)));
 }
 
-// Candidate path: selector scratch, cached items (plus the expert-major token bitmap and its prefix counts), or the
-// row pass's bounds, whichever is larger.
-inline void plan_candidate_phases(Plan& plan, long long T, int E, bool expert_major) {
+// Candidate path: shared memory the row phase may stage offers in.
+constexpr size_t kCandidateSmemBudget = 160 * 1024;
+
+// Candidate path: the row phase's stage slots, and the selectors' cached items (plus the expert-major token bitmap
+// and its prefix counts), whichever needs more shared memory.
+inline void plan_candidate_phases(Plan& plan, long long T, int E, bool expert_major, size_t smem_optin) {
   plan.group = 1;
   plan.cache_keys = false;
+  const size_t budget = std::min(smem_optin, kCandidateSmemBudget);
+  const size_t row_fixed = candidate_rows_smem_bytes(E, 0);
+  plan.stage_slots = budget > row_fixed
+                         ? static_cast<int>(std::min<size_t>(kMaxStageSlots, (budget - row_fixed) / (8ull * E)))
+                         : 0;
   const size_t bitmap = expert_major ? 8ull * ceil_div(T, 32) : 0ull;
   plan.smem_bytes = std::max<size_t>(selector_smem_bytes(1, false, 0) + 8ull * kCachedItems + bitmap,
-                                     kScratchBytes + 4ull * E);
+                                     candidate_rows_smem_bytes(E, plan.stage_slots));
 }
 
 // Candidate path: every phase gets at most one wave of blocks (blocks_per_sm from the occupancy query).
@@ -155,7 +164,7 @@ inline Plan make_plan(long long T, int E, long long capacity, int top_k, int ele
   plan.error = choose_path(plan.cs, T, E, capacity, top_k, tokens_softmax, expert_major, path);
   if (plan.error != nullptr) return plan;
   if (plan.cs.on) {
-    plan_candidate_phases(plan, T, E, expert_major);
+    plan_candidate_phases(plan, T, E, expert_major, smem_optin);
   } else {
     plan_selectors(plan, T, E, elem_bytes, num_sms, smem_optin);
   }
