@@ -31,7 +31,7 @@ constexpr int kMaxStageSlots = 64;         // row pass: offers staged per (block
 constexpr int kCachedItems = 4096;         // candidate lists up to this long are selected from shared memory
 constexpr int kCountStride = 32;           // words between two experts' candidate counters: one 128-byte L2 line each
                                            // (packed counters serialise the row pass's atomics on a few lines)
-constexpr int kCounters = 8;               // [0] tickets, [1..3] phases done, [4] real tokens
+constexpr int kCounters = 8;               // [0] tickets, [1..3] phases done, [4] real tokens (with a mask)
 
 static_assert(kTokenLanes == kBlock, "the per-expert sum gives each selector thread exactly one lane");
 static_assert(kBins == 2 * kBlock, "the digit search gives each thread two bins");
