@@ -140,11 +140,13 @@ def tile_variants(kernel: str, block_m: int, arch: str, gated: bool, variants: b
     on sm90ws, the heuristic's tile with the other cluster size."""
     base = next(c for c in _gemm.default_configs(kernel, arch, gated) if c.block_m == block_m)
     tiles = [base]
+    if not variants:
+        return tiles
     others = [_fit(dataclasses.replace(base, block_n=block_n, stages=_STAGES[kernel][1]), arch, gated)
               for block_n in _BLOCK_NS[(kernel, gated)]]
     if kernel == "sm90ws":
         others.append(dataclasses.replace(base, cluster_m=3 - base.cluster_m))
-    for cfg in others if variants else ():
+    for cfg in others:
         if cfg is not None and cfg not in tiles and _buildable(cfg, arch, gated):
             tiles.append(cfg)
     return tiles
