@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import re
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -27,8 +28,23 @@ def kernel_times(fn, iters: int) -> dict[str, float]:
     totals = collections.Counter()
     for event in prof.events():
         if event.device_type == torch.autograd.DeviceType.CUDA:
-            totals[event.name[:90]] += event.device_time / iters
+            totals[short_name(event.name)] += event.device_time / iters
     return dict(totals.most_common())
+
+
+def short_name(name: str) -> str:
+    """A kernel's name without 'void', namespaces and argument list, keeping the template arguments (GEMM1 and
+    GEMM2 differ only there)."""
+    name = re.sub(r"^void ", "", name)
+    name = re.sub(r"\b(?:[A-Za-z_]\w*::)+", "", name)
+    depth, end = 0, len(name)
+    for i, ch in enumerate(name):  # cut the argument list: the first '(' outside template brackets
+        depth += ch == "<"
+        depth -= ch == ">"
+        if ch == "(" and depth == 0:
+            end = i
+            break
+    return name[:end][:140]
 
 
 def main() -> None:

@@ -3,6 +3,8 @@
     ncu --clock-control none --section SpeedOfLight --section Occupancy --section LaunchStats \
         --section WarpStateStats -k regex:topk_route --launch-skip 3 --launch-count 1 \
         python3 benchmarks/profile_kernels.py topk_softmax
+
+A fused-MoE layer of bench_fused_moe.py's shapes is named fused_moe:<shape>:<T>, e.g. fused_moe:qwen3:16384.
 """
 from __future__ import annotations
 
@@ -28,8 +30,22 @@ def _omni_backward():
     scores.backward(torch.randn_like(scores))
 
 
+def _fused_moe_case(name: str):
+    """fused_moe:<shape>:<T> -> a call of cutlass_fused_moe on bench_fused_moe's weights and routing."""
+    import bench_fused_moe as bench
+
+    _, shape_name, tokens = name.split(":")
+    device, dtype = torch.device("cuda"), torch.bfloat16
+    shape = next(iter(bench.resolve_shapes(shape_name, device).values()))
+    fc1, fc2 = bench.make_weights(shape, device, dtype, 1)[0]
+    x, ids, scales = bench.make_routing(shape, int(tokens), device, dtype)
+    out = torch.empty_like(x)
+    return lambda: jitmoe.cutlass_fused_moe(x, ids, scales, fc1, fc2, dtype, None, output=out)
+
+
 if __name__ == "__main__":
     for name in sys.argv[1:]:
+        call = _fused_moe_case(name) if name.startswith("fused_moe:") else CASES[name]
         for _ in range(5):
-            CASES[name]()
+            call()
         torch.cuda.synchronize()

@@ -2,16 +2,20 @@
 // has its own expert rows and a grouped GEMM's tiles would be mostly padding.
 //
 //   gemm1:  inter[s, n] = act(x[t] . fc1[e, n] + b1[e, n], x[t] . fc1[e, I + n] + b1[e, I + n])   (gated)
-//   gemm2:  out[t, n]   = sum over j < k, in order, of w[t, j] * (inter[t k + j] . fc2[e_j, n] + b2[e_j, n])
+//   gemm2:  out[t, n]   = sum over j < k of w[t, j] * (inter[t k + j] . fc2[e_j, n] + b2[e_j, n])
 //
 // with s = t * k + j and e = topk_ids[s] - expert_offset; slots whose expert is not local are skipped (GEMM1 leaves
 // their inter row unwritten, GEMM2 adds nothing for them), so a token without a local expert gets zeros. GEMM2
 // sums a token's choices itself in a fixed order: no sorting, no padding, no per-slot buffer, no atomics.
 //
 // Each warp owns kCols output columns and streams their weight rows (K contiguous) in 16-byte chunks, lane l taking
-// chunks l, l + 32, ...; the activations it multiplies them with (x[t] or the token's inter rows) sit in shared
-// memory. Loads of kUnroll chunk steps of every row are issued before their FMAs so each lane keeps many 16-byte
-// requests in flight: at these sizes the kernels are bound by DRAM latency x bandwidth, not by arithmetic.
+// chunks l, l + 32, ...; it loads the chunks of the vector it multiplies them with (x[t] or an inter row, read by
+// every warp of the grid and so served by L2) in the same round, so nothing is staged and no barrier stands between
+// the launch and the first weight request. A round issues the loads of kUnroll chunk steps of every row before their
+// FMAs so each lane keeps many 16-byte requests in flight: at these sizes the kernels are bound by DRAM latency x
+// bandwidth, not by arithmetic. GEMM2 has a token's k choices to stream: its warps split them (warp q of a column
+// group takes choices q, q + jw, ...) so a one-token call still fills the GPU with requests, and a final in-block
+// step adds the groups' partial sums in a fixed order.
 #pragma once
 #include <cuda_runtime.h>
 #include <cstdint>
@@ -25,12 +29,24 @@ namespace jitmoe::moe_decode {
 using moe::Act;
 using moe::ActParams;
 
-constexpr int kWarps = 4;
+constexpr int kWarps = 4;     // GEMM1
 constexpr int kThreads = 32 * kWarps;
 constexpr int kCols = 4;      // output columns per warp
-constexpr int kUnroll = 2;    // chunk steps whose loads are in flight together
 constexpr int kChunk = 8;     // elements per 16-byte chunk
 constexpr int kColsPerBlock = kWarps * kCols;
+constexpr int kUnroll1 = 2;   // GEMM1 chunk steps in flight together (2 x kCols rows when gated)
+constexpr int kWarps2 = 8;    // GEMM2: column groups x choice warps
+constexpr int kThreads2 = 32 * kWarps2;
+constexpr int kUnroll2 = 4;   // GEMM2 chunk steps in flight together (I is short: one round covers 768 columns)
+
+// GEMM2's warps per column group: they split the token's choices. A power of two (the column groups must tile the
+// block) no larger than k, so no warp idles on a token with few choices.
+__host__ __device__ constexpr int choice_warps(int topk) {
+  int jw = 1;
+  while (2 * jw <= kWarps2 && 2 * jw <= topk) jw *= 2;
+  return jw;
+}
+__host__ __device__ constexpr int gemm2_cols_per_block(int topk) { return kWarps2 / choice_warps(topk) * kCols; }
 
 // Local expert of slot s, or -1 (unsigned wrap-around keeps the subtraction defined for any id).
 __device__ __forceinline__ int local_expert(const DecodeArgs& a, int s) {
@@ -54,48 +70,38 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
-// acc[r] += this lane's share of rows[r] . vec over `chunks` 16-byte chunks (rows in global memory, vec in shared).
-// rows[r] == nullptr contributes nothing (a column past the end).
-template <typename T, int R>
+// acc[r] += this lane's share of rows[r] . vec over `chunks` 16-byte chunks (all in global memory). rows[r] ==
+// nullptr contributes nothing (a column past the end).
+template <typename T, int R, int U>
 __device__ __forceinline__ void accumulate_rows(const uint4* const (&rows)[R], const uint4* vec, int chunks, int lane,
                                                 float (&acc)[R]) {
-  for (int base = lane; base < chunks; base += 32 * kUnroll) {
-    uint4 w[R][kUnroll];
+  for (int base = lane; base < chunks; base += 32 * U) {
+    uint4 w[R][U], v[U];
 #pragma unroll
-    for (int r = 0; r < R; ++r)
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        const int c = base + 32 * u;
-        w[r][u] = rows[r] != nullptr && c < chunks ? __ldg(rows[r] + c) : make_uint4(0, 0, 0, 0);
-      }
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
+    for (int u = 0; u < U; ++u) {
       const int c = base + 32 * u;
-      if (c >= chunks) break;
-      const uint4 v = vec[c];
+      v[u] = c < chunks ? __ldg(vec + c) : make_uint4(0, 0, 0, 0);
 #pragma unroll
-      for (int r = 0; r < R; ++r) acc[r] += dot8<T>(w[r][u], v);
+      for (int r = 0; r < R; ++r) w[r][u] = rows[r] != nullptr && c < chunks ? __ldg(rows[r] + c) : make_uint4(0, 0, 0, 0);
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      if (base + 32 * u >= chunks) break;
+#pragma unroll
+      for (int r = 0; r < R; ++r) acc[r] += dot8<T>(w[r][u], v[u]);
     }
   }
 }
 
-// Copies `elems` elements (a multiple of 8) from global to shared memory with the whole block; ends with a barrier.
-__device__ __forceinline__ void stage_row(const void* src, uint4* dst, int elems) {
-  const uint4* s = static_cast<const uint4*>(src);
-  for (int c = threadIdx.x; c < elems / kChunk; c += kThreads) dst[c] = s[c];
-  __syncthreads();
-}
-
-// grid (ceil(I / kColsPerBlock), T * k): one slot's kColsPerBlock columns of inter. Dynamic shared memory: H elements.
+// grid (ceil(I / kColsPerBlock), T * k): one slot's kColsPerBlock columns of inter.
 template <typename T, Act A>
 __global__ void __launch_bounds__(kThreads) decode_gemm1_kernel(const DecodeArgs a) {
   constexpr bool kGated = moe::ActTraits<A>::kGated;
   constexpr int kRows = kGated ? 2 * kCols : kCols;
-  extern __shared__ uint4 x_smem[];
   const int s = blockIdx.y;
   const int e = local_expert(a, s);
   if (e < 0) return;  // block-uniform
-  stage_row(static_cast<const T*>(a.x) + static_cast<int64_t>(s / a.topk) * a.hidden, x_smem, a.hidden);
+  const uint4* x = reinterpret_cast<const uint4*>(static_cast<const T*>(a.x) + static_cast<int64_t>(s / a.topk) * a.hidden);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int n0 = blockIdx.x * kColsPerBlock + warp * kCols;
   const int n1 = kGated ? 2 * a.inter_size : a.inter_size;
@@ -112,7 +118,7 @@ __global__ void __launch_bounds__(kThreads) decode_gemm1_kernel(const DecodeArgs
     }
   }
   float acc[kRows] = {};
-  accumulate_rows<T, kRows>(rows, x_smem, chunks, lane, acc);
+  accumulate_rows<T, kRows, kUnroll1>(rows, x, chunks, lane, acc);
 #pragma unroll
   for (int r = 0; r < kRows; ++r) acc[r] = warp_sum(acc[r]);
   if (lane != 0) return;
@@ -130,20 +136,22 @@ __global__ void __launch_bounds__(kThreads) decode_gemm1_kernel(const DecodeArgs
   }
 }
 
-// grid (ceil(H / kColsPerBlock), T): one token's kColsPerBlock output columns, its k choices summed in order.
-// Dynamic shared memory: k * I elements (the token's inter rows).
+// grid (ceil(H / gemm2_cols_per_block(k)), T): one token's output columns, in column groups of kCols per warp.
+// Warp q of a group streams the rows of choices q, q + jw, ... and keeps per-lane partial sums; the group's first
+// warp then adds the jw partials in order and reduces over lanes, so the result does not depend on timing.
 template <typename T>
-__global__ void __launch_bounds__(kThreads) decode_gemm2_kernel(const DecodeArgs a) {
-  extern __shared__ uint4 inter_smem[];
+__global__ void __launch_bounds__(kThreads2) decode_gemm2_kernel(const DecodeArgs a) {
+  __shared__ float partial[kWarps2][kCols][32];
+  __shared__ float bias_partial[kWarps2][kCols];
   const int t = blockIdx.y;
-  stage_row(static_cast<const T*>(a.inter) + static_cast<int64_t>(t) * a.topk * a.inter_size, inter_smem,
-            a.topk * a.inter_size);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int n0 = blockIdx.x * kColsPerBlock + warp * kCols;
+  const int jw = choice_warps(a.topk);
+  const int group = warp / jw, q = warp % jw;
+  const int n0 = blockIdx.x * gemm2_cols_per_block(a.topk) + group * kCols;
   const int chunks = a.inter_size / kChunk;
   float acc[kCols] = {};
   float bias_sum[kCols] = {};
-  for (int j = 0; j < a.topk; ++j) {
+  for (int j = q; j < a.topk; j += jw) {
     const int s = t * a.topk + j;
     const int e = local_expert(a, s);
     if (e < 0) continue;  // warp-uniform
@@ -155,23 +163,35 @@ __global__ void __launch_bounds__(kThreads) decode_gemm2_kernel(const DecodeArgs
       rows[c] = n0 + c < a.hidden ? reinterpret_cast<const uint4*>(fc2 + static_cast<int64_t>(n0 + c) * a.inter_size)
                                   : nullptr;
     }
+    const uint4* inter =
+        reinterpret_cast<const uint4*>(static_cast<const T*>(a.inter) + static_cast<int64_t>(s) * a.inter_size);
     float part[kCols] = {};
-    accumulate_rows<T, kCols>(rows, inter_smem + j * chunks, chunks, lane, part);
+    accumulate_rows<T, kCols, kUnroll2>(rows, inter, chunks, lane, part);
 #pragma unroll
     for (int c = 0; c < kCols; ++c) acc[c] = fmaf(w, part[c], acc[c]);
-    if (a.fc2_bias != nullptr && lane == 0) {
+    if (a.fc2_bias != nullptr) {
       const T* bias = static_cast<const T*>(a.fc2_bias) + static_cast<int64_t>(e) * a.hidden;
 #pragma unroll
       for (int c = 0; c < kCols; ++c) bias_sum[c] += n0 + c < a.hidden ? w * to_float(bias[n0 + c]) : 0.f;
     }
   }
 #pragma unroll
-  for (int c = 0; c < kCols; ++c) acc[c] = warp_sum(acc[c]);
-  if (lane != 0) return;
+  for (int c = 0; c < kCols; ++c) {
+    partial[warp][c][lane] = acc[c];
+    if (lane == 0) bias_partial[warp][c] = bias_sum[c];
+  }
+  __syncthreads();
+  if (q != 0) return;
   T* out = static_cast<T*>(a.out) + static_cast<int64_t>(t) * a.hidden;
 #pragma unroll
   for (int c = 0; c < kCols; ++c) {
-    if (n0 + c < a.hidden) out[n0 + c] = from_float<T>(acc[c] + bias_sum[c]);
+    float v = 0.f, b = 0.f;
+    for (int p = 0; p < jw; ++p) {
+      v += partial[warp + p][c][lane];
+      b += bias_partial[warp + p][c];
+    }
+    v = warp_sum(v);
+    if (lane == 0 && n0 + c < a.hidden) out[n0 + c] = from_float<T>(v + b);
   }
 }
 

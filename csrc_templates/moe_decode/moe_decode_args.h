@@ -6,10 +6,6 @@
 
 namespace jitmoe::moe_decode {
 
-// Most shared memory a decode block stages (x[t] in GEMM1, a token's k inter rows in GEMM2); the Python side
-// (moe_decode.fits_decode) routes larger shapes to the grouped GEMMs.
-constexpr int kMaxStagedBytes = 96 * 1024;
-
 struct DecodeArgs {
   const void* x;              // [T, H]
   const void* fc1;            // [E, n1, H]: gated n1 = 2I (up rows, then gate rows), else n1 = I

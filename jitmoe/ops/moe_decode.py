@@ -24,9 +24,7 @@ __all__ = ["decode_spec", "fits_decode", "use_decode", "run_decode"]
 # (Mixtral T=4 0.93 vs 0.81, OLMoE T=8 0.27 vs 0.25, every T=16).
 _ALWAYS_TOKENS = 2
 _MAX_TOKENS = 8
-# Shared memory a decode block stages: x[t] (H elements) in GEMM1, the token's k inter rows in GEMM2
-# (kMaxStagedBytes of csrc_templates/moe_decode/moe_decode_args.h).
-_MAX_STAGED_BYTES = 96 * 1024
+_MAX_GRID_Y = 65535  # GEMM1's grid has one row of blocks per slot
 
 
 def decode_spec(dtype: str, activation: str, archs) -> KernelSpec:
@@ -34,10 +32,10 @@ def decode_spec(dtype: str, activation: str, archs) -> KernelSpec:
                              {"dtype": dtype, "act": activation_name(activation)}, archs)
 
 
-def fits_decode(num_tokens: int, topk: int, hidden: int, inter: int, itemsize: int = 2) -> bool:
-    """Whether the decode kernels can run the shape: the staged rows fit shared memory, the grid fits int32 y."""
-    return (max(hidden, topk * inter) * itemsize <= _MAX_STAGED_BYTES and num_tokens * topk <= 65535
-            and hidden % 8 == 0 and inter % 8 == 0)
+def fits_decode(num_tokens: int, topk: int, hidden: int, inter: int) -> bool:
+    """Whether the decode kernels can run the shape: the slots fit the grid's y dimension and rows are whole
+    16-byte chunks."""
+    return num_tokens * topk <= _MAX_GRID_Y and hidden % 8 == 0 and inter % 8 == 0
 
 
 def use_decode(num_tokens: int, topk: int, num_experts: int, hidden: int, inter: int) -> bool:
@@ -53,9 +51,9 @@ def run_decode(output: torch.Tensor, x: torch.Tensor, topk_ids: torch.Tensor, sl
     """output[t] = sum_j w[t, j] * (act(x[t] fc1[e]^T + b1) fc2[e]^T + b2) over the token's local experts, in j
     order (zeros for tokens without one). Inputs are validated by the caller (cutlass_fused_moe); never syncs."""
     num_tokens, topk = topk_ids.shape
-    if not fits_decode(num_tokens, topk, x.shape[1], fc2.shape[2], x.element_size()):
+    if not fits_decode(num_tokens, topk, x.shape[1], fc2.shape[2]):
         raise ValueError(f"moe_decode: shape T={num_tokens} k={topk} H={x.shape[1]} I={fc2.shape[2]} does not fit the"
-                         " decode kernels (staged rows <= 96 KiB, T * k <= 65535, H and I multiples of 8)")
+                         f" decode kernels (T * k <= {_MAX_GRID_Y}, H and I multiples of 8)")
     inter = torch.empty(num_tokens * topk, fc2.shape[2], dtype=x.dtype, device=x.device)
     spec = decode_spec(DTYPE_TAG[x.dtype], activation, device_archs(x.device))
     load_module(spec).run(x, fc1, fc1_bias, inter, fc2, fc2_bias, output, topk_ids, slot_weights,

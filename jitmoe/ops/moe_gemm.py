@@ -481,15 +481,17 @@ def gemm2_reference(inter, fc2, sorted_ids, block_expert, num_padded, slot_weigh
 # torch ops: CUDA tensors run the kernel, CPU tensors the reference. The config travels as plain fields.
 
 
-def _scratch(cfg: GemmConfig, rows: int, width: int, a: torch.Tensor, a_rows: int, gemm1: bool):
-    """(partials, a_sorted) the launch needs: split-K slices [k_splits, rows, width] fp32, and the sorted copy of
-    GEMM1's A for kernels that load A with TMA ([a_rows, K]). None where not needed. From the caching allocator,
-    so CUDA graphs capture them."""
+def _scratch(cfg: GemmConfig, rows: int, width: int, a: torch.Tensor, a_rows: int, num_slots: int, gemm1: bool):
+    """(partials, a_sorted, slot_rows) the launch needs: split-K slices [k_splits, rows, width] fp32; for kernels
+    that load GEMM1's A with TMA, the sorted copy of A ([a_rows, K]) and the sorted row of every slot
+    ([num_slots] int32, the gather's inverse map). None where not needed. From the caching allocator, so CUDA
+    graphs capture them."""
     partials = (torch.empty(cfg.k_splits, rows, width, dtype=torch.float32, device=a.device)
                 if cfg.k_splits > 1 else None)
-    a_sorted = (torch.empty(a_rows, a.shape[1], dtype=a.dtype, device=a.device)
-                if gemm1 and cfg.kernel in TMA_A_KERNELS else None)
-    return partials, a_sorted
+    if not (gemm1 and cfg.kernel in TMA_A_KERNELS):
+        return partials, None, None
+    a_sorted = torch.empty(a_rows, a.shape[1], dtype=a.dtype, device=a.device)
+    return partials, a_sorted, torch.empty(num_slots, dtype=torch.int32, device=a.device)
 
 
 @custom_op("jitmoe::moe_gemm1", mutates_args=("out",))
@@ -505,10 +507,12 @@ def _moe_gemm1_op(x: torch.Tensor, fc1: torch.Tensor, sorted_ids: torch.Tensor, 
     _check_aligned(x=x, fc1=fc1, out=out)
     cfg = GemmConfig(kernel, block_m, block_n, block_k, stages, k_splits, cluster_m)
     spec = gemm_spec(cfg, DTYPE_TAG[x.dtype], "gemm1", activation, device_archs(x.device))
-    partials, a_sorted = _scratch(cfg, out.shape[0], fc1.shape[1], x, sorted_ids.shape[0], gemm1=True)
+    num_slots = x.shape[0] * topk
+    partials, a_sorted, slot_rows = _scratch(cfg, out.shape[0], fc1.shape[1], x, sorted_ids.shape[0], num_slots,
+                                             gemm1=True)
     load_module(spec).run(x, fc1, fc1_bias, out, sorted_ids, block_expert, num_padded, None, swiglu_alpha,
-                          swiglu_beta, swiglu_limit, x.shape[0] * topk, topk, out.shape[1], x.shape[1], partials,
-                          a_sorted, k_splits)
+                          swiglu_beta, swiglu_limit, num_slots, topk, out.shape[1], x.shape[1], partials,
+                          a_sorted, slot_rows, k_splits)
 
 
 @_moe_gemm1_op.register_fake
@@ -528,9 +532,9 @@ def _moe_gemm2_op(inter: torch.Tensor, fc2: torch.Tensor, sorted_ids: torch.Tens
     _check_aligned(inter=inter, fc2=fc2, out=out)
     cfg = GemmConfig(kernel, block_m, block_n, block_k, stages, k_splits, cluster_m)
     spec = gemm_spec(cfg, DTYPE_TAG[inter.dtype], "gemm2", "Identity", device_archs(inter.device))
-    partials, _ = _scratch(cfg, out.shape[0], out.shape[1], inter, 0, gemm1=False)
+    partials, _, _ = _scratch(cfg, out.shape[0], out.shape[1], inter, 0, 0, gemm1=False)
     load_module(spec).run(inter, fc2, fc2_bias, out, sorted_ids, block_expert, num_padded, slot_weights, None, None,
-                          None, out.shape[0], 1, out.shape[1], inter.shape[1], partials, None, k_splits)
+                          None, out.shape[0], 1, out.shape[1], inter.shape[1], partials, None, None, k_splits)
 
 
 @_moe_gemm2_op.register_fake

@@ -26,14 +26,15 @@ def test_use_decode_takes_few_tokens_on_distinct_experts(tokens, topk, experts, 
 
 
 @pytest.mark.parametrize("shape, fits", [
-    ((1, 8, 7168, 2048), True),      # DeepSeek-V3: x[t] is 14 KiB, 8 inter rows 32 KiB
-    ((1, 2, 4096, 14336), True),     # Mixtral: 2 inter rows are 56 KiB
-    ((1, 8, 4096, 14336), False),    # 8 inter rows would need 224 KiB of shared memory
-    ((1, 1, 65536, 256), False),     # x[t] alone is 128 KiB
+    ((1, 8, 7168, 2048), True),      # DeepSeek-V3
+    ((1, 8, 4096, 14336), True),     # long rows: nothing is staged in shared memory
+    ((1, 1, 65536, 256), True),
+    ((8191, 8, 256, 256), True),     # 65528 slots
     ((8192, 8, 256, 256), False),    # 65536 slots: more than a grid's y dimension
     ((1, 2, 1028, 256), False),      # H not a multiple of 8
+    ((1, 2, 1024, 260), False),      # I not a multiple of 8
 ])
-def test_fits_decode_bounds_shared_memory_and_grid(shape, fits):
+def test_fits_decode_bounds_the_grid_and_chunks(shape, fits):
     assert dec.fits_decode(*shape) is fits
     tokens, topk, hidden, inter = shape
     if tokens == 1:  # one token: only the fit decides
@@ -43,7 +44,7 @@ def test_fits_decode_bounds_shared_memory_and_grid(shape, fits):
 def test_run_decode_rejects_shapes_it_cannot_run():
     x = torch.zeros(1, 4096, dtype=torch.bfloat16)
     one = torch.zeros(1, 1, 1, dtype=torch.bfloat16)  # expanded views: the weights are never read
-    fc1, fc2 = one.expand(8, 2 * 14336, 4096), one.expand(8, 4096, 14336)
+    fc1, fc2 = one.expand(8, 2 * 1020, 4096), one.expand(8, 4096, 1020)  # I = 1020: not whole 16-byte chunks
     ids = torch.zeros(1, 8, dtype=torch.int32)
     with pytest.raises(ValueError, match="does not fit the decode kernels"):
         dec.run_decode(torch.empty_like(x), x, ids, torch.ones(8), fc1, fc2, None, None, {}, "Swiglu", 0)

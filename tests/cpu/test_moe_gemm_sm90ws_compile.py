@@ -32,7 +32,8 @@ def test_sm90ws_compiles_without_serialized_wgmma_or_spills(sm90_toolchain, tmp_
         pytest.skip(str(exc))
     assert [r.source for r in results] == ["sm90ws/gemm.cu"]
     output = results[0].output
-    assert "moe_gemm_sm90ws_kernel" in output and "gather_sorted_rows_kernel" in output, output
+    for kernel in ("moe_gemm_sm90ws_kernel", "invert_sorted_ids_kernel", "gather_token_rows_kernel"):
+        assert kernel in output or mode == "gemm2", output
     assert "registers" in output, f"ptxas -v printed no resource usage:\n{output}"
     assert "C7510" not in output and "serialized" not in output, output
     spills = [int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", output)]

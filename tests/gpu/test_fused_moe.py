@@ -115,6 +115,16 @@ def test_biases(kernel, dtype, act):
     assert rel_error(out, reference(p, activation=act, tp_rank=1)) <= TOL
 
 
+@pytest.mark.parametrize("T", [1, 3])
+@pytest.mark.parametrize("k", [3, 6, 12, 16])
+def test_decode_splits_any_number_of_choices(T, k):
+    """The decode GEMM2 splits a token's choices over a power-of-two number of warps: counts that leave some warps
+    fewer choices (3, 6, 12) or give each several (16), with biases, H not a multiple of a block's columns and I
+    shorter than a warp's 32 chunks."""
+    p = make_problem(T, 32, k, 200, 96, BF16, bias=True)
+    assert rel_error(run(p, fm.DECODE), reference(p)) <= TOL
+
+
 @pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("E,k", [(8, 2), (64, 8)])
 def test_expert_parallel_four_ranks_sum_to_full(kernel, E, k):

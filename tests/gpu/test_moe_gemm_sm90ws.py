@@ -69,16 +69,25 @@ def real_rows(sorted_ids, num_padded, num_slots):
     return ((p < num_padded) & (sorted_ids >= 0) & (sorted_ids < num_slots)).nonzero().flatten()
 
 
-def run_gemm1(mod, x, fc1, bias, routing, inter, topk, a_sorted, params=(None, None, None), k_splits=1):
+def stale_slot_rows(num_slots, m_pad_max):
+    """The gather's inverse-map scratch as a previous call may leave it: arbitrary rows, many of them in range."""
+    return torch.randint(-1, m_pad_max, (num_slots,), dtype=torch.int32, device="cuda")
+
+
+def run_gemm1(mod, x, fc1, bias, routing, inter, topk, a_sorted, params=(None, None, None), k_splits=1,
+              slot_rows=None):
     sorted_ids, block_expert, num_padded = routing
-    mod.run(x, fc1, bias, inter, sorted_ids, block_expert, num_padded, None, *params, x.shape[0] * topk, topk,
-            inter.shape[1], x.shape[1], None, a_sorted, k_splits)
+    num_slots = x.shape[0] * topk
+    if slot_rows is None and a_sorted is not None:
+        slot_rows = stale_slot_rows(num_slots, sorted_ids.numel())
+    mod.run(x, fc1, bias, inter, sorted_ids, block_expert, num_padded, None, *params, num_slots, topk,
+            inter.shape[1], x.shape[1], None, a_sorted, slot_rows, k_splits)
 
 
 def run_gemm2(mod, inter, fc2, bias, routing, out, slot_weights, k_splits=1):
     sorted_ids, block_expert, num_padded = routing
     mod.run(inter, fc2, bias, out, sorted_ids, block_expert, num_padded, slot_weights, None, None, None,
-            out.shape[0], 1, out.shape[1], inter.shape[1], None, None, k_splits)
+            out.shape[0], 1, out.shape[1], inter.shape[1], None, None, None, k_splits)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -238,12 +247,13 @@ def test_cuda_graph_replay_with_new_routing_and_data():
              w=torch.rand(tokens * topk, device="cuda"))
     inter = torch.empty(m_pad_max, inter_size, dtype=dtype, device="cuda")
     a_sorted = torch.empty(m_pad_max, hidden, dtype=dtype, device="cuda")
+    slot_rows = stale_slot_rows(tokens * topk, m_pad_max)
     out = torch.empty(tokens * topk, hidden, dtype=dtype, device="cuda")
 
     def pipeline():
         permute.align_into(ids, experts, BLOCK_M, 0, routing)
         three = tuple(routing[:3])
-        run_gemm1(g1, t["x"], t["fc1"], t["b1"], three, inter, topk, a_sorted)
+        run_gemm1(g1, t["x"], t["fc1"], t["b1"], three, inter, topk, a_sorted, slot_rows=slot_rows)
         run_gemm2(g2, inter, t["fc2"], t["b2"], three, out, t["w"])
 
     graph = capture_graph(pipeline)

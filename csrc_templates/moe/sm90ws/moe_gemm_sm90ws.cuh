@@ -556,12 +556,12 @@ void launch(const MoeGemmArgs& args, cudaStream_t stream) {
   const int sms = sm_count();
   const void* a = args.a;  // GEMM2: inter [m_pad_max, K]
   if constexpr (Mode == GemmMode::gemm1) {
-    if (args.a_sorted == nullptr) {
-      throw std::invalid_argument("moe_gemm sm90ws: a_sorted: expected a [m_pad_max, K] scratch tensor for GEMM1, "
-                                  "got None");
+    if (args.a_sorted == nullptr || args.slot_rows == nullptr) {
+      throw std::invalid_argument("moe_gemm sm90ws: a_sorted, slot_rows: expected [m_pad_max, K] and [num_slots] "
+                                  "scratch tensors for GEMM1, got None");
     }
-    launch_gather(args.a, args.sorted_ids, args.num_padded, args.a_sorted, args.m_pad_max, args.num_slots,
-                  args.topk, args.k, sms * 8, stream);
+    launch_gather(args.a, args.sorted_ids, args.num_padded, args.slot_rows, args.a_sorted, args.m_pad_max,
+                  args.num_slots, args.topk, args.k, sms * 8, stream);
     a = args.a_sorted;
   }
   constexpr CUtensorMapDataType kDtype =
