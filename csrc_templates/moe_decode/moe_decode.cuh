@@ -34,10 +34,20 @@ constexpr int kThreads = 32 * kWarps;
 constexpr int kCols = 4;      // output columns per warp
 constexpr int kChunk = 8;     // elements per 16-byte chunk
 constexpr int kColsPerBlock = kWarps * kCols;
+// H and I are multiples of kChunk (moe_decode.fits_decode), so a warp's kCols columns are all in range or all past
+// the end: warps test their first column only.
+static_assert(kChunk % kCols == 0, "a warp's columns must not straddle the end of a row");
 constexpr int kUnroll1 = 2;   // GEMM1 chunk steps in flight together (2 x kCols rows when gated)
 constexpr int kWarps2 = 8;    // GEMM2: column groups x choice warps
 constexpr int kThreads2 = 32 * kWarps2;
-constexpr int kUnroll2 = 4;   // GEMM2 chunk steps in flight together (I is short: one round covers 768 columns)
+constexpr int kUnroll2 = 2;   // GEMM2 chunk steps in flight together
+// GEMM2 blocks per SM the registers must allow: four (64 registers) put a one-token call's blocks in one wave on the
+// H100; sm_80's code needs 94 (it spills at 80).
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+constexpr int kMinBlocks2 = 2;
+#else
+constexpr int kMinBlocks2 = 4;
+#endif
 
 // GEMM2's warps per column group: they split the token's choices. A power of two (the column groups must tile the
 // block) no larger than k, so no warp idles on a token with few choices.
@@ -70,8 +80,7 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
-// acc[r] += this lane's share of rows[r] . vec over `chunks` 16-byte chunks (all in global memory). rows[r] ==
-// nullptr contributes nothing (a column past the end).
+// acc[r] += this lane's share of rows[r] . vec over `chunks` 16-byte chunks (all in global memory).
 template <typename T, int R, int U>
 __device__ __forceinline__ void accumulate_rows(const uint4* const (&rows)[R], const uint4* vec, int chunks, int lane,
                                                 float (&acc)[R]) {
@@ -80,9 +89,10 @@ __device__ __forceinline__ void accumulate_rows(const uint4* const (&rows)[R], c
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int c = base + 32 * u;
-      v[u] = c < chunks ? __ldg(vec + c) : make_uint4(0, 0, 0, 0);
+      const bool in = c < chunks;
+      v[u] = in ? __ldg(vec + c) : make_uint4(0, 0, 0, 0);
 #pragma unroll
-      for (int r = 0; r < R; ++r) w[r][u] = rows[r] != nullptr && c < chunks ? __ldg(rows[r] + c) : make_uint4(0, 0, 0, 0);
+      for (int r = 0; r < R; ++r) w[r][u] = in ? __ldg(rows[r] + c) : make_uint4(0, 0, 0, 0);
     }
 #pragma unroll
     for (int u = 0; u < U; ++u) {
@@ -104,17 +114,17 @@ __global__ void __launch_bounds__(kThreads) decode_gemm1_kernel(const DecodeArgs
   const uint4* x = reinterpret_cast<const uint4*>(static_cast<const T*>(a.x) + static_cast<int64_t>(s / a.topk) * a.hidden);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int n0 = blockIdx.x * kColsPerBlock + warp * kCols;
+  if (n0 >= a.inter_size) return;  // warp-uniform
   const int n1 = kGated ? 2 * a.inter_size : a.inter_size;
   const int chunks = a.hidden / kChunk;
   const T* fc1 = static_cast<const T*>(a.fc1) + static_cast<int64_t>(e) * n1 * a.hidden;
   const uint4* rows[kRows];
 #pragma unroll
   for (int c = 0; c < kCols; ++c) {
-    const bool in = n0 + c < a.inter_size;
-    rows[c] = in ? reinterpret_cast<const uint4*>(fc1 + static_cast<int64_t>(n0 + c) * a.hidden) : nullptr;
+    const int n = n0 + c;
+    rows[c] = reinterpret_cast<const uint4*>(fc1 + static_cast<int64_t>(n) * a.hidden);
     if constexpr (kGated) {
-      rows[kCols + c] =
-          in ? reinterpret_cast<const uint4*>(fc1 + static_cast<int64_t>(a.inter_size + n0 + c) * a.hidden) : nullptr;
+      rows[kCols + c] = reinterpret_cast<const uint4*>(fc1 + static_cast<int64_t>(a.inter_size + n) * a.hidden);
     }
   }
   float acc[kRows] = {};
@@ -128,7 +138,6 @@ __global__ void __launch_bounds__(kThreads) decode_gemm1_kernel(const DecodeArgs
 #pragma unroll
   for (int c = 0; c < kCols; ++c) {
     const int n = n0 + c;
-    if (n >= a.inter_size) break;
     const float up = acc[c] + (bias ? to_float(bias[n]) : 0.f);
     float gate = 0.f;
     if constexpr (kGated) gate = acc[kCols + c] + (bias ? to_float(bias[a.inter_size + n]) : 0.f);
@@ -140,7 +149,7 @@ __global__ void __launch_bounds__(kThreads) decode_gemm1_kernel(const DecodeArgs
 // Warp q of a group streams the rows of choices q, q + jw, ... and keeps per-lane partial sums; the group's first
 // warp then adds the jw partials in order and reduces over lanes, so the result does not depend on timing.
 template <typename T>
-__global__ void __launch_bounds__(kThreads2) decode_gemm2_kernel(const DecodeArgs a) {
+__global__ void __launch_bounds__(kThreads2, kMinBlocks2) decode_gemm2_kernel(const DecodeArgs a) {
   __shared__ float partial[kWarps2][kCols][32];
   __shared__ float bias_partial[kWarps2][kCols];
   const int t = blockIdx.y;
@@ -151,7 +160,8 @@ __global__ void __launch_bounds__(kThreads2) decode_gemm2_kernel(const DecodeArg
   const int chunks = a.inter_size / kChunk;
   float acc[kCols] = {};
   float bias_sum[kCols] = {};
-  for (int j = q; j < a.topk; j += jw) {
+  const bool in_range = n0 < a.hidden;  // warp-uniform; the warp still meets the barrier below
+  for (int j = in_range ? q : a.topk; j < a.topk; j += jw) {
     const int s = t * a.topk + j;
     const int e = local_expert(a, s);
     if (e < 0) continue;  // warp-uniform
@@ -160,8 +170,7 @@ __global__ void __launch_bounds__(kThreads2) decode_gemm2_kernel(const DecodeArg
     const uint4* rows[kCols];
 #pragma unroll
     for (int c = 0; c < kCols; ++c) {
-      rows[c] = n0 + c < a.hidden ? reinterpret_cast<const uint4*>(fc2 + static_cast<int64_t>(n0 + c) * a.inter_size)
-                                  : nullptr;
+      rows[c] = reinterpret_cast<const uint4*>(fc2 + static_cast<int64_t>(n0 + c) * a.inter_size);
     }
     const uint4* inter =
         reinterpret_cast<const uint4*>(static_cast<const T*>(a.inter) + static_cast<int64_t>(s) * a.inter_size);
@@ -172,7 +181,7 @@ __global__ void __launch_bounds__(kThreads2) decode_gemm2_kernel(const DecodeArg
     if (a.fc2_bias != nullptr) {
       const T* bias = static_cast<const T*>(a.fc2_bias) + static_cast<int64_t>(e) * a.hidden;
 #pragma unroll
-      for (int c = 0; c < kCols; ++c) bias_sum[c] += n0 + c < a.hidden ? w * to_float(bias[n0 + c]) : 0.f;
+      for (int c = 0; c < kCols; ++c) bias_sum[c] += w * to_float(bias[n0 + c]);
     }
   }
 #pragma unroll
@@ -181,7 +190,7 @@ __global__ void __launch_bounds__(kThreads2) decode_gemm2_kernel(const DecodeArg
     if (lane == 0) bias_partial[warp][c] = bias_sum[c];
   }
   __syncthreads();
-  if (q != 0) return;
+  if (q != 0 || !in_range) return;
   T* out = static_cast<T*>(a.out) + static_cast<int64_t>(t) * a.hidden;
 #pragma unroll
   for (int c = 0; c < kCols; ++c) {
@@ -191,7 +200,7 @@ __global__ void __launch_bounds__(kThreads2) decode_gemm2_kernel(const DecodeArg
       b += bias_partial[warp + p][c];
     }
     v = warp_sum(v);
-    if (lane == 0 && n0 + c < a.hidden) out[n0 + c] = from_float<T>(v + b);
+    if (lane == 0) out[n0 + c] = from_float<T>(v + b);
   }
 }
 
