@@ -20,6 +20,15 @@ _ARCH = re.compile(r"^\d{2,3}[af]?$")
 
 def normalize_arch(arch: str) -> str:
     """'9.0a', 'sm_90a', '90a' -> '90a'; 'cpu' stays 'cpu'."""
+    return _normalize_arch_str(arch) if isinstance(arch, str) else _normalize_arch(arch)
+
+
+@functools.lru_cache(maxsize=256)  # on every op call's path: a pure function of a few distinct strings
+def _normalize_arch_str(arch: str) -> str:
+    return _normalize_arch(arch)
+
+
+def _normalize_arch(arch) -> str:
     a = str(arch).strip().lower().replace("sm_", "").replace("compute_", "").replace(".", "")
     if a != "cpu" and not _ARCH.match(a):
         raise ValueError(f"arch: expected something like '80', '9.0a' or 'sm_90a', got {arch!r}")

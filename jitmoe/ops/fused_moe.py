@@ -386,16 +386,17 @@ def _run_cuda(output, x, topk_ids, slot_weights, fc1, fc2, fc1_bias, fc2_bias, a
     _permute.align_into(topk_ids, num_local, cfg1.block_m, local_expert_offset, routing)
     sorted_ids, block_expert, num_padded, _ = routing
     h = torch.empty(sorted_ids.shape[0], inter, dtype=x.dtype, device=x.device)
-    _gemm.moe_gemm1(x, fc1, sorted_ids, block_expert, num_padded, out=h, topk=topk, activation=activation,
-                    fc1_bias=fc1_bias, config=cfg1, **act_params)
+    params = {name: act_params.get(name) for name in ("swiglu_alpha", "swiglu_beta", "swiglu_limit")}
+    _gemm.launch_gemm1(x, fc1, sorted_ids, block_expert, num_padded, out=h, topk=topk, activation=activation,
+                       fc1_bias=fc1_bias, config=cfg1, **params)
     # top-1: each token has one slot, so GEMM2 can write the output rows itself (zeroed: rows without a local
     # expert are never written); otherwise it writes per-slot rows that the combine sums in a fixed order.
     direct = topk == 1 and output.data_ptr() % 16 == 0
     out_slots = output if direct else torch.empty(num_tokens * topk, hidden, dtype=x.dtype, device=x.device)
     if direct:
         output.zero_()
-    _gemm.moe_gemm2(h, fc2, sorted_ids, block_expert, num_padded, slot_weights, out=out_slots, fc2_bias=fc2_bias,
-                    config=cfg2)
+    _gemm.launch_gemm2(h, fc2, sorted_ids, block_expert, num_padded, slot_weights, out=out_slots, fc2_bias=fc2_bias,
+                       config=cfg2)
     if not direct:
         _permute.combine_into(out_slots, topk_ids, output, num_local, local_expert_offset)
 

@@ -163,6 +163,7 @@ def _fit_stages(kernel: str, block_m: int, arch: str, gated: bool = True) -> Gem
 
 
 @functools.lru_cache(maxsize=None)
+@functools.lru_cache(maxsize=None)  # the templates of an installed package do not change while it runs
 def available_kernels() -> tuple[str, ...]:
     """Kernels whose template ships in csrc_templates/moe (the SM90 one may not exist yet)."""
     root = default_template_root() / "moe"
@@ -250,6 +251,17 @@ def select_config(num_slots: int, num_experts: int, n: int, k: int, arch: str, d
     ``k_splits`` forces a value. ``gated`` says whether B has two halves (GEMM1 with a gated activation); GEMMs
     with one half may get a wider block_n.
     """
+    if kernels is not None:
+        kernels = tuple(kernels)
+    return _select_config(num_slots, num_experts, n, k, arch, dtype, kernel, kernels, num_sms, k_splits, gated,
+                          hidden)
+
+
+# Memoised: a layer asks for the same few configs on every call, and the choice (with its validation) is pure and
+# costs tens of microseconds of host time per call on the H100 machine. Errors are raised, never cached.
+@functools.lru_cache(maxsize=4096, typed=True)
+def _select_config(num_slots, num_experts, n, k, arch, dtype, kernel, kernels, num_sms, k_splits, gated,
+                   hidden) -> GemmConfig:
     check_int("num_slots", num_slots, low=0)
     check_int("num_experts", num_experts, low=1)
     check_int("n", n, low=1)
@@ -480,6 +492,9 @@ def gemm2_reference(inter, fc2, sorted_ids, block_expert, num_padded, slot_weigh
 # --------------------------------------------------------------------------------------------------------------
 # torch ops: CUDA tensors run the kernel, CPU tensors the reference. The config travels as plain fields.
 
+# The ops rebuild their (frozen, validated) config from those fields on every call: memoised, like select_config.
+_config_of = functools.lru_cache(maxsize=256, typed=True)(GemmConfig)
+
 
 def _scratch(cfg: GemmConfig, rows: int, width: int, a: torch.Tensor, a_rows: int, num_slots: int, gemm1: bool):
     """(partials, a_sorted, slot_rows) the launch needs: split-K slices [k_splits, rows, width] fp32; for kernels
@@ -505,7 +520,7 @@ def _moe_gemm1_op(x: torch.Tensor, fc1: torch.Tensor, sorted_ids: torch.Tensor, 
                         swiglu_alpha, swiglu_beta, swiglu_limit, block_m)
         return
     _check_aligned(x=x, fc1=fc1, out=out)
-    cfg = GemmConfig(kernel, block_m, block_n, block_k, stages, k_splits, cluster_m)
+    cfg = _config_of(kernel, block_m, block_n, block_k, stages, k_splits, cluster_m)
     spec = gemm_spec(cfg, DTYPE_TAG[x.dtype], "gemm1", activation, device_archs(x.device))
     num_slots = x.shape[0] * topk
     partials, a_sorted, slot_rows = _scratch(cfg, out.shape[0], fc1.shape[1], x, sorted_ids.shape[0], num_slots,
@@ -530,7 +545,7 @@ def _moe_gemm2_op(inter: torch.Tensor, fc2: torch.Tensor, sorted_ids: torch.Tens
         gemm2_reference(inter, fc2, sorted_ids, block_expert, num_padded, slot_weights, out, fc2_bias, block_m)
         return
     _check_aligned(inter=inter, fc2=fc2, out=out)
-    cfg = GemmConfig(kernel, block_m, block_n, block_k, stages, k_splits, cluster_m)
+    cfg = _config_of(kernel, block_m, block_n, block_k, stages, k_splits, cluster_m)
     spec = gemm_spec(cfg, DTYPE_TAG[inter.dtype], "gemm2", "Identity", device_archs(inter.device))
     partials, _, _ = _scratch(cfg, out.shape[0], out.shape[1], inter, 0, 0, gemm1=False)
     load_module(spec).run(inter, fc2, fc2_bias, out, sorted_ids, block_expert, num_padded, slot_weights, None, None,
@@ -559,6 +574,14 @@ def moe_gemm1(x, fc1, sorted_ids, block_expert, num_padded, *, out, topk, activa
     activation = activation_name(activation)
     params = {"swiglu_alpha": swiglu_alpha, "swiglu_beta": swiglu_beta, "swiglu_limit": swiglu_limit}
     _check_gemm1(x, fc1, sorted_ids, block_expert, num_padded, out, topk, activation, fc1_bias, params, config)
+    return launch_gemm1(x, fc1, sorted_ids, block_expert, num_padded, out=out, topk=topk, activation=activation,
+                        fc1_bias=fc1_bias, config=config, **params)
+
+
+def launch_gemm1(x, fc1, sorted_ids, block_expert, num_padded, *, out, topk, activation: str, fc1_bias, swiglu_alpha,
+                 swiglu_beta, swiglu_limit, config: GemmConfig) -> torch.Tensor:
+    """moe_gemm1 without its argument checks (``activation`` a canonical name), for a caller that made every
+    argument itself: the fused pipeline, whose own checks already cost its eager call tens of microseconds."""
     _moe_gemm1_op(x, fc1, sorted_ids, block_expert, num_padded, out, topk, activation, fc1_bias, swiglu_alpha,
                   swiglu_beta, swiglu_limit, config.kernel, config.block_m, config.block_n, config.block_k,
                   config.stages, config.k_splits, config.cluster_m)
@@ -573,6 +596,13 @@ def moe_gemm2(inter, fc2, sorted_ids, block_expert, num_padded, slot_weights, *,
     inter [m_pad_max, K]; fc2 [E, N, K]; out [num_slots, N]; slot_weights float32 [num_slots] (None: 1). Returns out.
     """
     _check_gemm2(inter, fc2, sorted_ids, block_expert, num_padded, slot_weights, out, fc2_bias, config)
+    return launch_gemm2(inter, fc2, sorted_ids, block_expert, num_padded, slot_weights, out=out, fc2_bias=fc2_bias,
+                        config=config)
+
+
+def launch_gemm2(inter, fc2, sorted_ids, block_expert, num_padded, slot_weights, *, out, fc2_bias,
+                 config: GemmConfig) -> torch.Tensor:
+    """moe_gemm2 without its argument checks (see launch_gemm1)."""
     _moe_gemm2_op(inter, fc2, sorted_ids, block_expert, num_padded, slot_weights, out, fc2_bias, config.kernel,
                   config.block_m, config.block_n, config.block_k, config.stages, config.k_splits, config.cluster_m)
     return out

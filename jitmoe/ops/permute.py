@@ -13,6 +13,8 @@ buffer (a memset node inside the graph), so graphs never share sync words with e
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ..jit import KernelSpec, device_archs, load_module
@@ -35,7 +37,8 @@ moe_align_bound = _ref.moe_align_bound
 
 
 # -- spec and loader -------------------------------------------------------------------------------------------------
-def _spec(archs) -> KernelSpec:
+@functools.lru_cache(maxsize=None)  # one spec per arch tuple: building it hashes its parameters on every call
+def _spec(archs: tuple[str, ...]) -> KernelSpec:
     return KernelSpec.create("moe_permute", "permute", ("moe_permute.cu", "moe_permute_binding.cpp"), {}, archs)
 
 
