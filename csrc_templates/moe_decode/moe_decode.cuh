@@ -11,11 +11,11 @@
 // Each warp owns kCols output columns and streams their weight rows (K contiguous) in 16-byte chunks, lane l taking
 // chunks l, l + 32, ...; it loads the chunks of the vector it multiplies them with (x[t] or an inter row, read by
 // every warp of the grid and so served by L2) in the same round, so nothing is staged and no barrier stands between
-// the launch and the first weight request. A round issues the loads of kUnroll chunk steps of every row before their
-// FMAs so each lane keeps many 16-byte requests in flight: at these sizes the kernels are bound by DRAM latency x
-// bandwidth, not by arithmetic. GEMM2 has a token's k choices to stream: its warps split them (warp q of a column
-// group takes choices q, q + jw, ...) so a one-token call still fills the GPU with requests, and a final in-block
-// step adds the groups' partial sums in a fixed order.
+// the launch and the first weight request. A round issues the loads of kUnroll1 (GEMM1) or kUnroll2 chunk steps of
+// every row before their FMAs so each lane keeps many 16-byte requests in flight: at these sizes the kernels are bound
+// by DRAM latency x bandwidth, not by arithmetic. GEMM2 has a token's k choices to stream: its warps split them (warp
+// q of a column group takes choices q, q + jw, ...) so a one-token call still fills the GPU with requests, and a final
+// in-block step adds the groups' partial sums in a fixed order.
 #pragma once
 #include <cuda_runtime.h>
 #include <cstdint>
@@ -111,7 +111,8 @@ __global__ void __launch_bounds__(kThreads) decode_gemm1_kernel(const DecodeArgs
   const int s = blockIdx.y;
   const int e = local_expert(a, s);
   if (e < 0) return;  // block-uniform
-  const uint4* x = reinterpret_cast<const uint4*>(static_cast<const T*>(a.x) + static_cast<int64_t>(s / a.topk) * a.hidden);
+  const uint4* x =
+      reinterpret_cast<const uint4*>(static_cast<const T*>(a.x) + static_cast<int64_t>(s / a.topk) * a.hidden);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int n0 = blockIdx.x * kColsPerBlock + warp * kCols;
   if (n0 >= a.inter_size) return;  // warp-uniform

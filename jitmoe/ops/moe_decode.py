@@ -48,8 +48,8 @@ def use_decode(num_tokens: int, topk: int, num_experts: int, hidden: int, inter:
 def run_decode(output: torch.Tensor, x: torch.Tensor, topk_ids: torch.Tensor, slot_weights: torch.Tensor,
                fc1: torch.Tensor, fc2: torch.Tensor, fc1_bias: Optional[torch.Tensor],
                fc2_bias: Optional[torch.Tensor], act_params: dict, activation: str, local_expert_offset: int) -> None:
-    """output[t] = sum_j w[t, j] * (act(x[t] fc1[e]^T + b1) fc2[e]^T + b2) over the token's local experts, in j
-    order (zeros for tokens without one). Inputs are validated by the caller (cutlass_fused_moe); never syncs."""
+    """output[t] = sum_j w[t, j] * (act(x[t] fc1[e]^T + b1) fc2[e]^T + b2) over the token's local experts, in a
+    fixed order (zeros for tokens without one). Inputs are validated by the caller (cutlass_fused_moe); never syncs."""
     num_tokens, topk = topk_ids.shape
     if not fits_decode(num_tokens, topk, x.shape[1], fc2.shape[2]):
         raise ValueError(f"moe_decode: shape T={num_tokens} k={topk} H={x.shape[1]} I={fc2.shape[2]} does not fit the"

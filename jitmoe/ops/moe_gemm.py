@@ -163,7 +163,6 @@ def _fit_stages(kernel: str, block_m: int, arch: str, gated: bool = True) -> Gem
 
 
 @functools.lru_cache(maxsize=None)
-@functools.lru_cache(maxsize=None)  # the templates of an installed package do not change while it runs
 def available_kernels() -> tuple[str, ...]:
     """Kernels whose template ships in csrc_templates/moe (the SM90 one may not exist yet)."""
     root = default_template_root() / "moe"
