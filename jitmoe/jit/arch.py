@@ -20,12 +20,8 @@ _ARCH = re.compile(r"^\d{2,3}[af]?$")
 
 def normalize_arch(arch: str) -> str:
     """'9.0a', 'sm_90a', '90a' -> '90a'; 'cpu' stays 'cpu'."""
-    return _normalize_arch_str(arch) if isinstance(arch, str) else _normalize_arch(arch)
-
-
-@functools.lru_cache(maxsize=256)  # on every op call's path: a pure function of a few distinct strings
-def _normalize_arch_str(arch: str) -> str:
-    return _normalize_arch(arch)
+    # Strings (every op call asks) through a cache; anything else, possibly unhashable, is parsed each time.
+    return _normalize_arch_cached(arch) if isinstance(arch, str) else _normalize_arch(arch)
 
 
 def _normalize_arch(arch) -> str:
@@ -33,6 +29,9 @@ def _normalize_arch(arch) -> str:
     if a != "cpu" and not _ARCH.match(a):
         raise ValueError(f"arch: expected something like '80', '9.0a' or 'sm_90a', got {arch!r}")
     return a
+
+
+_normalize_arch_cached = functools.lru_cache(maxsize=256)(_normalize_arch)
 
 
 def arch_of_capability(major: int, minor: int) -> str:

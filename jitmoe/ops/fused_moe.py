@@ -386,9 +386,8 @@ def _run_cuda(output, x, topk_ids, slot_weights, fc1, fc2, fc1_bias, fc2_bias, a
     _permute.align_into(topk_ids, num_local, cfg1.block_m, local_expert_offset, routing)
     sorted_ids, block_expert, num_padded, _ = routing
     h = torch.empty(sorted_ids.shape[0], inter, dtype=x.dtype, device=x.device)
-    params = {name: act_params.get(name) for name in ("swiglu_alpha", "swiglu_beta", "swiglu_limit")}
     _gemm.launch_gemm1(x, fc1, sorted_ids, block_expert, num_padded, out=h, topk=topk, activation=activation,
-                       fc1_bias=fc1_bias, config=cfg1, **params)
+                       fc1_bias=fc1_bias, config=cfg1, **act_params)
     # top-1: each token has one slot, so GEMM2 can write the output rows itself (zeroed: rows without a local
     # expert are never written); otherwise it writes per-slot rows that the combine sums in a fixed order.
     direct = topk == 1 and output.data_ptr() % 16 == 0

@@ -577,8 +577,8 @@ def moe_gemm1(x, fc1, sorted_ids, block_expert, num_padded, *, out, topk, activa
                         fc1_bias=fc1_bias, config=config, **params)
 
 
-def launch_gemm1(x, fc1, sorted_ids, block_expert, num_padded, *, out, topk, activation: str, fc1_bias, swiglu_alpha,
-                 swiglu_beta, swiglu_limit, config: GemmConfig) -> torch.Tensor:
+def launch_gemm1(x, fc1, sorted_ids, block_expert, num_padded, *, out, topk, activation: str, fc1_bias,
+                 config: GemmConfig, swiglu_alpha=None, swiglu_beta=None, swiglu_limit=None) -> torch.Tensor:
     """moe_gemm1 without its argument checks (``activation`` a canonical name), for a caller that made every
     argument itself: the fused pipeline, whose own checks already cost its eager call tens of microseconds."""
     _moe_gemm1_op(x, fc1, sorted_ids, block_expert, num_padded, out, topk, activation, fc1_bias, swiglu_alpha,
