@@ -114,41 +114,18 @@ __device__ __forceinline__ void place_offer(const Params<In>& p, const RowStage&
   }
 }
 
-// Row of token t for E <= 32 * NCH: lane holds experts lane + 32j.
-template <typename In, int NCH>
-__device__ __forceinline__ void load_row(const Params<In>& p, int t, float (&v)[NCH]) {
-  const In* row = p.logits + static_cast<size_t>(t) * p.E;  // [E]
-#pragma unroll
-  for (int j = 0; j < NCH; ++j) {
-    const int e = lane_id() + 32 * j;
-    v[j] = e < p.E ? to_float(__ldg(row + e)) : -INFINITY;
-  }
-}
-
 // Softmax statistics and scores of a loaded row; offers the scores that reach their expert's bound.
 template <typename In, int NCH>
 __device__ __forceinline__ void offer_loaded_row(const Params<In>& p, const RowStage& st, int t, float (&v)[NCH]) {
-  const int lane = lane_id();
-  float mx = -INFINITY;
-#pragma unroll
-  for (int j = 0; j < NCH; ++j) mx = fmaxf(mx, v[j]);
-  mx = warp_max_f32(mx);
-  float sum = 0.0f;
-#pragma unroll
-  for (int j = 0; j < NCH; ++j) {
-    v[j] = lane + 32 * j < p.E ? softmax_term(v[j], mx) : 0.0f;  // now the term
-    sum = __fadd_rn(sum, v[j]);
-  }
-  const float rcp = __frcp_rn(warp_sum_tree_f32(sum));
-  store_row_stats(p, t, mx, rcp);
+  score_loaded_row<In, NCH>(p, t, v);
   if (!token_is_real(p.token_mask, t)) return;
   // Every slot reservation of the row first, then the stores: the shared atomics overlap instead of each waiting
   // for the one before.
+  const int lane = lane_id();
   unsigned slot[NCH];
 #pragma unroll
   for (int j = 0; j < NCH; ++j) {
     const int e = lane + 32 * j;
-    v[j] = __fmul_rn(v[j], rcp);  // now the score
     slot[j] = e < p.E && __float_as_uint(v[j]) >= st.bound[e] ? reserve_stage(st, e) : kNoSlot;
   }
 #pragma unroll

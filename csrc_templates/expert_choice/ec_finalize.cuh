@@ -6,8 +6,8 @@
 // -1 / 0. Selection: top_k rounds of a warp argmax over the lanes' current bests. Each lane keeps its best two
 // keys; the lane whose expert won promotes its second, and rescans its own strided experts for a new best two only
 // when it wins again before that. Padding tokens get -1 / 0 throughout.
-// On the candidate path a token whose picks all fit its pick list, and that needs no fallback, skips the row and
-// routes from the list alone.
+// On the candidate and key paths a token whose picks all fit its pick list, and that needs no fallback, skips the
+// row and routes from the list alone.
 // Per-expert counts of the written ids go to shared counters, then once per block to global memory.
 #pragma once
 #include "expert_choice/ec_block.cuh"
@@ -39,6 +39,8 @@ __device__ __forceinline__ void keep_top_two(LaneBest& lb, unsigned long long ke
   }
 }
 
+constexpr int kStageBatch = 4;  // logits a lane loads at once: one round trip per 128 experts (8 spilled)
+
 // Stages the token's flagged scores and returns this lane's best two row keys.
 template <typename In>
 __device__ LaneBest stage_token(const Params<In>& p, const FinalizerSmem& s, unsigned* stage, int t) {
@@ -47,14 +49,24 @@ __device__ LaneBest stage_token(const Params<In>& p, const FinalizerSmem& s, uns
   const float mx = p.tokens_softmax ? 0.0f : __ldcg(p.row_max + t);
   const float rcp = p.tokens_softmax ? 0.0f : __ldcg(p.row_rcp + t);
   LaneBest lb{0, 0, true};
-  for (int e = lane_id(); e < p.E; e += 32) {
-    const float x = to_float(__ldg(logits + e));  // read-only: the loads need not wait for the stage stores
-    const unsigned k32 = __float_as_uint(p.tokens_softmax ? score_of(x, s.col_max[e], s.col_rcp[e])
-                                                          : score_of(x, mx, rcp));
-    const unsigned long long theta = (static_cast<unsigned long long>(s.theta_hi[e]) << 32) | s.theta_lo[e];
-    const unsigned flagged = column_key(k32, t) >= theta ? (k32 | kPickedBit) : k32;
-    stage[e] = flagged;
-    keep_top_two(lb, row_key(flagged, e));
+  for (int e0 = lane_id(); e0 < p.E; e0 += 32 * kStageBatch) {
+    float x[kStageBatch];
+#pragma unroll
+    for (int j = 0; j < kStageBatch; ++j) {  // read-only: the loads need not wait for the stage stores
+      const int e = e0 + 32 * j;
+      x[j] = e < p.E ? to_float(__ldg(logits + e)) : 0.0f;
+    }
+#pragma unroll
+    for (int j = 0; j < kStageBatch; ++j) {
+      const int e = e0 + 32 * j;
+      if (e >= p.E) break;
+      const unsigned k32 = __float_as_uint(p.tokens_softmax ? score_of(x[j], s.col_max[e], s.col_rcp[e])
+                                                            : score_of(x[j], mx, rcp));
+      const unsigned long long theta = (static_cast<unsigned long long>(s.theta_hi[e]) << 32) | s.theta_lo[e];
+      const unsigned flagged = column_key(k32, t) >= theta ? (k32 | kPickedBit) : k32;
+      stage[e] = flagged;
+      keep_top_two(lb, row_key(flagged, e));
+    }
   }
   return lb;
 }
@@ -84,25 +96,27 @@ __device__ __forceinline__ void write_slot(const FinalizerSmem& s, int32_t* out_
   }
 }
 
-// Candidate path: routes token t from its pick list, best first, when that list holds all its picks and no slot
-// needs a fallback expert; returns the slots filled, or -1 when the token must recompute its row instead.
+// Candidate and key paths: routes token t from its pick list when that list holds all its picks and no slot needs
+// a fallback expert; returns the slots filled, or -1 when the token must recompute its row instead. Lane i holds
+// pick i and ranks it against the others (keys are unique: distinct experts), so every slot is written at once.
 template <typename In>
 __device__ int route_from_picks(const Params<In>& p, const FinalizerSmem& s, int t, int32_t* out_ids,
                                 float* out_weights) {
+  const int lane = lane_id();
   // Both loads in flight at once: the lane's slot is read before the count says whether it holds a pick.
-  const uint2 pick = lane_id() < p.pick_slots ? __ldcg(p.picks + static_cast<size_t>(t) * p.pick_slots + lane_id())
-                                              : make_uint2(0u, 0u);  // (score bits, expert)
+  const uint2 pick = lane < p.pick_slots ? __ldcg(p.picks + static_cast<size_t>(t) * p.pick_slots + lane)
+                                         : make_uint2(0u, 0u);  // (score bits, expert)
   const unsigned n = __ldcg(p.pick_count + t);
   if (n > static_cast<unsigned>(p.pick_slots) || (p.fallback_topk && n < static_cast<unsigned>(p.top_k))) return -1;
-  unsigned long long key = lane_id() < static_cast<int>(n) ? row_key(pick.x, static_cast<int>(pick.y)) : 0ull;
-  const int filled = min(static_cast<int>(n), p.top_k);
-  for (int j = 0; j < filled; ++j) {
-    const unsigned long long top = warp_max_u64(key);
-    const int e = static_cast<int>(0xFFFFFFFFu - static_cast<unsigned>(top));
-    write_slot(s, out_ids, out_weights, j, e, static_cast<unsigned>(top >> 32));
-    if (key == top) key = 0;
+  const unsigned long long key = lane < static_cast<int>(n) ? row_key(pick.x, static_cast<int>(pick.y)) : 0ull;
+  int rank = 0;
+  for (int j = 0; j < static_cast<int>(n); ++j) rank += __shfl_sync(kFullWarp, key, j) > key ? 1 : 0;
+  if (lane < static_cast<int>(n) && rank < p.top_k) {
+    out_ids[rank] = static_cast<int>(pick.y);
+    out_weights[rank] = __uint_as_float(pick.x);
+    atomicAdd(s.counts + pick.y, 1u);
   }
-  return filled;
+  return min(static_cast<int>(n), p.top_k);
 }
 
 template <typename In>
@@ -110,7 +124,7 @@ __device__ void route_token(const Params<In>& p, const FinalizerSmem& s, unsigne
   const int k = p.top_k;
   int32_t* out_ids = p.ids + static_cast<size_t>(t) * k;          // [k]
   float* out_weights = p.weights + static_cast<size_t>(t) * k;    // [k]
-  int filled = token_is_real(p.token_mask, t) ? (p.candidates ? route_from_picks(p, s, t, out_ids, out_weights) : -1)
+  int filled = token_is_real(p.token_mask, t) ? (p.pick_lists ? route_from_picks(p, s, t, out_ids, out_weights) : -1)
                                                : 0;
   if (filled < 0) {  // the whole row against the thresholds
     filled = 0;
@@ -131,13 +145,14 @@ __device__ void route_token(const Params<In>& p, const FinalizerSmem& s, unsigne
   }
 }
 
-// Waits until the sel_blocks blocks that publish the thresholds have counted themselves in `selectors_done`.
+// Waits until the sel_blocks blocks that publish the thresholds have counted themselves in `selectors_done`
+// (nullptr: they ran in an earlier launch).
 template <typename In>
 __device__ void run_finalizer(const Params<In>& p, int block, unsigned char* smem, unsigned* selectors_done) {
   unsigned* base = reinterpret_cast<unsigned*>(smem + kScratchBytes);
   const FinalizerSmem s{base, base + p.E, reinterpret_cast<float*>(base + 2 * p.E),
                         reinterpret_cast<float*>(base + 3 * p.E), base + 4 * p.E, base + 5 * p.E};
-  wait_for(selectors_done, p.sel_blocks);
+  if (selectors_done != nullptr) wait_for(selectors_done, p.sel_blocks);
   for (int e = threadIdx.x; e < p.E; e += kBlock) {
     s.theta_hi[e] = __ldcg(p.theta_hi + e);  // written by other blocks of this launch: read from L2
     s.theta_lo[e] = __ldcg(p.theta_lo + e);

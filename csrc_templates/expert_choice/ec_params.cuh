@@ -31,6 +31,16 @@ constexpr int kMaxStageSlots = 64;         // row pass: offers staged per (block
 constexpr int kCachedItems = 4096;         // candidate lists up to this long are selected from shared memory
 constexpr int kCountStride = 32;           // words between two experts' candidate counters: one 128-byte L2 line each
                                            // (packed counters serialise the row pass's atomics on a few lines)
+// Key path (ec_keys.cuh)
+constexpr int kKeyTileTokens = 32;         // tokens per score-keys block: one 64-byte run per expert row of keys
+constexpr int kKeyTilePitch = kKeyTileTokens / 2 + 1;  // words per expert in the block's transpose tile (odd: no bank
+                                                       // conflicts when a warp stores 32 experts of one token)
+constexpr int kKeyRowThreads = 256;        // score-keys block: 8 warps, 4 tokens each
+constexpr int kKeyMaxChunks = 32;          // score-keys warps hold a row in registers: E <= 32 * 32
+constexpr int kKeySelectThreads = 512;     // key selector block (one expert)
+constexpr unsigned kKeyFloor = 0x3400u;    // score bits >> 16 of 2^-23: smaller scores share the lowest key
+constexpr int kKeyBins = 3072;             // keys 0 (padding) .. 0x3F80 - kKeyFloor + 1 (a score of 1)
+constexpr int kRankList = kKeySelectThreads;  // boundary bins up to this size are ranked by pairwise counts
 constexpr int kCounters = 8;               // [0] tickets, [1..3] phases done, [4] real tokens (with a mask)
 
 static_assert(kTokenLanes == kBlock, "the per-expert sum gives each selector thread exactly one lane");
@@ -59,6 +69,8 @@ struct Params {
   int cand_cap;              // candidate slots per expert
   int stage_slots;           // row pass: offers staged per expert in shared memory
   int pick_slots;            // recorded picks per token (token-major)
+  bool pick_lists;           // finalizers may route a token from its pick list (candidate and key paths)
+  int key_pitch;             // key path (ec_keys.cuh): tokens per expert row of keys (T rounded up to a tile)
   // workspace (written by the prepare kernel and the earlier phases)
   unsigned* counters;        // [kCounters] block tickets, phases done, real tokens
   float* row_max;            // [T] max logit of each token (normalize_over="experts")
@@ -73,6 +85,8 @@ struct Params {
   uint2* cand;               // [E, cand_cap] (score bits, token)
   unsigned* pick_count;      // [T] experts that picked each token (may exceed pick_slots)
   uint2* picks;              // [T, pick_slots] (score bits, expert)
+  unsigned short* keys;      // [E, key_pitch] key path: 16-bit keys of every score (key16), 0 for padding
+  int32_t* key_picks;        // [E, capacity] key path, token-major: each expert's picked tokens
   // outputs
   float* weights;            // [T, top_k] token-major, or [E, capacity] expert-major
   int32_t* ids;              // [T, top_k] expert ids, or [E, capacity] token ids
@@ -107,6 +121,14 @@ __host__ __device__ constexpr size_t finalizer_smem_bytes(int E, int warps) {
 __host__ __device__ constexpr size_t candidate_rows_smem_bytes(int E, int slots) {
   return kScratchBytes + 8ull * E + 8ull * E * slots;
 }
+
+// Key path: [Scratch][hist: kKeyBins u32][rank keys: kRankList u64][list: kRankList u32][column: key_pitch u16]
+__host__ __device__ constexpr size_t key_selector_smem_bytes(long long key_pitch) {
+  return kScratchBytes + 4ull * kKeyBins + 12ull * kRankList + 2ull * key_pitch;
+}
+
+// Key path: the score-keys block's transpose tile.
+__host__ __device__ constexpr size_t key_tile_smem_bytes(int E) { return 4ull * E * kKeyTilePitch; }
 
 __device__ __forceinline__ bool token_is_real(const bool* token_mask, int t) {
   return token_mask == nullptr || token_mask[t];

@@ -19,8 +19,10 @@ constexpr float kLn2Hi = 0x1.62e4p-1f;     // 15 significant bits: n * kLn2Hi is
 constexpr float kLn2Lo = 0x1.7f7d1cp-20f;
 constexpr float kExpUnderflow = -87.0f;    // below this the result would not be a normal float
 
+// Branch-free (a select, not a divergent early return: the row passes call it for every score).
 __device__ __forceinline__ float fixed_exp(float x) {
-  if (!(x >= kExpUnderflow)) return 0.0f;
+  const bool in_range = x >= kExpUnderflow;  // false for NaN
+  x = in_range ? x : 0.0f;
   const float n = floorf(__fadd_rn(__fmul_rn(x, kLog2e), 0.5f));  // in [-126, 0] for x in [-87, 0]
   const float r = __fsub_rn(__fsub_rn(x, __fmul_rn(n, kLn2Hi)), __fmul_rn(n, kLn2Lo));
   float poly = 0x1.a01a02p-13f;                                   // 1/7!
@@ -32,7 +34,7 @@ __device__ __forceinline__ float fixed_exp(float x) {
   poly = __fadd_rn(__fmul_rn(poly, r), 1.0f);
   poly = __fadd_rn(__fmul_rn(poly, r), 1.0f);
   const float two_pow_n = __int_as_float((static_cast<int>(n) + 127) << 23);
-  return __fmul_rn(poly, two_pow_n);
+  return in_range ? __fmul_rn(poly, two_pow_n) : 0.0f;
 }
 
 // One softmax term exp(logit - max) of a row or column whose maximum is max_logit.
@@ -64,6 +66,38 @@ __device__ __forceinline__ void store_row_stats(const Params<In>& p, long long t
     p.row_max[t] = mx;
     p.row_rcp[t] = rcp;
   }
+}
+
+// Row of token t for E <= 32 * NCH: lane holds experts lane + 32j (-inf past E).
+template <typename In, int NCH>
+__device__ __forceinline__ void load_row(const Params<In>& p, int t, float (&v)[NCH]) {
+  const In* row = p.logits + static_cast<size_t>(t) * p.E;  // [E]
+#pragma unroll
+  for (int j = 0; j < NCH; ++j) {
+    const int e = lane_id() + 32 * j;
+    v[j] = e < p.E ? to_float(__ldg(row + e)) : -INFINITY;
+  }
+}
+
+// A loaded row's softmax statistics (stored for token t when store_stats) and scores: v becomes the scores (0 past
+// E), in the order of row_softmax_stats.
+template <typename In, int NCH>
+__device__ __forceinline__ void score_loaded_row(const Params<In>& p, int t, float (&v)[NCH], bool store_stats = true) {
+  const int lane = lane_id();
+  float mx = -INFINITY;
+#pragma unroll
+  for (int j = 0; j < NCH; ++j) mx = fmaxf(mx, v[j]);
+  mx = warp_max_f32(mx);
+  float sum = 0.0f;
+#pragma unroll
+  for (int j = 0; j < NCH; ++j) {
+    v[j] = lane + 32 * j < p.E ? softmax_term(v[j], mx) : 0.0f;  // now the term
+    sum = __fadd_rn(sum, v[j]);
+  }
+  const float rcp = __frcp_rn(warp_sum_tree_f32(sum));
+  if (store_stats) store_row_stats(p, t, mx, rcp);
+#pragma unroll
+  for (int j = 0; j < NCH; ++j) v[j] = __fmul_rn(v[j], rcp);  // now the score
 }
 
 }  // namespace jitmoe::ec

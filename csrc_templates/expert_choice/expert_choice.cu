@@ -12,14 +12,71 @@ using In = jitmoe::dtype_${dtype};
 int64_t expert_choice_workspace_words(int64_t T, int64_t E, int64_t capacity, int64_t top_k, bool tokens_softmax,
                                       bool expert_major, int64_t path, const char** error) {
   namespace ec = jitmoe::ec;
-  ec::CandidateShape cs;
-  *error = ec::choose_path(cs, T, static_cast<int>(E), capacity, static_cast<int>(top_k), tokens_softmax,
+  ec::PathShape ps;
+  *error = ec::choose_path(ps, T, static_cast<int>(E), capacity, static_cast<int>(top_k), tokens_softmax,
                            expert_major, static_cast<int>(path));
-  return *error != nullptr ? -1 : ec::workspace_layout(cs, T, E).words;
+  return *error != nullptr ? -1 : ec::workspace_layout(ps, T, E).words;
 }
 
-// Returns nullptr once both kernels are enqueued, else a message (launch errors are left to cudaGetLastError).
-// path: jitmoe::ec::Path (0 = auto, 1 = whole columns, 2 = candidates).
+namespace {
+namespace ec = jitmoe::ec;
+
+// Sets the dynamic shared memory limit of a kernel (above 48 KB it must be raised explicitly).
+template <typename Kernel>
+bool allow_smem(Kernel kernel, size_t bytes) {
+  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)) ==
+         cudaSuccess;
+}
+
+void (*score_keys_kernel_for(int chunks))(ec::Params<In>) {
+  switch (chunks) {
+    case 1: return ec::score_keys_kernel<In, 1>;
+    case 2: return ec::score_keys_kernel<In, 2>;
+    case 4: return ec::score_keys_kernel<In, 4>;
+    case 8: return ec::score_keys_kernel<In, 8>;
+    case 16: return ec::score_keys_kernel<In, 16>;
+    default: return ec::score_keys_kernel<In, 32>;
+  }
+}
+
+// Key path: raises the three kernels' shared memory limits and fits the finalizers in one wave.
+const char* prepare_key_path(ec::Plan& plan, bool expert_major, int num_sms) {
+  if (!allow_smem(score_keys_kernel_for(plan.ps.row_chunks), plan.key_tile_smem) ||
+      !allow_smem(ec::select_keys_kernel<In>, plan.key_select_smem))
+    return "could not raise the key path's shared memory limits";
+  if (expert_major) return nullptr;
+  int blocks_per_sm = 0;
+  if (!allow_smem(ec::finalize_kernel<In>, plan.smem_bytes) ||
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks_per_sm, ec::finalize_kernel<In>, ec::kBlock,
+                                                    plan.smem_bytes) != cudaSuccess)
+    return "could not set up the finalizers";
+  ec::fit_finalizers_in_one_wave(plan, blocks_per_sm, num_sms);
+  return nullptr;
+}
+
+// Key path: score keys, select, and (token-major) finalize: three launches in stream order.
+void launch_key_path(const ec::Plan& plan, const ec::Params<In>& p, cudaStream_t stream) {
+  const unsigned tiles = static_cast<unsigned>(ec::ceil_div(p.T, ec::kKeyTileTokens));
+  score_keys_kernel_for(plan.ps.row_chunks)<<<tiles, ec::kKeyRowThreads, plan.key_tile_smem, stream>>>(p);
+  ec::select_keys_kernel<In><<<p.E, ec::kKeySelectThreads, plan.key_select_smem, stream>>>(p);
+  if (!p.expert_major) ec::finalize_kernel<In><<<p.fin_blocks, ec::kBlock, plan.smem_bytes, stream>>>(p);
+}
+
+// Other paths: the route kernel's shared memory limit, and its phases fitted to its occupancy.
+const char* prepare_route(ec::Plan& plan, void (*route)(ec::Params<In>), long long T, int E, int num_sms) {
+  if (!allow_smem(route, plan.smem_bytes)) return "could not raise the route kernel's shared memory limit";
+  int blocks_per_sm = 0;
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks_per_sm, route, ec::kBlock, plan.smem_bytes) !=
+      cudaSuccess)
+    return "could not query the route kernel's occupancy";
+  ec::fit_finalizers_in_one_wave(plan, blocks_per_sm, num_sms);
+  if (plan.ps.candidates) ec::fit_candidate_phases(plan, T, E, blocks_per_sm, num_sms);
+  return nullptr;
+}
+}  // namespace
+
+// Returns nullptr once the kernels are enqueued, else a message (launch errors are left to cudaGetLastError).
+// path: jitmoe::ec::Path (0 = auto, 1 = whole columns, 2 = candidates, 3 = keys).
 const char* expert_choice_launch(const void* logits,      // [T, E]
                                  const bool* token_mask,  // [T] or nullptr
                                  int64_t T, int64_t E, int64_t capacity, int64_t top_k, bool tokens_softmax,
@@ -29,7 +86,6 @@ const char* expert_choice_launch(const void* logits,      // [T, E]
                                  int32_t* ids,            // [T, top_k] or [E, capacity]
                                  int32_t* counts,         // [E]
                                  cudaStream_t stream) {
-  namespace ec = jitmoe::ec;
   int device = 0, num_sms = 0, smem_optin = 0;
   if (cudaGetDevice(&device) != cudaSuccess ||
       cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess ||
@@ -39,16 +95,11 @@ const char* expert_choice_launch(const void* logits,      // [T, E]
                                 expert_major, tokens_softmax, static_cast<int>(path), num_sms,
                                 static_cast<size_t>(smem_optin));
   if (plan.error != nullptr) return plan.error;
-  void (*route)(ec::Params<In>) = plan.cs.on ? ec::route_candidates_kernel<In> : ec::route_kernel<In>;
-  if (cudaFuncSetAttribute(route, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(plan.smem_bytes)) !=
-      cudaSuccess)
-    return "could not raise the route kernel's shared memory limit";
-  int blocks_per_sm = 0;
-  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks_per_sm, route, ec::kBlock, plan.smem_bytes) !=
-      cudaSuccess)
-    return "could not query the route kernel's occupancy";
-  ec::fit_finalizers_in_one_wave(plan, blocks_per_sm, num_sms);
-  if (plan.cs.on) ec::fit_candidate_phases(plan, T, static_cast<int>(E), blocks_per_sm, num_sms);
+  const bool keys = plan.ps.keys;
+  void (*route)(ec::Params<In>) = plan.ps.candidates ? ec::route_candidates_kernel<In> : ec::route_kernel<In>;
+  const char* error = keys ? prepare_key_path(plan, expert_major, num_sms)
+                           : prepare_route(plan, route, T, static_cast<int>(E), num_sms);
+  if (error != nullptr) return error;
 
   ec::Params<In> p{};
   p.logits = static_cast<const In*>(logits);
@@ -65,17 +116,19 @@ const char* expert_choice_launch(const void* logits,      // [T, E]
   p.sel_blocks = plan.sel_blocks;
   p.fin_blocks = expert_major ? 0 : plan.fin_blocks;
   p.fin_warps = expert_major ? 0 : plan.fin_warps;
-  p.candidates = plan.cs.on;
+  p.candidates = plan.ps.candidates;
+  p.pick_lists = plan.ps.candidates || keys;
   p.bound_blocks = plan.bound_blocks;
   p.row_blocks = plan.row_blocks;
-  p.row_chunks = plan.cs.row_chunks;
-  p.sample_count = plan.cs.sample_count;
-  p.sample_rank = plan.cs.sample_rank;
-  p.cand_cap = plan.cs.cand_cap;
-  p.pick_slots = plan.cs.pick_slots;
+  p.row_chunks = plan.ps.row_chunks;
+  p.sample_count = plan.ps.sample_count;
+  p.sample_rank = plan.ps.sample_rank;
+  p.cand_cap = plan.ps.cand_cap;
+  p.pick_slots = plan.ps.pick_slots;
   p.stage_slots = plan.stage_slots;
+  p.key_pitch = plan.ps.key_pitch;
 
-  const ec::Workspace w = ec::workspace_layout(plan.cs, T, E);
+  const ec::Workspace w = ec::workspace_layout(plan.ps, T, E);
   unsigned* words = reinterpret_cast<unsigned*>(workspace);
   p.counters = words;
   p.row_max = reinterpret_cast<float*>(words + w.row_max);
@@ -84,20 +137,30 @@ const char* expert_choice_launch(const void* logits,      // [T, E]
   p.theta_lo = words + w.theta_lo;
   p.col_max = reinterpret_cast<float*>(words + w.col_max);
   p.col_rcp = reinterpret_cast<float*>(words + w.col_rcp);
-  if (plan.cs.on) {
+  if (p.pick_lists) {
+    p.pick_count = plan.ps.pick_slots > 0 ? words + w.pick_count : nullptr;
+    p.picks = reinterpret_cast<uint2*>(words + w.picks);
+  }
+  if (plan.ps.candidates) {
     p.bound = words + w.bound;
     p.cand_count = words + w.cand_count;
-    p.pick_count = plan.cs.pick_slots > 0 ? words + w.pick_count : nullptr;
     p.sample_keys = words + w.sample_keys;
     p.cand = reinterpret_cast<uint2*>(words + w.cand);
-    p.picks = reinterpret_cast<uint2*>(words + w.picks);
+  }
+  if (keys) {
+    p.keys = reinterpret_cast<unsigned short*>(words + w.keys);
+    p.key_picks = reinterpret_cast<int32_t*>(words + w.key_picks);
   }
   p.weights = weights;
   p.ids = ids;
   p.counts = counts;
 
-  const int route_blocks = plan.cs.on ? p.bound_blocks + p.row_blocks + p.sel_blocks + p.fin_blocks
-                                      : p.sel_blocks + p.fin_blocks;
+  if (keys) {
+    launch_key_path(plan, p, stream);
+    return nullptr;
+  }
+  const int route_blocks = plan.ps.candidates ? p.bound_blocks + p.row_blocks + p.sel_blocks + p.fin_blocks
+                                              : p.sel_blocks + p.fin_blocks;
   ec::prepare_kernel<In><<<static_cast<unsigned>(plan.prep_blocks), ec::kPrepBlock, 0, stream>>>(p);
   route<<<route_blocks, ec::kBlock, plan.smem_bytes, stream>>>(p);
   return nullptr;

@@ -1,4 +1,5 @@
-// Expert Choice routing in two launches, no host synchronisation, no dense [T, E] buffer.
+// Expert Choice routing in two launches (three on the key path, ec_keys.cuh), no host synchronisation, no dense
+// [T, E] buffer of scores.
 //
 // Each expert picks its top-C tokens by score (ties: lower token id); each token then keeps up to top_k of the
 // experts that picked it (best first) and, with fallback="topk", fills its empty slots from its best other experts.
@@ -20,6 +21,7 @@
 #pragma once
 #include "expert_choice/ec_candidates.cuh"
 #include "expert_choice/ec_finalize.cuh"
+#include "expert_choice/ec_keys.cuh"
 #include "expert_choice/ec_select.cuh"
 
 namespace jitmoe::ec {

@@ -11,60 +11,92 @@ namespace jitmoe::ec {
 constexpr size_t kCacheBudget = 128 * 1024;     // key cache of one selector block
 constexpr size_t kFinalizerBudget = 64 * 1024;  // finalizers may use this much even when selectors need less
 
-enum Path : int { kPathAuto = 0, kPathColumns = 1, kPathCandidates = 2 };
+enum Path : int { kPathAuto = 0, kPathColumns = 1, kPathCandidates = 2, kPathKeys = 3 };
 
 // Below this many tokens the column path is as fast (its selectors then read short columns) and needs no sample.
 constexpr long long kCandidateMinTokens = 2048;
 // Expert-major candidate rows are ordered through a [T] bitmap and its prefix counts in shared memory.
 constexpr long long kCandidateMaxBitmapTokens = 1ll << 18;
+// Key path: a selector holds its expert's column of 16-bit keys in shared memory. Auto takes it from 1024 to 32768
+// tokens (H100, 2026-11-23, bf16, k = 8, E = 64..1024: 1.1-1.8x faster than the candidate path there and up to 1.5x
+// than the column path at T = 1024; at T = 65536, E = 256 the candidate path was 13% faster, below 1024 tokens the
+// column path).
+constexpr long long kKeyMaxTokens = 1ll << 16;
+constexpr long long kKeyAutoMinTokens = 1024;
+constexpr long long kKeyAutoMaxTokens = 1ll << 15;
 
 inline long long ceil_div(long long a, long long b) { return (a + b - 1) / b; }
 
-// The candidate path's sizes (see ec_candidates.cuh).
-struct CandidateShape {
-  bool on;
-  int sample_count, sample_rank, cand_cap, pick_slots, row_chunks;
+// The chosen path and its sizes (candidate path: ec_candidates.cuh; key path: ec_keys.cuh).
+struct PathShape {
+  bool candidates, keys;
+  int sample_count, sample_rank, cand_cap;  // candidate path
+  int pick_slots;                           // both: recorded picks per token (token-major)
+  int row_chunks;                           // both: 32-expert chunks of a row held in registers (0: recompute)
+  int key_pitch;                            // key path: T rounded up to a tile of tokens
+  int key_rows;                             // key path, token-major: staged picks per expert (the capacity)
 };
 
+// The smallest power-of-two count of 32-expert chunks covering E, up to max_chunks (0 when E needs more).
+inline int row_chunks_for(int E, int max_chunks) {
+  for (int chunks = 1; chunks <= max_chunks; chunks *= 2)
+    if (E <= 32 * chunks) return chunks;
+  return 0;
+}
+
 // Returns nullptr, or why the requested path cannot run.
-inline const char* choose_path(CandidateShape& cs, long long T, int E, long long capacity, int top_k,
+inline const char* choose_path(PathShape& ps, long long T, int E, long long capacity, int top_k,
                                bool tokens_softmax, bool expert_major, int path) {
-  cs = CandidateShape{};
-  const bool possible = !tokens_softmax && (!expert_major || T <= kCandidateMaxBitmapTokens);
-  if (path == kPathCandidates && !possible)
+  ps = PathShape{};
+  const bool candidates_possible = !tokens_softmax && (!expert_major || T <= kCandidateMaxBitmapTokens);
+  const bool keys_possible = !tokens_softmax && T <= kKeyMaxTokens && E <= 32 * kKeyMaxChunks;
+  if (path == kPathCandidates && !candidates_possible)
     return "the candidate path needs normalize_over=\"experts\" (and T <= 2^18 when expert-major)";
+  if (path == kPathKeys && !keys_possible)
+    return "the key path needs normalize_over=\"experts\", T <= 2^16 and E <= 1024";
+  ps.keys = path == kPathKeys ||
+            (path == kPathAuto && keys_possible && kKeyAutoMinTokens <= T && T <= kKeyAutoMaxTokens);
   // Auto: where the candidate lists stay short next to the columns they replace and the row pass keeps its scores
   // in registers (H100, 2026-11-22: 1.4-2.3x faster there; E = 1024 at T = 4096 was 16% slower, 143 vs 123 us).
-  cs.on = path == kPathCandidates || (path == kPathAuto && possible && T >= kCandidateMinTokens &&
-                                      2 * capacity <= T && E <= 32 * kMaxRowChunks);
-  if (!cs.on) return nullptr;
-  cs.sample_count = static_cast<int>(std::min<long long>(T, kSampleTokens));
+  ps.candidates = !ps.keys && (path == kPathCandidates ||
+                               (path == kPathAuto && candidates_possible && T >= kCandidateMinTokens &&
+                                2 * capacity <= T && E <= 32 * kMaxRowChunks));
+  if (!ps.keys && !ps.candidates) return nullptr;
+  ps.pick_slots = expert_major ? 0 : (top_k <= 8 ? 16 : kMaxPickSlots);
+  if (ps.keys) {
+    ps.row_chunks = row_chunks_for(E, kKeyMaxChunks);
+    ps.key_pitch = static_cast<int>(ceil_div(T, kKeyTileTokens) * kKeyTileTokens);
+    ps.key_rows = expert_major ? 0 : static_cast<int>(capacity);
+    return nullptr;
+  }
+  ps.sample_count = static_cast<int>(std::min<long long>(T, kSampleTokens));
   // Rank kSampleMargin + twice the sampled share of C: the bound's expected candidates are ~2C (never fewer than C
   // unless the sample is far off), and the slots hold 1.5x that.
-  cs.sample_rank = static_cast<int>(
-      std::min<long long>(cs.sample_count, ceil_div(2 * capacity * cs.sample_count, T) + kSampleMargin));
-  const long long expected = ceil_div(static_cast<long long>(cs.sample_rank) * T, cs.sample_count);
-  cs.cand_cap = static_cast<int>(std::min<long long>(T, expected + expected / 2 + 1024));
-  cs.pick_slots = expert_major ? 0 : (top_k <= 8 ? 16 : kMaxPickSlots);
-  cs.row_chunks = 0;
-  for (int chunks = 1; chunks <= kMaxRowChunks && cs.row_chunks == 0; chunks *= 2)
-    if (E <= 32 * chunks) cs.row_chunks = chunks;
+  ps.sample_rank = static_cast<int>(
+      std::min<long long>(ps.sample_count, ceil_div(2 * capacity * ps.sample_count, T) + kSampleMargin));
+  const long long expected = ceil_div(static_cast<long long>(ps.sample_rank) * T, ps.sample_count);
+  ps.cand_cap = static_cast<int>(std::min<long long>(T, expected + expected / 2 + 1024));
+  ps.row_chunks = row_chunks_for(E, kMaxRowChunks);
   return nullptr;
 }
 
 // Workspace offsets in 32-bit words: [counters][row_max, row_rcp: T][theta_hi, theta_lo, col_max, col_rcp: E]
-// then, on the candidate path, [bound: E][cand_count: E * kCountStride][pick_count: T][sample_keys: E * S][cand: E * cap uint2]
-// [picks: T * pick_slots uint2].
+// then, on the candidate and key paths, [pick_count: T][picks: T * pick_slots uint2], then on the candidate path
+// [bound: E][cand_count: E * kCountStride][sample_keys: E * S][cand: E * cap uint2], on the key path
+// [keys: E * key_pitch u16] (16-byte aligned rows)[key_picks: E * key_rows].
 struct Workspace {
   long long row_max, row_rcp, theta_hi, theta_lo, col_max, col_rcp;
-  long long bound, cand_count, pick_count, sample_keys, cand, picks;
+  long long pick_count, picks;
+  long long bound, cand_count, sample_keys, cand;
+  long long keys, key_picks;
   long long words;
 };
 
-inline Workspace workspace_layout(const CandidateShape& cs, long long T, long long E) {
+inline Workspace workspace_layout(const PathShape& ps, long long T, long long E) {
   Workspace w{};
   long long at = kCounters;
-  auto take = [&at](long long words) {
+  auto take = [&at](long long words, long long align = 1) {
+    at = ceil_div(at, align) * align;
     const long long offset = at;
     at += words;
     return offset;
@@ -75,14 +107,19 @@ inline Workspace workspace_layout(const CandidateShape& cs, long long T, long lo
   w.theta_lo = take(E);
   w.col_max = take(E);
   w.col_rcp = take(E);
-  if (cs.on) {
+  if (ps.candidates || ps.keys) {
+    w.pick_count = take(ps.pick_slots > 0 ? T : 0);
+    w.picks = take(2 * T * ps.pick_slots, 2);  // uint2
+  }
+  if (ps.candidates) {
     w.bound = take(E);
     w.cand_count = take(E * kCountStride);
-    w.pick_count = take(cs.pick_slots > 0 ? T : 0);
-    w.sample_keys = take(static_cast<long long>(cs.sample_count) * E);
-    at += at & 1;  // uint2 alignment
-    w.cand = take(2 * E * cs.cand_cap);
-    w.picks = take(2 * T * cs.pick_slots);
+    w.sample_keys = take(static_cast<long long>(ps.sample_count) * E);
+    w.cand = take(2 * E * ps.cand_cap, 2);
+  }
+  if (ps.keys) {
+    w.keys = take(E * ps.key_pitch / 2, 4);  // uint4 loads
+    w.key_picks = take(E * ps.key_rows);
   }
   w.words = at;
   return w;
@@ -90,13 +127,14 @@ inline Workspace workspace_layout(const CandidateShape& cs, long long T, long lo
 
 struct Plan {
   const char* error;     // nullptr when the plan can run
-  CandidateShape cs;
+  PathShape ps;
   int group;             // experts per selector block
   bool cache_keys;
   int bound_blocks, row_blocks, sel_blocks, fin_blocks, fin_warps;
   int stage_slots;  // candidate path: row-phase offers staged per expert
   long long prep_blocks;
-  size_t smem_bytes;     // dynamic shared memory of the route kernel
+  size_t smem_bytes;     // dynamic shared memory of the route kernel (key path: of the finalize kernel)
+  size_t key_tile_smem, key_select_smem;  // key path: of the score-keys and select kernels
 };
 
 // Selector blocks: cache the keys when a column fits the budget, and take up to 32 bytes of each row (adjacent
@@ -158,21 +196,34 @@ inline void fit_candidate_phases(Plan& plan, long long T, int E, int blocks_per_
   plan.sel_blocks = plan.bound_blocks;
 }
 
+// Key path: the score-keys tile and the selector's column; finalizers as on the other paths.
+inline void plan_key_phases(Plan& plan, int E, size_t smem_optin) {
+  plan.key_tile_smem = key_tile_smem_bytes(E);
+  plan.key_select_smem = key_selector_smem_bytes(plan.ps.key_pitch);
+  plan.smem_bytes = 0;
+  if (std::max(plan.key_tile_smem, plan.key_select_smem) > smem_optin)
+    plan.error = "too many tokens or experts for this GPU's shared memory per block";
+}
+
 inline Plan make_plan(long long T, int E, long long capacity, int top_k, int elem_bytes, bool expert_major,
                       bool tokens_softmax, int path, int num_sms, size_t smem_optin) {
   Plan plan{};
-  plan.error = choose_path(plan.cs, T, E, capacity, top_k, tokens_softmax, expert_major, path);
+  plan.error = choose_path(plan.ps, T, E, capacity, top_k, tokens_softmax, expert_major, path);
   if (plan.error != nullptr) return plan;
-  if (plan.cs.on) {
+  if (plan.ps.keys) {
+    plan_key_phases(plan, E, smem_optin);
+  } else if (plan.ps.candidates) {
     plan_candidate_phases(plan, T, E, expert_major, smem_optin);
   } else {
     plan_selectors(plan, T, E, elem_bytes, num_sms, smem_optin);
   }
   if (!expert_major) plan_finalizers(plan, T, E, num_sms, smem_optin);
-  const long long row_threads = plan.cs.on ? 32ll * plan.cs.sample_count : (tokens_softmax ? 0 : 32 * T);
-  const long long prep_threads = std::max<long long>({row_threads, plan.cs.on ? T : 0, E, kCounters});
+  const long long row_threads =
+      plan.ps.candidates ? 32ll * plan.ps.sample_count : (tokens_softmax || plan.ps.keys ? 0 : 32 * T);
+  const long long prep_threads = std::max<long long>({row_threads, plan.ps.candidates ? T : 0, E, kCounters});
   plan.prep_blocks = ceil_div(prep_threads, kPrepBlock);
-  if (plan.smem_bytes > smem_optin) plan.error = "too many experts for this GPU's shared memory per block";
+  if (plan.error == nullptr && plan.smem_bytes > smem_optin)
+    plan.error = "too many experts for this GPU's shared memory per block";
   return plan;
 }
 

@@ -1,8 +1,10 @@
 """Expert Choice routing: each expert picks its top-C tokens; tokens keep up to top_k of the experts that picked them.
 
-CUDA tensors run two launches (a prepare kernel, then one dataflow kernel whose phases hand over through counters),
-no host synchronisation and no dense [T, E] buffer; CPU tensors run the pure-torch reference. Semantics, tie rules and
-the exact score recipe: :mod:`jitmoe.reference.expert_choice`.
+CUDA tensors run two or three launches with no host synchronisation; CPU tensors run the pure-torch reference.
+From 1024 to 32768 tokens (normalize_over="experts") the key path scores every (token, expert) pair once and
+keeps a 16-bit key of each, expert-major: a [E, T] workspace of 2 bytes per pair, the size of bf16 logits. The
+other paths keep no dense [T, E] buffer. Semantics, tie rules and the exact score recipe:
+:mod:`jitmoe.reference.expert_choice`.
 """
 from __future__ import annotations
 
@@ -48,10 +50,11 @@ def new_outputs(gating_output: torch.Tensor, top_k: int, capacity: int, expert_m
     return (ids, weights, counts) if expert_major else (weights, ids, counts)
 
 
-# The kernels' two paths (csrc_templates/expert_choice/expert_choice.cuh): "columns" selects over whole columns,
-# "candidates" over short candidate lists from one row-major pass (normalize_over="experts" only). Both give the
-# same routing; "auto" picks by shape. Tests and benchmarks force one.
-PATHS = {"auto": 0, "columns": 1, "candidates": 2}
+# The kernels' three paths (csrc_templates/expert_choice/expert_choice.cuh): "columns" selects over whole columns,
+# "candidates" over short candidate lists from one row-major pass, "keys" over dense columns of 16-bit score keys
+# from one row-major pass (the last two: normalize_over="experts" only; "keys" also T <= 2^16 and E <= 1024). All
+# give the same routing; "auto" picks by shape. Tests and benchmarks force one.
+PATHS = {"auto": 0, "columns": 1, "candidates": 2, "keys": 3}
 
 
 def launch_expert_choice(gating_output, token_mask, top_k: int, capacity: int, normalize_over: str, fallback: str,

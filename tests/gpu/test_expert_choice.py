@@ -120,8 +120,9 @@ def test_ties_on_quantised_logits(num_experts, expert_major):
 def test_columns_longer_than_the_key_cache(normalize_over):
     # T = 40000 keys do not fit a selector's shared-memory cache: every pass recomputes them from the logits.
     x = _logits(40000, 64, torch.float32)
-    _check(x, 4, 1.25, normalize_over, "topk", mask=_mask(40000, True))
-    _check(x, 4, 1.25, normalize_over, "none", expert_major=True)
+    path = "columns" if normalize_over == "experts" else "auto"  # auto would take the candidate path
+    _check(x, 4, 1.25, normalize_over, "topk", mask=_mask(40000, True), path=path)
+    _check(x, 4, 1.25, normalize_over, "none", expert_major=True, path=path)
 
 
 def test_all_tokens_padding():
@@ -142,9 +143,10 @@ def test_public_api_on_cuda():
             assert torch.equal(g.cpu(), w)
 
 
-# -- the two kernel paths ----------------------------------------------------------------------------------------------
-# "auto" takes the candidate path for normalize_over="experts" from 2048 tokens on (E <= 256, C <= T / 2); force each
-# path on the other's ground too.
+# -- the kernel paths --------------------------------------------------------------------------------------------------
+# "auto" takes the key path for normalize_over="experts" from 1024 to 32768 tokens (E <= 1024), else the candidate
+# path where it fits (from 2048 tokens, E <= 256, C <= T / 2), else the column path; force each path on the others'
+# ground.
 CANDIDATE_CASES = [(1, 8, 1), (3, 60, 8), (256, 64, 8), (256, 1000, 64), (2048, 8, 2), (2048, 160, 16),
                    (4096, 256, 8), (5000, 384, 4), (3000, 4096, 8), (16384, 64, 8), (16384, 512, 32)]
 
@@ -185,10 +187,51 @@ def test_column_path_on_large_batches(num_experts, k, dtype):
     _check(x, k, 1.0, "experts", "none", True, path="columns")
 
 
-def test_candidate_path_rejects_tokens_softmax():
+KEY_CASES = [(1, 8, 1), (3, 60, 8), (256, 64, 8), (256, 1000, 64), (2048, 8, 2), (2048, 160, 16),
+             (4096, 256, 8), (5000, 384, 4), (3000, 1024, 8), (16384, 64, 8), (16384, 256, 8), (16384, 512, 32),
+             (65536, 96, 6)]
+
+
+@pytest.mark.parametrize("num_tokens,num_experts,k", KEY_CASES, ids=str)
+@pytest.mark.parametrize("variant", range(4))
+def test_key_path(num_tokens, num_experts, k, variant):
+    fallback, expert_major, masked = [("topk", False, False), ("none", True, True), ("topk", False, True),
+                                      ("none", False, False)][variant]
+    dtype = DTYPES[(variant + num_experts) % 3]
+    x = _logits(num_tokens, num_experts, dtype, quantised=variant == 3)
+    _check(x, k, CAPACITY_FACTORS[variant], "experts", fallback, expert_major, _mask(num_tokens, masked),
+           path="keys")
+
+
+@pytest.mark.parametrize("expert_major", [False, True])
+def test_key_path_large_boundary_bins(expert_major):
+    # Peaked rows: most scores fall below 2^-23 (one shared key) or underflow to exactly 0, so with C = T / 4 an
+    # expert's boundary bin holds thousands of tokens (ranked by radix passes, ties to the lower token). Some rows
+    # are flat: their tokens are picked by most experts (more picks than their pick list holds).
+    T, E = 8192, 64
+    x = torch.randn(T, E, device="cuda") * 40
+    x[torch.randint(0, T, (40,), device="cuda")] = 0.0
+    for k, cf in ((8, 2.0), (2, 0.5)):
+        _check(x, k, cf, "experts", "topk", expert_major, path="keys")
+        _check(x, k, cf, "experts", "none", expert_major, _mask(T, True), path="keys")
+
+
+def test_key_path_boundary_bins_of_every_size():
+    # bf16 logits on a coarse grid: boundary bins from a handful of tokens to a few hundred (the pairwise ranking up
+    # to kRankList = 512 tokens, radix passes beyond), for several capacities.
+    x = (torch.randn(16384, 32, device="cuda") * 4).round().to(torch.bfloat16) * 0.25
+    for k, cf in ((1, 0.3), (4, 1.0), (8, 2.0), (16, 3.0)):
+        _check(x, k, cf, "experts", "topk", False, path="keys")
+
+
+def test_paths_reject_what_they_cannot_run():
     x = _logits(64, 8, torch.float32)
     with pytest.raises(ValueError, match="normalize_over"):
         _run_kernel(x, None, 2, 16, "tokens", "topk", False, path="candidates")
+    with pytest.raises(ValueError, match="key path"):
+        _run_kernel(x, None, 2, 16, "tokens", "topk", False, path="keys")
+    with pytest.raises(ValueError, match="key path"):
+        _run_kernel(_logits(8, 2048, torch.float32), None, 2, 4, "experts", "topk", False, path="keys")
     with pytest.raises(ValueError, match="path"):
         _run_kernel(x, None, 2, 16, "experts", "topk", False, path="fastest")
 

@@ -1,0 +1,358 @@
+// Expert Choice, key path (normalize_over="experts", T <= kKeyMaxTokens, E <= 32 * kKeyMaxChunks): three launches,
+// every score computed once in a row-major pass and kept as a 16-bit key, so that each expert reads one short
+// dense column instead of candidate lists built with atomics.
+//   1. score_keys_kernel: one warp per token computes the token's softmax statistics and scores (the exact recipe of
+//      ec_scores.cuh). A block transposes the keys of kKeyTileTokens tokens in shared memory and writes them
+//      expert-major, [E, key_pitch]. key16 = the score's top 16 bits (exponent and 7 mantissa bits), scores below
+//      2^-23 sharing the lowest key, plus one: 0 marks padding. key16 order is score order, up to ties.
+//   2. select_keys_kernel: one block per expert loads its key column into shared memory and histograms it (a bin
+//      per key16). The bin b where the take-th best token falls is resolved exactly: the bin's tokens get their full
+//      64-bit column keys (recomputed scores, ~token) and theta = the take-th best of the whole column. A token is
+//      picked when its key16 > b, or key16 == b and its column key >= theta, which is column key >= theta. The
+//      picked tokens are listed in token order (the expert-major row, or a per-expert staging row), then scored in
+//      one parallel pass: their weights, or (token-major) their pick lists.
+//   3. finalize_kernel (token-major): the finalizers of ec_finalize.cuh, routing from the pick lists.
+// The keys take 2 bytes per score, read once from L2 by the selectors; no candidate sampling, no bounds.
+#pragma once
+#include "expert_choice/ec_finalize.cuh"
+
+namespace jitmoe::ec {
+
+constexpr int kKeyRowWarps = kKeyRowThreads / 32;
+constexpr int kKeySelectWarps = kKeySelectThreads / 32;
+constexpr unsigned kNoBin = 0xFFFFFFFFu;  // "picks nothing": above every key
+
+__device__ __forceinline__ unsigned key16_of(unsigned score_bits) {
+  return max(score_bits >> 16, kKeyFloor) - kKeyFloor + 1u;
+}
+
+// ---- 1. score keys ------------------------------------------------------------------------------------------------
+constexpr int kKeyTokensPerWarp = kKeyTileTokens / kKeyRowWarps;
+
+// Rows a warp loads before scoring them (one memory round trip for its tokens), as registers allow.
+template <int NCH>
+constexpr int key_rows_in_flight() {
+  return NCH <= 8 ? kKeyTokensPerWarp : 1;
+}
+
+// Block b scores tokens [32b, 32b + 32), 4 per warp, and writes their keys expert-major. Also zeroes the tokens' pick
+// counts and (block 0, token-major) the per-expert counts that the finalizers add to.
+template <typename In, int NCH>
+__global__ void __launch_bounds__(kKeyRowThreads, 1) score_keys_kernel(Params<In> p) {
+  extern __shared__ __align__(16) unsigned char ec_smem[];
+  unsigned* tile = reinterpret_cast<unsigned*>(ec_smem);  // [E, kKeyTilePitch] words, 2 keys each
+  unsigned short* tile_keys = reinterpret_cast<unsigned short*>(ec_smem);
+  constexpr int kRows = key_rows_in_flight<NCH>();
+  const int t0 = blockIdx.x * kKeyTileTokens;
+  const int lane = lane_id();
+  if (blockIdx.x == 0 && !p.expert_major)
+    for (int e = threadIdx.x; e < p.E; e += kKeyRowThreads) p.counts[e] = 0;
+  // Every warp scores all its rows, padding and rows past T included (the last row stands in for those), so the
+  // warp's shuffles never sit in a branch; their keys are 0.
+  for (int i0 = 0; i0 < kKeyTokensPerWarp; i0 += kRows) {
+    float v[kRows][NCH];
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+      const int t = t0 + warp_id() + kKeyRowWarps * (i0 + r);
+      load_row<In, NCH>(p, min(t, p.T - 1), v[r]);
+      if (lane == 0 && t < p.T && p.pick_count != nullptr) p.pick_count[t] = 0;
+    }
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+      const int i = warp_id() + kKeyRowWarps * (i0 + r);
+      const int t = t0 + i;
+      const bool real = t < p.T && token_is_real(p.token_mask, t);
+      score_loaded_row<In, NCH>(p, t, v[r], t < p.T);
+      unsigned short* keys = tile_keys + i;  // expert e's key at keys[2 * kKeyTilePitch * e]
+#pragma unroll
+      for (int j = 0; j < NCH; ++j) {
+        const int e = lane + 32 * j;
+        const unsigned key = real ? key16_of(__float_as_uint(v[r][j])) : 0u;
+        if (e < p.E) keys[2 * kKeyTilePitch * e] = static_cast<unsigned short>(key);
+      }
+    }
+  }
+  __syncthreads();
+  constexpr int kWords = kKeyTileTokens / 2;  // words of one expert's run of keys
+  unsigned* out = reinterpret_cast<unsigned*>(p.keys) + t0 / 2;  // [E, key_pitch / 2] words
+  for (int i = threadIdx.x; i < p.E * kWords; i += kKeyRowThreads) {
+    const int e = i / kWords, w = i % kWords;
+    out[static_cast<size_t>(e) * (p.key_pitch / 2) + w] = tile[e * kKeyTilePitch + w];
+  }
+}
+
+// ---- 2. select ----------------------------------------------------------------------------------------------------
+struct KeySelectorSmem {
+  Scratch* sc;
+  unsigned* hist;                 // [kKeyBins] tokens per key16; [256] per digit in the radix passes
+  unsigned long long* rank_keys;  // [kRankList] column keys of the boundary bin's tokens
+  unsigned* list;                 // [kRankList] the boundary bin's tokens
+  unsigned short* column;         // [key_pitch] the expert's keys
+};
+
+__device__ __forceinline__ KeySelectorSmem key_selector_smem(unsigned char* smem) {
+  unsigned* hist = reinterpret_cast<unsigned*>(smem + kScratchBytes);
+  auto* rank_keys = reinterpret_cast<unsigned long long*>(hist + kKeyBins);
+  unsigned* list = reinterpret_cast<unsigned*>(rank_keys + kRankList);
+  return KeySelectorSmem{reinterpret_cast<Scratch*>(smem), hist, rank_keys, list,
+                         reinterpret_cast<unsigned short*>(list + kRankList)};
+}
+
+// Score bits of token t for expert e, recomputed with the statistics of the score-keys launch.
+template <typename In>
+__device__ __forceinline__ unsigned exact_score_bits(const Params<In>& p, int t, int e) {
+  const float x = to_float(__ldg(p.logits + static_cast<size_t>(t) * p.E + e));
+  return __float_as_uint(score_of(x, __ldg(p.row_max + t), __ldg(p.row_rcp + t)));
+}
+
+// Warp: the bin of hist[0, n_bins) (n_bins a multiple of 128), counted from the top, that holds the rank-th largest
+// item: sc->digit = the bin, sc->rank = the rank within it, sc->count = its size. Needs 1 <= rank <= the total.
+__device__ void find_bin_from_top(const unsigned* hist, int n_bins, unsigned rank, Scratch* sc) {
+  const int lane = lane_id();
+  unsigned above = 0;  // items in the bins above the current rows
+  for (int row = 0; row < n_bins / 32; row += 4) {  // four rows of 32 descending bins per step
+    unsigned n[4], total[4];
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+      n[r] = hist[n_bins - 1 - (row + r) * 32 - lane];
+      total[r] = __reduce_add_sync(kFullWarp, n[r]);
+    }
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+      if (above + total[r] >= rank) {  // uniform: the bin is in this row
+        unsigned incl = n[r];
+#pragma unroll
+        for (int offset = 1; offset < 32; offset <<= 1) {
+          const unsigned up = __shfl_up_sync(kFullWarp, incl, offset);
+          if (lane >= offset) incl += up;
+        }
+        const unsigned excl = above + incl - n[r];
+        if (excl < rank && rank <= excl + n[r]) {
+          sc->digit = n_bins - 1 - (row + r) * 32 - lane;
+          sc->rank = rank - excl;
+          sc->count = n[r];
+        }
+        return;
+      }
+      above += total[r];
+    }
+  }
+}
+
+// theta of a boundary bin too large to rank pairwise: 8-bit digits of the 64-bit column key from the top, each pass
+// recomputing the bin's keys (only inputs with masses of tied or tiny scores get here).
+template <typename In>
+__device__ unsigned long long radix_in_bin(const Params<In>& p, const KeySelectorSmem& s, int e, unsigned bin,
+                                           unsigned rank) {
+  const int tid = threadIdx.x;
+  unsigned long long prefix = 0, mask = 0;
+  for (int shift = 56; shift >= 0; shift -= 8) {
+    for (int d = tid; d < 256; d += kKeySelectThreads) s.hist[d] = 0;
+    converged_syncthreads();
+    for (int base = 0; base < p.key_pitch; base += kKeySelectThreads) {  // uniform trip count (warp helpers)
+      const int t = base + tid;
+      bool active = false;
+      unsigned digit = 0;
+      if (t < p.T && s.column[t] == bin) {
+        const unsigned long long key = column_key(exact_score_bits(p, t, e), t);
+        active = (key & mask) == prefix;
+        digit = static_cast<unsigned>(key >> shift) & 0xFFu;
+      }
+      histogram_add(s.hist, active, digit);
+    }
+    converged_syncthreads();
+    if (warp_id() == 0) find_bin_from_top(s.hist, 256, rank, s.sc);
+    converged_syncthreads();
+    prefix |= static_cast<unsigned long long>(s.sc->digit) << shift;
+    mask |= 0xFFull << shift;
+    rank = s.sc->rank;
+    converged_syncthreads();
+  }
+  return prefix;
+}
+
+// The picked mark: a key above every real key16. Once the boundary bin is resolved its tokens are rewritten to this
+// (picked) or 0 (not picked), so that expert e picks token t exactly when column[t] > the boundary key16.
+constexpr unsigned short kPickedKey = 0xFFFF;
+
+// theta = the rank-th best column key among the n_bin tokens of key16 `bin`; marks those tokens.
+template <typename In>
+__device__ unsigned long long resolve_bin(const Params<In>& p, const KeySelectorSmem& s, int e, unsigned bin,
+                                          unsigned rank, unsigned n_bin) {
+  const int tid = threadIdx.x;
+  if (n_bin > static_cast<unsigned>(kRankList)) {
+    const unsigned long long theta = radix_in_bin(p, s, e, bin, rank);
+    for (int t = tid; t < p.T; t += kKeySelectThreads)
+      if (s.column[t] == bin) s.column[t] = column_key(exact_score_bits(p, t, e), t) >= theta ? kPickedKey : 0;
+    converged_syncthreads();
+    return theta;
+  }
+  if (tid == 0) s.sc->n_list = 0;
+  converged_syncthreads();
+  for (int base = 0; base < p.key_pitch; base += kKeySelectThreads) {  // uniform trip count (warp helper)
+    const int t = base + tid;
+    list_append(s.list, &s.sc->n_list, t < p.T && s.column[t] == bin, static_cast<unsigned>(t));
+  }
+  converged_syncthreads();
+  unsigned long long key = 0;
+  if (tid < static_cast<int>(n_bin)) {
+    const int t = static_cast<int>(s.list[tid]);
+    key = column_key(exact_score_bits(p, t, e), t);
+    s.rank_keys[tid] = key;
+  }
+  converged_syncthreads();
+  if (tid < static_cast<int>(n_bin)) {  // keys are unique: exactly one has rank - 1 keys above it
+    unsigned above = 0;
+    for (unsigned j = 0; j < n_bin; ++j) above += s.rank_keys[j] > key ? 1u : 0u;
+    if (above == rank - 1) s.sc->key = key;
+    s.column[s.list[tid]] = above < rank ? kPickedKey : 0;
+  }
+  converged_syncthreads();
+  const unsigned long long theta = s.sc->key;
+  converged_syncthreads();
+  return theta;
+}
+
+// Writes the tokens with column[t] > above, in increasing order, to row[0, take) (each warp a contiguous run of
+// tokens, counted first): shared memory reads and plain stores only, the scores come in a parallel pass after.
+__device__ void list_picked_tokens(const KeySelectorSmem& s, int T, int key_pitch, unsigned above, int32_t* row) {
+  const int lane = lane_id(), warp = warp_id();
+  const int run = (key_pitch + 32 * kKeySelectWarps - 1) / (32 * kKeySelectWarps) * 32;
+  const int t_begin = warp * run, t_end = min(T, t_begin + run);
+  unsigned mine = 0;
+  for (int base = t_begin; base < t_end; base += 32) {
+    const int t = base + lane;
+    mine += __popc(__ballot_sync(kFullWarp, t < t_end && s.column[t] > above));
+  }
+  if (lane == 0) s.sc->warp_total[warp] = mine;
+  converged_syncthreads();
+  unsigned pos = 0;
+  for (int w = 0; w < warp; ++w) pos += s.sc->warp_total[w];
+  for (int base = t_begin; base < t_end; base += 32) {
+    const int t = base + lane;
+    const bool picked = t < t_end && s.column[t] > above;
+    const unsigned ballot = __ballot_sync(kFullWarp, picked);
+    if (picked) row[pos + __popc(ballot & ((1u << lane) - 1u))] = t;
+    pos += __popc(ballot);
+  }
+  converged_syncthreads();  // the row is read back by other threads of the block
+}
+
+// The scores of expert e's picks row[0, take) (in shared or global memory), two per thread in flight: the
+// expert-major row, or (token-major) expert e joins the pick list of each picked token.
+template <typename In>
+__device__ void score_picks(const Params<In>& p, const int32_t* row, bool row_in_smem, int e, unsigned take) {
+  int32_t* row_ids = p.ids + static_cast<size_t>(e) * p.capacity;        // [capacity], expert-major
+  float* row_weights = p.weights + static_cast<size_t>(e) * p.capacity;  // [capacity], expert-major
+  for (unsigned i0 = threadIdx.x; i0 < take; i0 += 2 * kKeySelectThreads) {
+    int t[2];
+    unsigned bits[2];
+#pragma unroll
+    for (int q = 0; q < 2; ++q) {
+      const unsigned i = i0 + q * kKeySelectThreads;
+      // a global row was written by other threads of this block: read it from L2
+      t[q] = i >= take ? -1 : (row_in_smem ? row[i] : __ldcg(row + i));
+    }
+#pragma unroll
+    for (int q = 0; q < 2; ++q) bits[q] = t[q] >= 0 ? exact_score_bits(p, t[q], e) : 0u;
+#pragma unroll
+    for (int q = 0; q < 2; ++q) {
+      if (t[q] < 0) continue;
+      if (p.expert_major) {
+        row_ids[i0 + q * kKeySelectThreads] = t[q];
+        row_weights[i0 + q * kKeySelectThreads] = __uint_as_float(bits[q]);
+      } else {
+        const unsigned slot = atomicAdd(p.pick_count + t[q], 1u);
+        if (slot < static_cast<unsigned>(p.pick_slots))
+          p.picks[static_cast<size_t>(t[q]) * p.pick_slots + slot] = make_uint2(bits[q], static_cast<unsigned>(e));
+      }
+    }
+  }
+}
+
+// Loads expert e's key column into shared memory and histograms it: four 16-byte chunks of 8 keys in flight per
+// thread. Padding (key 0) is counted per warp, since masked batches would pile it onto one shared counter.
+template <typename In>
+__device__ void load_key_column(const Params<In>& p, const KeySelectorSmem& s, int e) {
+  const int tid = threadIdx.x;
+  for (int b = tid; b < kKeyBins; b += kKeySelectThreads) s.hist[b] = 0;
+  converged_syncthreads();
+  const uint4* src = reinterpret_cast<const uint4*>(p.keys + static_cast<size_t>(e) * p.key_pitch);
+  uint4* dst = reinterpret_cast<uint4*>(s.column);
+  const int chunks = p.key_pitch / 8;
+  unsigned zeros = 0;
+  for (int i0 = tid; i0 < chunks; i0 += 4 * kKeySelectThreads) {
+    uint4 chunk[4];
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      const int i = i0 + q * kKeySelectThreads;
+      chunk[q] = i < chunks ? __ldg(src + i) : make_uint4(0u, 0u, 0u, 0u);
+    }
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      const int i = i0 + q * kKeySelectThreads;
+      if (i >= chunks) break;
+      dst[i] = chunk[q];
+      const unsigned words[4] = {chunk[q].x, chunk[q].y, chunk[q].z, chunk[q].w};
+#pragma unroll
+      for (int w = 0; w < 8; ++w) {
+        const unsigned key = (words[w / 2] >> (16 * (w % 2))) & 0xFFFFu;
+        if (key != 0) atomicAdd(s.hist + key, 1u);
+        zeros += key == 0 ? 1u : 0u;
+      }
+    }
+  }
+  zeros = warp_sum_u32(zeros);
+  if (lane_id() == 0 && zeros != 0) atomicAdd(s.hist, zeros);
+  converged_syncthreads();
+}
+
+// Block e selects for expert e.
+template <typename In>
+__global__ void __launch_bounds__(kKeySelectThreads, 2) select_keys_kernel(Params<In> p) {
+  extern __shared__ __align__(16) unsigned char ec_smem[];
+  const KeySelectorSmem s = key_selector_smem(ec_smem);
+  const int e = blockIdx.x;
+  load_key_column(p, s, e);
+  const unsigned n_real = static_cast<unsigned>(p.key_pitch) - s.hist[0];
+  const unsigned take = min(static_cast<unsigned>(p.capacity), n_real);
+  unsigned above = kPickedKey;  // take == 0: nothing
+  unsigned long long theta = ~0ull;
+  if (take == n_real && take > 0) {  // every real token
+    above = 0;
+    theta = 0;
+  } else if (take > 0) {
+    if (warp_id() == 0) find_bin_from_top(s.hist, kKeyBins, take, s.sc);
+    converged_syncthreads();
+    const unsigned bin = s.sc->digit, rank = s.sc->rank, n_bin = s.sc->count;
+    converged_syncthreads();
+    theta = resolve_bin(p, s, e, bin, rank, n_bin);
+    above = bin;
+  }
+  if (threadIdx.x == 0) {
+    p.theta_hi[e] = static_cast<unsigned>(theta >> 32);
+    p.theta_lo[e] = static_cast<unsigned>(theta);
+    if (p.expert_major) p.counts[e] = static_cast<int32_t>(take);
+  }
+  // The picks are listed in the histogram's space (no longer needed) when they fit, else in a global row.
+  const bool row_in_smem = take <= static_cast<unsigned>(kKeyBins);
+  int32_t* row = row_in_smem ? reinterpret_cast<int32_t*>(s.hist)
+                             : (p.expert_major ? p.ids : p.key_picks) + static_cast<size_t>(e) * p.capacity;
+  list_picked_tokens(s, p.T, p.key_pitch, above, row);
+  score_picks(p, row, row_in_smem, e, take);
+  if (p.expert_major) {
+    for (int i = take + threadIdx.x; i < p.capacity; i += kKeySelectThreads) {
+      p.ids[static_cast<size_t>(e) * p.capacity + i] = -1;
+      p.weights[static_cast<size_t>(e) * p.capacity + i] = 0.0f;
+    }
+  }
+}
+
+// ---- 3. finalize --------------------------------------------------------------------------------------------------
+template <typename In>
+__global__ void __launch_bounds__(kBlock, 2) finalize_kernel(Params<In> p) {
+  extern __shared__ __align__(16) unsigned char ec_smem[];
+  run_finalizer(p, blockIdx.x, ec_smem, nullptr);
+}
+
+}  // namespace jitmoe::ec
