@@ -18,9 +18,9 @@ constexpr long long kCandidateMinTokens = 2048;
 // Expert-major candidate rows are ordered through a [T] bitmap and its prefix counts in shared memory.
 constexpr long long kCandidateMaxBitmapTokens = 1ll << 18;
 // Key path: a selector holds its expert's column of 16-bit keys in shared memory. Auto takes it from 1024 to 32768
-// tokens (H100, 2026-11-23, bf16, k = 8, E = 64..1024: 1.1-1.8x faster than the candidate path there and up to 1.5x
-// than the column path at T = 1024; at T = 65536, E = 256 the candidate path was 13% faster, below 1024 tokens the
-// column path).
+// tokens (H100, 2026-11-23, bf16, E = 64..1024: 1.1-2.3x faster than the candidate path there, as fast at E = 512,
+// k = 32 token-major, 1.5x faster than the column path at T = 1024; at T = 65536, E = 256 the candidate path was
+// 13% faster, below 1024 tokens the column path).
 constexpr long long kKeyMaxTokens = 1ll << 16;
 constexpr long long kKeyAutoMinTokens = 1024;
 constexpr long long kKeyAutoMaxTokens = 1ll << 15;

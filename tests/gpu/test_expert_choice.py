@@ -147,19 +147,24 @@ def test_public_api_on_cuda():
 # "auto" takes the key path for normalize_over="experts" from 1024 to 32768 tokens (E <= 1024), else the candidate
 # path where it fits (from 2048 tokens, E <= 256, C <= T / 2), else the column path; force each path on the others'
 # ground.
-CANDIDATE_CASES = [(1, 8, 1), (3, 60, 8), (256, 64, 8), (256, 1000, 64), (2048, 8, 2), (2048, 160, 16),
-                   (4096, 256, 8), (5000, 384, 4), (3000, 4096, 8), (16384, 64, 8), (16384, 512, 32)]
+FORCED_PATH_CASES = {
+    "candidates": [(1, 8, 1), (3, 60, 8), (256, 64, 8), (256, 1000, 64), (2048, 8, 2), (2048, 160, 16),
+                   (4096, 256, 8), (5000, 384, 4), (3000, 4096, 8), (16384, 64, 8), (16384, 512, 32)],
+    "keys": [(1, 8, 1), (3, 60, 8), (256, 64, 8), (256, 1000, 64), (2048, 8, 2), (2048, 160, 16), (4096, 256, 8),
+             (5000, 384, 4), (3000, 1024, 8), (16384, 64, 8), (16384, 256, 8), (16384, 512, 32), (65536, 96, 6)],
+}
+# (fallback, expert_major, masked) of each variant; the variant also picks the dtype, capacity factor and ties
+FORCED_PATH_VARIANTS = [("topk", False, False), ("none", True, True), ("topk", False, True), ("none", False, False)]
 
 
-@pytest.mark.parametrize("num_tokens,num_experts,k", CANDIDATE_CASES, ids=str)
-@pytest.mark.parametrize("variant", range(4))
-def test_candidate_path(num_tokens, num_experts, k, variant):
-    fallback, expert_major, masked = [("topk", False, False), ("none", True, True), ("topk", False, True),
-                                      ("none", False, False)][variant]
+@pytest.mark.parametrize("path,num_tokens,num_experts,k",
+                         [(path, *case) for path, cases in FORCED_PATH_CASES.items() for case in cases], ids=str)
+@pytest.mark.parametrize("variant", range(len(FORCED_PATH_VARIANTS)))
+def test_forced_path(path, num_tokens, num_experts, k, variant):
+    fallback, expert_major, masked = FORCED_PATH_VARIANTS[variant]
     dtype = DTYPES[(variant + num_experts) % 3]
     x = _logits(num_tokens, num_experts, dtype, quantised=variant == 3)
-    _check(x, k, CAPACITY_FACTORS[variant], "experts", fallback, expert_major, _mask(num_tokens, masked),
-           path="candidates")
+    _check(x, k, CAPACITY_FACTORS[variant], "experts", fallback, expert_major, _mask(num_tokens, masked), path=path)
 
 
 @pytest.mark.parametrize("expert_major", [False, True])
@@ -185,22 +190,6 @@ def test_column_path_on_large_batches(num_experts, k, dtype):
     x = _logits(16384, num_experts, dtype)
     _check(x, k, 1.25, "experts", "topk", False, _mask(16384, True), path="columns")
     _check(x, k, 1.0, "experts", "none", True, path="columns")
-
-
-KEY_CASES = [(1, 8, 1), (3, 60, 8), (256, 64, 8), (256, 1000, 64), (2048, 8, 2), (2048, 160, 16),
-             (4096, 256, 8), (5000, 384, 4), (3000, 1024, 8), (16384, 64, 8), (16384, 256, 8), (16384, 512, 32),
-             (65536, 96, 6)]
-
-
-@pytest.mark.parametrize("num_tokens,num_experts,k", KEY_CASES, ids=str)
-@pytest.mark.parametrize("variant", range(4))
-def test_key_path(num_tokens, num_experts, k, variant):
-    fallback, expert_major, masked = [("topk", False, False), ("none", True, True), ("topk", False, True),
-                                      ("none", False, False)][variant]
-    dtype = DTYPES[(variant + num_experts) % 3]
-    x = _logits(num_tokens, num_experts, dtype, quantised=variant == 3)
-    _check(x, k, CAPACITY_FACTORS[variant], "experts", fallback, expert_major, _mask(num_tokens, masked),
-           path="keys")
 
 
 @pytest.mark.parametrize("expert_major", [False, True])
