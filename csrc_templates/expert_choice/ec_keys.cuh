@@ -9,8 +9,8 @@
 //      per key16). The bin b where the take-th best token falls is resolved exactly: the bin's tokens get their full
 //      64-bit column keys (recomputed scores, ~token) and theta = the take-th best of the whole column. A token is
 //      picked when its key16 > b, or key16 == b and its column key >= theta, which is column key >= theta. The
-//      picked tokens are listed in token order (the expert-major row, or a per-expert staging row), then scored in
-//      one parallel pass: their weights, or (token-major) their pick lists.
+//      picked tokens are listed in token order (in shared memory when they fit), then scored in one parallel pass:
+//      the expert-major row, or (token-major) the tokens' pick lists.
 //   3. finalize_kernel (token-major): the finalizers of ec_finalize.cuh, routing from the pick lists.
 // The keys take 2 bytes per score, read once from L2 by the selectors; no candidate sampling, no bounds.
 #pragma once
@@ -20,7 +20,6 @@ namespace jitmoe::ec {
 
 constexpr int kKeyRowWarps = kKeyRowThreads / 32;
 constexpr int kKeySelectWarps = kKeySelectThreads / 32;
-constexpr unsigned kNoBin = 0xFFFFFFFFu;  // "picks nothing": above every key
 
 __device__ __forceinline__ unsigned key16_of(unsigned score_bits) {
   return max(score_bits >> 16, kKeyFloor) - kKeyFloor + 1u;
