@@ -15,6 +15,7 @@
 // The keys take 2 bytes per score, read once from L2 by the selectors; no candidate sampling, no bounds.
 #pragma once
 #include "expert_choice/ec_finalize.cuh"
+#include "expert_choice/ec_select.cuh"
 
 namespace jitmoe::ec {
 
@@ -97,13 +98,6 @@ __device__ __forceinline__ KeySelectorSmem key_selector_smem(unsigned char* smem
                          reinterpret_cast<unsigned short*>(list + kRankList)};
 }
 
-// Score bits of token t for expert e, recomputed with the statistics of the score-keys launch.
-template <typename In>
-__device__ __forceinline__ unsigned exact_score_bits(const Params<In>& p, int t, int e) {
-  const float x = to_float(__ldg(p.logits + static_cast<size_t>(t) * p.E + e));
-  return __float_as_uint(score_of(x, __ldg(p.row_max + t), __ldg(p.row_rcp + t)));
-}
-
 // Warp: the bin of hist[0, n_bins) (n_bins a multiple of 128), counted from the top, that holds the rank-th largest
 // item: sc->digit = the bin, sc->rank = the rank within it, sc->count = its size. Needs 1 <= rank <= the total.
 __device__ void find_bin_from_top(const unsigned* hist, int n_bins, unsigned rank, Scratch* sc) {
@@ -116,33 +110,41 @@ __device__ void find_bin_from_top(const unsigned* hist, int n_bins, unsigned ran
       n[r] = hist[n_bins - 1 - (row + r) * 32 - lane];
       total[r] = __reduce_add_sync(kFullWarp, n[r]);
     }
+    // The first of the four rows where the count from the top reaches rank (selects, not an early exit inside the
+    // unrolled loop: that left n[] in local memory).
+    int hit = -1;
+    unsigned hit_above = 0, hit_n = 0;
 #pragma unroll
     for (int r = 0; r < 4; ++r) {
-      if (above + total[r] >= rank) {  // uniform: the bin is in this row
-        unsigned incl = n[r];
-#pragma unroll
-        for (int offset = 1; offset < 32; offset <<= 1) {
-          const unsigned up = __shfl_up_sync(kFullWarp, incl, offset);
-          if (lane >= offset) incl += up;
-        }
-        const unsigned excl = above + incl - n[r];
-        if (excl < rank && rank <= excl + n[r]) {
-          sc->digit = n_bins - 1 - (row + r) * 32 - lane;
-          sc->rank = rank - excl;
-          sc->count = n[r];
-        }
-        return;
+      if (hit < 0 && above + total[r] >= rank) {  // uniform
+        hit = r;
+        hit_above = above;
+        hit_n = n[r];
       }
       above += total[r];
     }
+    if (hit < 0) continue;
+    unsigned incl = hit_n;
+#pragma unroll
+    for (int offset = 1; offset < 32; offset <<= 1) {
+      const unsigned up = __shfl_up_sync(kFullWarp, incl, offset);
+      if (lane >= offset) incl += up;
+    }
+    const unsigned excl = hit_above + incl - hit_n;
+    if (excl < rank && rank <= excl + hit_n) {
+      sc->digit = n_bins - 1 - (row + hit) * 32 - lane;
+      sc->rank = rank - excl;
+      sc->count = hit_n;
+    }
+    return;
   }
 }
 
 // theta of a boundary bin too large to rank pairwise: 8-bit digits of the 64-bit column key from the top, each pass
 // recomputing the bin's keys (only inputs with masses of tied or tiny scores get here).
 template <typename In>
-__device__ unsigned long long radix_in_bin(const Params<In>& p, const KeySelectorSmem& s, int e, unsigned bin,
-                                           unsigned rank) {
+__device__ unsigned long long radix_in_bin(const Params<In>& p, const KeySelectorSmem& s, const ColumnItems<In>& items,
+                                           unsigned bin, unsigned rank) {
   const int tid = threadIdx.x;
   unsigned long long prefix = 0, mask = 0;
   for (int shift = 56; shift >= 0; shift -= 8) {
@@ -153,7 +155,7 @@ __device__ unsigned long long radix_in_bin(const Params<In>& p, const KeySelecto
       bool active = false;
       unsigned digit = 0;
       if (t < p.T && s.column[t] == bin) {
-        const unsigned long long key = column_key(exact_score_bits(p, t, e), t);
+        const unsigned long long key = items(t);
         active = (key & mask) == prefix;
         digit = static_cast<unsigned>(key >> shift) & 0xFFu;
       }
@@ -176,13 +178,13 @@ constexpr unsigned short kPickedKey = 0xFFFF;
 
 // theta = the rank-th best column key among the n_bin tokens of key16 `bin`; marks those tokens.
 template <typename In>
-__device__ unsigned long long resolve_bin(const Params<In>& p, const KeySelectorSmem& s, int e, unsigned bin,
-                                          unsigned rank, unsigned n_bin) {
+__device__ unsigned long long resolve_bin(const Params<In>& p, const KeySelectorSmem& s, const ColumnItems<In>& items,
+                                          unsigned bin, unsigned rank, unsigned n_bin) {
   const int tid = threadIdx.x;
   if (n_bin > static_cast<unsigned>(kRankList)) {
-    const unsigned long long theta = radix_in_bin(p, s, e, bin, rank);
+    const unsigned long long theta = radix_in_bin(p, s, items, bin, rank);
     for (int t = tid; t < p.T; t += kKeySelectThreads)
-      if (s.column[t] == bin) s.column[t] = column_key(exact_score_bits(p, t, e), t) >= theta ? kPickedKey : 0;
+      if (s.column[t] == bin) s.column[t] = items(t) >= theta ? kPickedKey : 0;
     converged_syncthreads();
     return theta;
   }
@@ -196,7 +198,7 @@ __device__ unsigned long long resolve_bin(const Params<In>& p, const KeySelector
   unsigned long long key = 0;
   if (tid < static_cast<int>(n_bin)) {
     const int t = static_cast<int>(s.list[tid]);
-    key = column_key(exact_score_bits(p, t, e), t);
+    key = items(t);
     s.rank_keys[tid] = key;
   }
   converged_syncthreads();
@@ -240,7 +242,9 @@ __device__ void list_picked_tokens(const KeySelectorSmem& s, int T, int key_pitc
 // The scores of expert e's picks row[0, take) (in shared or global memory), two per thread in flight: the
 // expert-major row, or (token-major) expert e joins the pick list of each picked token.
 template <typename In>
-__device__ void score_picks(const Params<In>& p, const int32_t* row, bool row_in_smem, int e, unsigned take) {
+__device__ void score_picks(const Params<In>& p, const ColumnKeys<In>& col, const int32_t* row, bool row_in_smem,
+                            unsigned take) {
+  const int e = col.expert;
   int32_t* row_ids = p.ids + static_cast<size_t>(e) * p.capacity;        // [capacity], expert-major
   float* row_weights = p.weights + static_cast<size_t>(e) * p.capacity;  // [capacity], expert-major
   for (unsigned i0 = threadIdx.x; i0 < take; i0 += 2 * kKeySelectThreads) {
@@ -253,7 +257,7 @@ __device__ void score_picks(const Params<In>& p, const int32_t* row, bool row_in
       t[q] = i >= take ? -1 : (row_in_smem ? row[i] : __ldcg(row + i));
     }
 #pragma unroll
-    for (int q = 0; q < 2; ++q) bits[q] = t[q] >= 0 ? exact_score_bits(p, t[q], e) : 0u;
+    for (int q = 0; q < 2; ++q) bits[q] = t[q] >= 0 ? col(t[q]) : 0u;
 #pragma unroll
     for (int q = 0; q < 2; ++q) {
       if (t[q] < 0) continue;
@@ -280,6 +284,14 @@ __device__ void load_key_column(const Params<In>& p, const KeySelectorSmem& s, i
   uint4* dst = reinterpret_cast<uint4*>(s.column);
   const int chunks = p.key_pitch / 8;
   unsigned zeros = 0;
+  auto count_keys = [&](unsigned word) {  // two keys
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const unsigned key = (word >> (16 * half)) & 0xFFFFu;
+      if (key != 0) atomicAdd(s.hist + key, 1u);
+      zeros += key == 0 ? 1u : 0u;
+    }
+  };
   for (int i0 = tid; i0 < chunks; i0 += 4 * kKeySelectThreads) {
     uint4 chunk[4];
 #pragma unroll
@@ -288,16 +300,14 @@ __device__ void load_key_column(const Params<In>& p, const KeySelectorSmem& s, i
       chunk[q] = i < chunks ? __ldg(src + i) : make_uint4(0u, 0u, 0u, 0u);
     }
 #pragma unroll
-    for (int q = 0; q < 4; ++q) {
+    for (int q = 0; q < 4; ++q) {  // no early exit, and no array of words: both put the chunk in local memory
       const int i = i0 + q * kKeySelectThreads;
-      if (i >= chunks) break;
-      dst[i] = chunk[q];
-      const unsigned words[4] = {chunk[q].x, chunk[q].y, chunk[q].z, chunk[q].w};
-#pragma unroll
-      for (int w = 0; w < 8; ++w) {
-        const unsigned key = (words[w / 2] >> (16 * (w % 2))) & 0xFFFFu;
-        if (key != 0) atomicAdd(s.hist + key, 1u);
-        zeros += key == 0 ? 1u : 0u;
+      if (i < chunks) {
+        dst[i] = chunk[q];
+        count_keys(chunk[q].x);
+        count_keys(chunk[q].y);
+        count_keys(chunk[q].z);
+        count_keys(chunk[q].w);
       }
     }
   }
@@ -312,6 +322,8 @@ __global__ void __launch_bounds__(kKeySelectThreads, 2) select_keys_kernel(Param
   extern __shared__ __align__(16) unsigned char ec_smem[];
   const KeySelectorSmem s = key_selector_smem(ec_smem);
   const int e = blockIdx.x;
+  // Scores recomputed from the logits and the score-keys launch's row statistics (only real tokens are asked for).
+  const ColumnKeys<In> col{p.logits, p.token_mask, p.row_max, p.row_rcp, nullptr, p.E, e, false, 0.0f, 0.0f};
   load_key_column(p, s, e);
   const unsigned n_real = static_cast<unsigned>(p.key_pitch) - s.hist[0];
   const unsigned take = min(static_cast<unsigned>(p.capacity), n_real);
@@ -325,7 +337,7 @@ __global__ void __launch_bounds__(kKeySelectThreads, 2) select_keys_kernel(Param
     converged_syncthreads();
     const unsigned bin = s.sc->digit, rank = s.sc->rank, n_bin = s.sc->count;
     converged_syncthreads();
-    theta = resolve_bin(p, s, e, bin, rank, n_bin);
+    theta = resolve_bin(p, s, ColumnItems<In>{col}, bin, rank, n_bin);
     above = bin;
   }
   if (threadIdx.x == 0) {
@@ -338,7 +350,7 @@ __global__ void __launch_bounds__(kKeySelectThreads, 2) select_keys_kernel(Param
   int32_t* row = row_in_smem ? reinterpret_cast<int32_t*>(s.hist)
                              : (p.expert_major ? p.ids : p.key_picks) + static_cast<size_t>(e) * p.capacity;
   list_picked_tokens(s, p.T, p.key_pitch, above, row);
-  score_picks(p, row, row_in_smem, e, take);
+  score_picks(p, col, row, row_in_smem, take);
   if (p.expert_major) {
     for (int i = take + threadIdx.x; i < p.capacity; i += kKeySelectThreads) {
       p.ids[static_cast<size_t>(e) * p.capacity + i] = -1;
