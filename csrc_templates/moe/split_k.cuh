@@ -12,6 +12,7 @@
 #include <cstdint>
 
 #include "common/dtypes.cuh"
+#include "common/pdl.cuh"
 #include "moe/activation.cuh"
 #include "moe/moe_gemm_args.cuh"
 
@@ -52,6 +53,8 @@ template <typename T, Act A, bool kGemm2>
 __global__ void __launch_bounds__(kReduceThreads) split_k_reduce_kernel(const __grid_constant__ MoeGemmArgs args,
                                                                         int block_m) {
   constexpr bool kGated = !kGemm2 && ActTraits<A>::kGated;
+  pdl_wait();  // common/pdl.cuh: launched with launch_pdl
+  pdl_launch_dependents();
   const int p = blockIdx.x;
   const int col = (blockIdx.y * kReduceThreads + threadIdx.x) * kReduceVec;
   if (p >= *args.num_padded || col >= args.n) return;
@@ -93,7 +96,7 @@ void launch_split_k_reduce(const MoeGemmArgs& args, int block_m, cudaStream_t st
   if (args.k_splits <= 1) return;
   constexpr int kColsPerBlock = kReduceThreads * kReduceVec;
   const dim3 grid(args.m_pad_max, (args.n + kColsPerBlock - 1) / kColsPerBlock);
-  split_k_reduce_kernel<T, A, kGemm2><<<grid, kReduceThreads, 0, stream>>>(args, block_m);
+  launch_pdl(split_k_reduce_kernel<T, A, kGemm2>, grid, kReduceThreads, 0, stream, args, block_m);
 }
 
 }  // namespace jitmoe::moe

@@ -21,6 +21,7 @@
 #include <cstdint>
 
 #include "common/dtypes.cuh"
+#include "common/pdl.cuh"
 #include "moe/activation.cuh"
 #include "moe_decode/moe_decode_args.h"
 
@@ -108,6 +109,8 @@ template <typename T, Act A>
 __global__ void __launch_bounds__(kThreads) decode_gemm1_kernel(const DecodeArgs a) {
   constexpr bool kGated = moe::ActTraits<A>::kGated;
   constexpr int kRows = kGated ? 2 * kCols : kCols;
+  pdl_wait();  // common/pdl.cuh: launched with launch_pdl
+  pdl_launch_dependents();
   const int s = blockIdx.y;
   const int e = local_expert(a, s);
   if (e < 0) return;  // block-uniform
@@ -153,6 +156,8 @@ template <typename T>
 __global__ void __launch_bounds__(kThreads2, kMinBlocks2) decode_gemm2_kernel(const DecodeArgs a) {
   __shared__ float partial[kWarps2][kCols][32];
   __shared__ float bias_partial[kWarps2][kCols];
+  pdl_wait();  // common/pdl.cuh: launched with launch_pdl
+  pdl_launch_dependents();
   const int t = blockIdx.y;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int jw = choice_warps(a.topk);

@@ -11,7 +11,8 @@
 //   2. scan:    one thread per expert turns its column into exclusive prefixes over the warps and the expert's
 //               total; a block-wide exclusive scan of the padded totals gives every expert's start row, which is
 //               added to the column: table[w][e] is now the first row warp w writes for expert e.
-//   3. fill:    block_expert for every used block, padding rows after each expert's slots, and the unused tail.
+//   3. fill:    block_expert for every used block, padding rows after each expert's slots (a warp per expert),
+//               and the unused tail.
 //   4. place:   the walk of (1) again, writing each slot to its row; warps own consecutive slot ranges whose rows
 //               are ordered by (2), so the result is deterministic and stable.
 // Shared memory is (count_warps + 1) * num_experts ints (O(E), never O(E^2)); the launcher shrinks
@@ -46,15 +47,11 @@ __device__ __forceinline__ int scan_experts(const AlignArgs& a, int* table, int*
   return carry;
 }
 
-// Phase 3: warp w fills experts w*32 + lane (+ multiples of 1024), then the whole block fills the tail.
+// Phase 3: warp w fills experts w, w + kAlignWarps, ...; then the whole block fills the tail.
 __device__ __forceinline__ void fill_blocks_and_padding(const AlignArgs& a, const int* table, int used_rows) {
-  const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
   const int* starts = table;                                                          // row 0: start row of e
   const int* totals = table + static_cast<long long>(a.count_warps) * a.num_experts;  // [num_experts]
-  for (int first = w * 32; first < a.num_experts; first += kAlignThreads) {
-    const int e = first + lane;
-    fill_expert_group(a, first, e < a.num_experts ? totals[e] : 0, e < a.num_experts ? starts[e] : 0);
-  }
+  for (int e = threadIdx.x >> 5; e < a.num_experts; e += kAlignWarps) fill_expert(a, e, totals[e], starts[e]);
   fill_tail(a, used_rows, threadIdx.x, kAlignThreads);
   if (threadIdx.x == 0) *a.num_padded = used_rows;
 }
@@ -65,6 +62,8 @@ __global__ void __launch_bounds__(kAlignThreads, 1) moe_align_kernel(AlignArgs a
   const int w = threadIdx.x >> 5;
   const int cells = (a.count_warps + 1) * a.num_experts;
   for (int i = threadIdx.x; i < cells; i += kAlignThreads) table[i] = 0;
+  pdl_wait();  // common/pdl.cuh: launched with launch_pdl
+  pdl_launch_dependents();
   __syncthreads();
   int begin = 0, end = 0;
   if (w < a.count_warps) warp_slice(0, a.num_slots, a.count_warps, w, &begin, &end);

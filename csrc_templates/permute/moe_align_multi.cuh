@@ -161,17 +161,24 @@ __device__ __forceinline__ void wait_for_scan(const MultiAlignArgs& m) {
   __syncthreads();
 }
 
-// A placer's share of block_expert, the padding rows and the unused tail (needs the scanner's results).
+// A placer's share of block_expert, the padding rows and the unused tail (needs the scanner's results): warp w of
+// placer c fills every (num_chunks * kMultiWarps)-th expert from c * kMultiWarps + w. Its lanes first load the
+// counts and starts of up to 32 of those experts together, so the warp waits on L2 once per 32 experts.
 __device__ __forceinline__ void fill_share(const MultiAlignArgs& m, int c) {
   const AlignArgs& a = m.a;
   const int lane = threadIdx.x & 31;
   const int32_t* starts = m.scratch + static_cast<long long>(m.num_chunks) * a.num_experts;  // [E]
   const int all_warps = m.num_chunks * kMultiWarps;
-  for (int first = (c * kMultiWarps + static_cast<int>(threadIdx.x >> 5)) * 32; first < a.num_experts;
-       first += all_warps * 32) {
-    const int e = first + lane;
-    const bool valid = e < a.num_experts;
-    fill_expert_group(a, first, valid ? __ldcg(a.expert_counts + e) : 0, valid ? __ldcg(starts + e) : 0);
+  for (int first = c * kMultiWarps + static_cast<int>(threadIdx.x >> 5); first < a.num_experts;
+       first += 32 * all_warps) {
+    const long long mine = first + static_cast<long long>(lane) * all_warps;
+    const bool valid = mine < a.num_experts;
+    const int count = valid ? __ldcg(a.expert_counts + mine) : 0, start = valid ? __ldcg(starts + mine) : 0;
+    for (int i = 0; i < 32; ++i) {
+      const long long e = first + static_cast<long long>(i) * all_warps;
+      if (e >= a.num_experts) break;  // uniform
+      fill_expert(a, static_cast<int>(e), __shfl_sync(kFullMask, count, i), __shfl_sync(kFullMask, start, i));
+    }
   }
   fill_tail(a, __ldcg(a.num_padded), c * kMultiThreads + threadIdx.x, m.num_chunks * kMultiThreads);
 }
@@ -219,6 +226,8 @@ __global__ void __launch_bounds__(kMultiThreads) moe_align_multi_kernel(MultiAli
   extern __shared__ int table[];  // counter: [E] chunk histogram; placer: [count_warps][E] counts -> cursors
   __shared__ int scan_scratch[kMultiWarps + 1];
   __shared__ int word;  // the block's ticket, then whether it counted last
+  pdl_wait();  // common/pdl.cuh: launched with launch_pdl; the sync words are the last launch's too
+  pdl_launch_dependents();
   if (threadIdx.x == 0) word = atomicAdd(m.sync + kTicket, 1);
   __syncthreads();
   const int ticket = word;

@@ -59,6 +59,12 @@ def random_ids(tokens, topk, num_experts, *, skew=False):
     return scores.topk(topk, dim=1).indices.to(torch.int32)
 
 
+def counted_ids(counts):
+    """[T, 1] ids giving expert e exactly counts[e] rows, in a shuffled token order."""
+    ids = torch.repeat_interleave(torch.arange(len(counts), device="cuda"), torch.tensor(counts, device="cuda"))
+    return ids[torch.randperm(ids.numel(), device="cuda")].to(torch.int32).unsqueeze(1)
+
+
 def weights(num_experts, rows, k, dtype):
     return (torch.randn(num_experts, rows, k, device="cuda") / math.sqrt(k)).to(dtype)
 
@@ -92,11 +98,11 @@ def run_gemm2(mod, inter, fc2, bias, routing, out, slot_weights, k_splits=1):
 
 # ---------------------------------------------------------------------------------------------------------------
 def check_gemm1(tokens, experts, topk, hidden, inter_size, act, dtype, *, bias=True, params=None, skew=False,
-                cluster_m=None):
+                cluster_m=None, ids=None):
     gated = act in GATED_ACTIVATIONS
     tile = GEMM1_GATED if gated else GEMM1_PLAIN
     mod = module(dtype, act, "gemm1", **tile, cluster_m=cluster_m)
-    ids = random_ids(tokens, topk, experts, skew=skew)
+    ids = random_ids(tokens, topk, experts, skew=skew) if ids is None else ids
     routing = align(ids, experts)
     m_pad_max = routing[0].numel()
     n_b = 2 * inter_size if gated else inter_size
@@ -156,11 +162,22 @@ def test_gemm1_per_expert_activation_parameters():
     check_gemm1(333, e, 2, 392, 200, "SwigluBias", torch.bfloat16, params=params)
 
 
+@pytest.mark.parametrize("cluster_m", [1, 2])
+def test_row_groups_of_every_size(cluster_m):
+    """Only the 16-row groups of A that hold a real row are loaded (and GEMM1 stores only those): experts with
+    row counts on both sides of every group, half-block and block boundary, all in one launch, through both GEMMs
+    with padding rows poisoned."""
+    counts = [1, 15, 16, 17, 31, 33, 47, 63, 64, 65, 80, 113, 127, 128, 129, 144, 191, 255, 256, 257]
+    ids = counted_ids(counts)
+    check_gemm1(ids.shape[0], len(counts), 1, 264, 136, "Swiglu", torch.bfloat16, cluster_m=cluster_m, ids=ids)
+    check_gemm2(ids.shape[0], len(counts), 1, 264, 136, torch.bfloat16, GEMM2_WIDE, cluster_m=cluster_m, ids=ids)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 def check_gemm2(tokens, local, topk, hidden, inter_size, dtype, tile, *, bias=True, slot_weights=True,
-                total_experts=None, cluster_m=None):
+                total_experts=None, cluster_m=None, ids=None):
     mod = module(dtype, "Identity", "gemm2", **tile, cluster_m=cluster_m)
-    ids = random_ids(tokens, topk, total_experts or local)
+    ids = random_ids(tokens, topk, total_experts or local) if ids is None else ids
     routing = align(ids, local)  # ids >= local belong to other ranks: their slots are dropped
     sorted_ids, _, num_padded = routing
     num_slots = tokens * topk

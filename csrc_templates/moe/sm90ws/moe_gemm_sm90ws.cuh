@@ -27,8 +27,9 @@
 // wgmma and the first one has the tensor cores to itself. The epilogue (GEMM1: bias + activation; GEMM2: (acc + bias)
 // * routing weight) runs in fp32, goes through a dedicated XOR-swizzled staging tile (so the producer keeps filling
 // the ring for the next tile meanwhile), each warp through its own 16 rows, and leaves as 16-byte row chunks: GEMM1 to
-// inter[p] (padding rows too: GEMM2 ignores them), GEMM2 scattered to out_slots[slot] (real rows only); columns >= N
-// are never written.
+// inter[p] (the padding rows of a 16-row group that holds a real row too: GEMM2 ignores them), GEMM2 scattered to
+// out_slots[slot] (real rows only); columns >= N are never written. Row groups of padding only are neither loaded
+// (A) nor stored.
 #pragma once
 #include <cuda.h>
 #include <cuda_runtime.h>  // cudaLaunchKernelEx (cluster launch)
@@ -48,6 +49,7 @@
 
 #include "common/dtypes.cuh"
 #include "common/launch.cuh"
+#include "common/pdl.cuh"
 #include "moe/activation.cuh"
 #include "moe/sm90_gemm_traits.cuh"
 #include "moe/moe_gemm_args.cuh"
@@ -76,6 +78,12 @@ struct Config : Sm90GemmTraits<T, A, Mode, BM, BN, BK, Stages, 2> {
   static constexpr int kEmptyArrivals = kConsumerWarps * kCluster;  // every consumer warp of the cluster
   static constexpr int kRasterGroup = 8;                     // M blocks per raster group (GEMM1: see TileScheduler)
   static constexpr int kBoxRowsB = BN / kCluster;            // rows of one B TMA box (one CTA's multicast share)
+  // A block whose upper half is padding loads A in boxes of 16 rows, only those of its row groups that hold a real
+  // slot (see a_row_groups): an expert's last block is mostly padding when it has few rows (Qwen3 T = 256: 16 real
+  // rows of 128), and its padding rows would otherwise cost as much DRAM traffic as they hold bytes (ncu: 914 MB
+  // read for 805 MB of weights). Other blocks take one [BM, 64] box.
+  static constexpr int kBoxRowsA = 16;
+  static constexpr int kRowGroups = BM / kBoxRowsA;
 
   static_assert(BM == 128, "BLOCK_M must be 128 (two consumer warpgroups of 64 rows)");
   static_assert(BK == 64, "BLOCK_K must be 64 (one 128-byte swizzle row per TMA box row)");
@@ -88,14 +96,16 @@ struct Config : Sm90GemmTraits<T, A, Mode, BM, BN, BK, Stages, 2> {
   // Shared memory: [A stages | B stages x halves | staging tile | full barriers | empty barriers].
   static constexpr int kBytesStageA = BM * BK * 2;
   static constexpr int kBytesStageB = BN * BK * 2;
-  static constexpr int kTxBytes = kBytesStageA + Traits::kHalves * kBytesStageB;  // per stage (OOB fill counts)
+  static constexpr int kBytesBoxA = kBoxRowsA * BK * 2;
+  static constexpr int kTxBytesB = Traits::kHalves * kBytesStageB;  // per stage; A adds kBytesBoxA per row group
   static constexpr int kBytesStaging = BM * BN * 2;
   static constexpr int kOffsetStaging = Traits::kBytesPipe;
   static constexpr int kOffsetBarriers = Traits::kBytesPipe + kBytesStaging;
   static constexpr int kSwizzleAlign = 1024;                  // the 128-byte swizzle repeats every 1 KiB
   static constexpr int kSmemBytes = kSwizzleAlign + kOffsetBarriers + 2 * Stages * 8;
   static_assert(Traits::kElemsA == Stages * BM * BK && Traits::kElemsB == Stages * BN * BK, "stage buffers are dense");
-  static_assert(kBytesStageA % kSwizzleAlign == 0 && kBytesStageB % kSwizzleAlign == 0, "stages stay aligned");
+  static_assert(kBytesStageA % kSwizzleAlign == 0 && kBytesStageB % kSwizzleAlign == 0 &&
+                kBytesBoxA % kSwizzleAlign == 0, "stages and A boxes stay aligned to the swizzle");
   static_assert(kSmemBytes <= 227 * 1024, "shared memory exceeds the 227 KiB an sm_90 CTA may use: fewer stages");
 };
 
@@ -219,13 +229,37 @@ struct SmemPlan {
   }
 };
 
+__device__ __forceinline__ bool is_real_slot(int s, int num_slots) { return s >= 0 && s < num_slots; }
+
+// Row groups of kBoxRowsA rows that the producer loads for M block m_block: all of them (one [BM, 64] box) unless
+// the block's upper half is padding, else the groups of its lower half that hold a real slot (an expert's rows come
+// first and its padding after, so those are the first groups). Few boxes only: on the H100 a block loaded as up
+// to 8 small boxes made DeepSeek-V3's GEMM1 at T = 16384 (a partial last block per expert) 25% slower. The loads
+// do not depend on the block's expert, so they overlap the scheduler's block_expert load.
+template <class Cfg>
+__device__ __forceinline__ int a_row_groups(const MoeGemmArgs& args, const TileScheduler<Cfg>& sched, int m_block) {
+  constexpr int kHalf = Cfg::kRowGroups / 2;
+  if (m_block >= sched.m_blocks) return 0;
+  const int32_t* ids = args.sorted_ids + static_cast<int64_t>(m_block) * Cfg::kBlockM;
+  int first[kHalf];  // the slots of rows 16, 32, ..., 64: the first row of groups 1 .. kHalf
+  CUTE_UNROLL
+  for (int g = 1; g <= kHalf; ++g) first[g - 1] = ids[g * Cfg::kBoxRowsA];
+  if (is_real_slot(first[kHalf - 1], args.num_slots)) return Cfg::kRowGroups;
+  int groups = 1;  // a used block's first row is real
+  CUTE_UNROLL
+  for (int g = 1; g < kHalf; ++g) groups += is_real_slot(first[g - 1], args.num_slots) ? 1 : 0;
+  return groups;
+}
+
 // Producer (one thread): for every unit of this cluster, every k-tile: wait until the stage is empty in every CTA
-// of the cluster, announce its bytes, issue the TMA boxes of A [BM, 64] and of each B half [BN, 64]. A shared B
+// of the cluster, announce its bytes, issue the TMA boxes of A (one [BM, 64] box, or one [16, 64] box per row group
+// that a_row_groups picks: the others' rows never reach a kept output) and of each B half [BN, 64]. A shared B
 // tile is loaded as kCluster boxes, one per CTA, each multicast to the whole cluster; otherwise this CTA loads all
 // of its B boxes itself. A CTA without a tile in the unit only arrives, so its ring stays in step.
 template <class Cfg>
 __device__ __forceinline__ void produce(const MoeGemmArgs& args, const CUtensorMap* tmap_a,
-                                        const CUtensorMap* tmap_b, const SmemPlan<Cfg>& smem) {
+                                        const CUtensorMap* tmap_a_group, const CUtensorMap* tmap_b,
+                                        const SmemPlan<Cfg>& smem) {
   using cutlass::arch::ClusterBarrier;
   using cutlass::arch::ClusterTransactionBarrier;
   constexpr uint64_t kHint = static_cast<uint64_t>(cute::TMA::CacheHintSm90::EVICT_NORMAL);
@@ -238,9 +272,11 @@ __device__ __forceinline__ void produce(const MoeGemmArgs& args, const CUtensorM
   for (int u = cluster.id; u < sched.num_units; u += cluster.count) {
     int m_group, n_block;
     sched.coords(u, m_group, n_block);
+    const int groups = a_row_groups<Cfg>(args, sched, m_group * Cfg::kCluster + cluster.rank);
     const UnitRole role = unit_role<Cfg>(args, sched, m_group, cluster.rank);
     if (role.skip) continue;
     const int a_row = role.m_block * Cfg::kBlockM;
+    const int a_groups = role.expert >= 0 ? groups : 0;
     const int b_row = max(role.expert, 0) * n_b + n_block * Cfg::kBlockN;  // up half; gate is args.n rows further
     for (int kt = 0; kt < k_tiles; ++kt) {
       ClusterBarrier::wait(&smem.empty[ring.stage], ring.phase ^ 1);  // the first pass finds every stage empty
@@ -250,10 +286,17 @@ __device__ __forceinline__ void produce(const MoeGemmArgs& args, const CUtensorM
         ring.advance();
         continue;
       }
-      ClusterTransactionBarrier::arrive_and_expect_tx(full, Cfg::kTxBytes);
+      ClusterTransactionBarrier::arrive_and_expect_tx(full, a_groups * Cfg::kBytesBoxA + Cfg::kTxBytesB);
       const int k0 = kt * Cfg::kBlockK;
-      cute::SM90_TMA_LOAD_2D::copy(tmap_a, full, kHint, smem.a + ring.stage * Cfg::kBlockM * Cfg::kBlockK, k0,
-                                   a_row);
+      auto* a_dst = smem.a + ring.stage * Cfg::kBlockM * Cfg::kBlockK;
+      if (a_groups == Cfg::kRowGroups) {
+        cute::SM90_TMA_LOAD_2D::copy(tmap_a, full, kHint, a_dst, k0, a_row);
+      } else {
+        for (int g = 0; g < a_groups; ++g) {
+          cute::SM90_TMA_LOAD_2D::copy(tmap_a_group, full, kHint, a_dst + g * Cfg::kBoxRowsA * Cfg::kBlockK, k0,
+                                       a_row + g * Cfg::kBoxRowsA);
+        }
+      }
       CUTE_UNROLL
       for (int h = 0; h < Cfg::kHalves; ++h) {
         auto* dst = smem.b + (h * Cfg::kStages + ring.stage) * Cfg::kBlockN * Cfg::kBlockK;
@@ -285,8 +328,6 @@ __device__ __forceinline__ void cluster_sync_unaligned() {
 __device__ __forceinline__ int load_warp_row_slot(const MoeGemmArgs& args, int row0, int lane) {
   return args.sorted_ids[row0 + lane % 16];  // a used block lies entirely below num_padded
 }
-
-__device__ __forceinline__ bool is_real_slot(int s, int num_slots) { return s >= 0 && s < num_slots; }
 
 // Whether the second warpgroup's 64 rows of the used M block at m0 are all padding. An expert's rows are padded at
 // the end of its last block, so that holds exactly when row m0 + 64 is padding.
@@ -364,7 +405,7 @@ __device__ __forceinline__ void epilogue_to_staging(const MoeGemmArgs& args, con
 }
 
 // Copies a warp's 16 staged rows (tile rows row0 .. row0 + 15) to the output in 16-byte chunks, all of them issued
-// back to back. GEMM1 writes inter[p] for every row of the used block (padding rows included: GEMM2 ignores them);
+// back to back. GEMM1 writes inter[p] for each of the 16 rows (padding rows included: GEMM2 ignores them);
 // GEMM2 scatters real rows to out_slots[slot] and skips padding. Columns >= N are never written.
 template <class Cfg>
 __device__ __forceinline__ void store_warp_rows(const MoeGemmArgs& args, const typename Cfg::Element* staging,
@@ -451,9 +492,9 @@ __device__ __forceinline__ void consume(const MoeGemmArgs& args, const SmemPlan<
     const int e = role.expert;
     const int m0 = role.m_block * Cfg::kBlockM;
     const int n0 = n_block * Cfg::kBlockN;
-    // This warp's rows in the tile and their slots (GEMM2 scales and scatters by slot; GEMM1 needs none).
+    // This warp's rows in the tile (one row group of A) and their slots (GEMM2 scales and scatters by slot).
     const int warp_row0 = warp_group * 64 + warp * 16;
-    const int row_slot = Cfg::kGemm2 && e >= 0 ? load_warp_row_slot(args, m0 + warp_row0, lane) : 0;
+    const int row_slot = e >= 0 ? load_warp_row_slot(args, m0 + warp_row0, lane) : 0;
     // Idle: no tile for this CTA in the unit (its cluster peer has one), or this is the second warpgroup and its 64
     // rows are all padding (the tail of an expert's last block): then the first warpgroup has the tensor cores to
     // itself. An idle warpgroup keeps the ring in step, releasing each stage as soon as it lands.
@@ -490,6 +531,9 @@ __device__ __forceinline__ void consume(const MoeGemmArgs& args, const SmemPlan<
     // through the main loop and push ptxas (capped at 65536 / 384 registers) into spilling.
     int epilogue_tid = consumer_tid;
     asm volatile("" : "+r"(epilogue_tid));
+    // A warp whose 16 rows are all padding stores nothing: the producer did not load their row group of A, and
+    // no GEMM keeps a padding row's result (GEMM2 loads the same row groups of inter as GEMM1 writes).
+    if (!is_real_slot(__shfl_sync(0xffffffffu, row_slot, 0), args.num_slots)) continue;
     // The staging round trip is warp-local (a warp stages and stores only its own 16 rows), so __syncwarp orders
     // it: before, this warp's reads of the last tile are done; after, its writes of this tile are visible.
     __syncwarp();
@@ -501,7 +545,8 @@ __device__ __forceinline__ void consume(const MoeGemmArgs& args, const SmemPlan<
 
 template <class Cfg>
 __global__ void __launch_bounds__(Cfg::kThreads, 1)
-    moe_gemm_sm90ws_kernel(const __grid_constant__ CUtensorMap tmap_a,  // A [m_pad_max, K], box [BM, 64]
+    moe_gemm_sm90ws_kernel(const __grid_constant__ CUtensorMap tmap_a,        // A [m_pad_max, K], box [BM, 64]
+                           const __grid_constant__ CUtensorMap tmap_a_group,  // the same A, box [16, 64]
                            const __grid_constant__ CUtensorMap tmap_b,  // B [E * n_b, K], box [BN, 64]
                            const __grid_constant__ MoeGemmArgs args) {
   extern __shared__ uint8_t smem_raw[];
@@ -525,13 +570,18 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
     cute::cluster_arrive_relaxed();
     cute::cluster_wait();
   }
+  // Launched with PDL (common/pdl.cuh): the set-up above overlapped the previous kernel; its outputs (the sorted
+  // order, a_sorted or inter) are read only from here on.
+  pdl_wait();
+  pdl_launch_dependents();
 
   if (threadIdx.x < 128) {
     cutlass::arch::warpgroup_reg_dealloc<Cfg::kProducerRegs>();
     if (threadIdx.x == 0) {
       cute::prefetch_tma_descriptor(&tmap_a);
+      cute::prefetch_tma_descriptor(&tmap_a_group);
       cute::prefetch_tma_descriptor(&tmap_b);
-      produce<Cfg>(args, &tmap_a, &tmap_b, smem);
+      produce<Cfg>(args, &tmap_a, &tmap_a_group, &tmap_b, smem);
     }
   } else {
     cutlass::arch::warpgroup_reg_alloc<Cfg::kConsumerRegs>();
@@ -568,6 +618,7 @@ void launch(const MoeGemmArgs& args, cudaStream_t stream) {
       std::is_same_v<T, __nv_bfloat16> ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
   const int64_t b_rows = static_cast<int64_t>(args.num_experts) * args.n * Cfg::kHalves;
   const CUtensorMap tmap_a = make_tma_map_2d(a, kDtype, args.m_pad_max, args.k, BM);
+  const CUtensorMap tmap_a_group = make_tma_map_2d(a, kDtype, args.m_pad_max, args.k, Cfg::kBoxRowsA);
   const CUtensorMap tmap_b = make_tma_map_2d(args.b, kDtype, b_rows, args.k, Cfg::kBoxRowsB);
   // One cluster per unit at most, and at most one CTA per SM (clusters that do not fit wait: no CTA waits on
   // another cluster, so this never deadlocks).
@@ -577,24 +628,27 @@ void launch(const MoeGemmArgs& args, cudaStream_t stream) {
   set_max_dynamic_smem_once<&moe_gemm_sm90ws_kernel<Cfg>>(Cfg::kSmemBytes);
   const dim3 grid(static_cast<unsigned>((clusters > 0 ? clusters : 1) * Cfg::kCluster));
   if constexpr (Cfg::kCluster == 1) {
-    // A plain launch: the same kernel launched as clusters of one CTA (cudaLaunchKernelEx) measured up to 1.6x
-    // slower on an H100 (DeepSeek-V3 T=16384 layer 39.3 vs 24.3 ms).
-    moe_gemm_sm90ws_kernel<Cfg><<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(tmap_a, tmap_b, args);
+    // No cluster attribute: the same kernel launched as clusters of one CTA measured up to 1.6x slower on an H100
+    // (DeepSeek-V3 T=16384 layer 39.3 vs 24.3 ms).
+    launch_pdl(moe_gemm_sm90ws_kernel<Cfg>, grid, Cfg::kThreads, Cfg::kSmemBytes, stream, tmap_a, tmap_a_group,
+               tmap_b, args);
     return;
   }
-  cudaLaunchAttribute cluster_dims{};
-  cluster_dims.id = cudaLaunchAttributeClusterDimension;
-  cluster_dims.val.clusterDim.x = Cfg::kCluster;
-  cluster_dims.val.clusterDim.y = 1;
-  cluster_dims.val.clusterDim.z = 1;
+  cudaLaunchAttribute attrs[2] = {};
+  attrs[0].id = cudaLaunchAttributeClusterDimension;
+  attrs[0].val.clusterDim.x = Cfg::kCluster;
+  attrs[0].val.clusterDim.y = 1;
+  attrs[0].val.clusterDim.z = 1;
+  attrs[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;  // PDL, as launch_pdl
+  attrs[1].val.programmaticStreamSerializationAllowed = 1;
   cudaLaunchConfig_t config{};
   config.gridDim = grid;
   config.blockDim = dim3(Cfg::kThreads);
   config.dynamicSmemBytes = Cfg::kSmemBytes;
   config.stream = stream;
-  config.attrs = &cluster_dims;
-  config.numAttrs = 1;
-  cudaLaunchKernelEx(&config, &moe_gemm_sm90ws_kernel<Cfg>, tmap_a, tmap_b, args);
+  config.attrs = attrs;
+  config.numAttrs = pdl_enabled() ? 2 : 1;
+  cudaLaunchKernelEx(&config, &moe_gemm_sm90ws_kernel<Cfg>, tmap_a, tmap_a_group, tmap_b, args);
 }
 
 }  // namespace jitmoe::moe::sm90ws
