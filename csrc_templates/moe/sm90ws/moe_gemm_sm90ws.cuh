@@ -531,8 +531,8 @@ __device__ __forceinline__ void consume(const MoeGemmArgs& args, const SmemPlan<
     // through the main loop and push ptxas (capped at 65536 / 384 registers) into spilling.
     int epilogue_tid = consumer_tid;
     asm volatile("" : "+r"(epilogue_tid));
-    // A warp whose 16 rows are all padding stores nothing: the producer did not load their row group of A, and
-    // no GEMM keeps a padding row's result (GEMM2 loads the same row groups of inter as GEMM1 writes).
+    // A warp whose 16 rows are all padding stores nothing: the producer may not have loaded their row group of A,
+    // and no GEMM keeps a padding row's result (GEMM2 may load inter rows that GEMM1 did not write: padding only).
     if (!is_real_slot(__shfl_sync(0xffffffffu, row_slot, 0), args.num_slots)) continue;
     // The staging round trip is warp-local (a warp stages and stores only its own 16 rows), so __syncwarp orders
     // it: before, this warp's reads of the last tile are done; after, its writes of this tile are visible.
