@@ -1,15 +1,10 @@
 // Programmatic dependent launch (PDL, sm_90+): a kernel launched with launch_pdl may be scheduled while the kernel
 // before it in the stream is still running, so its launch latency and its set-up overlap that kernel's tail.
 //
-// The contract, for every kernel launched with launch_pdl:
-//   * pdl_wait() before its first access to global memory that an earlier kernel of the stream writes or reads
-//     (it returns once those kernels have completed and their writes are visible; without a PDL launch, or below
-//     sm_90, it returns at once);
-//   * pdl_launch_dependents() once it has passed pdl_wait(): the next PDL kernel may then be scheduled as soon as
-//     every CTA of this one has called it or exited. The next kernel still waits for this one to complete before
-//     it reads anything, so the call only moves its launch earlier.
-// A kernel that reads only data from before the previous launch (weights, the routing the previous kernel also
-// waited for) may read it before pdl_wait().
+// The contract, for every kernel launched with launch_pdl: call pdl_start() before the first access to global memory
+// that an earlier kernel of the stream writes or reads. It waits until those kernels have completed and their writes
+// are visible (at once without a PDL launch, or below sm_90), then lets the next PDL kernel be scheduled as soon as
+// every CTA of this one has called it or exited; that kernel still waits for this one before it reads anything.
 //
 // JITMOE_PDL=0 in the environment launches without the attribute (read at every launch: A/B timing, debugging).
 #pragma once
@@ -20,14 +15,9 @@
 
 namespace jitmoe {
 
-__device__ __forceinline__ void pdl_wait() {
+__device__ __forceinline__ void pdl_start() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
-}
-
-__device__ __forceinline__ void pdl_launch_dependents() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 #endif
 }
@@ -52,21 +42,36 @@ inline bool pdl_enabled() {
 
 }  // namespace
 
+// What a launch needs besides the stream and the arguments. cluster > 1 launches clusters of that many CTAs along x;
+// cluster == 1 sets no cluster attribute (the sm90ws kernel measured up to 1.6x slower launched as clusters of one).
+struct LaunchShape {
+  dim3 grid;
+  dim3 block;
+  size_t smem = 0;
+  unsigned cluster = 1;
+};
+
 // kernel<<<grid, block, smem, stream>>>(args...), allowed to overlap the previous kernel of the stream (see above).
 // Returns the launch error, which the callers' bindings report through cudaGetLastError like a <<<>>> launch.
 template <typename... Params, typename... Args>
-cudaError_t launch_pdl(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
-                       Args&&... args) {
-  cudaLaunchAttribute attr{};
-  attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr.val.programmaticStreamSerializationAllowed = 1;
+cudaError_t launch_pdl(void (*kernel)(Params...), const LaunchShape& shape, cudaStream_t stream, Args&&... args) {
+  cudaLaunchAttribute attrs[2] = {};
+  unsigned count = 0;
+  if (shape.cluster > 1) {
+    attrs[count].id = cudaLaunchAttributeClusterDimension;
+    attrs[count++].val.clusterDim = {shape.cluster, 1, 1};
+  }
+  if (pdl_enabled()) {
+    attrs[count].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attrs[count++].val.programmaticStreamSerializationAllowed = 1;
+  }
   cudaLaunchConfig_t config{};
-  config.gridDim = grid;
-  config.blockDim = block;
-  config.dynamicSmemBytes = smem;
+  config.gridDim = shape.grid;
+  config.blockDim = shape.block;
+  config.dynamicSmemBytes = shape.smem;
   config.stream = stream;
-  config.attrs = &attr;
-  config.numAttrs = pdl_enabled() ? 1 : 0;
+  config.attrs = attrs;
+  config.numAttrs = count;
   return cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...);
 }
 

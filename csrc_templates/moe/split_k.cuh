@@ -53,8 +53,7 @@ template <typename T, Act A, bool kGemm2>
 __global__ void __launch_bounds__(kReduceThreads) split_k_reduce_kernel(const __grid_constant__ MoeGemmArgs args,
                                                                         int block_m) {
   constexpr bool kGated = !kGemm2 && ActTraits<A>::kGated;
-  pdl_wait();  // common/pdl.cuh: launched with launch_pdl
-  pdl_launch_dependents();
+  pdl_start();  // common/pdl.cuh: launched with launch_pdl
   const int p = blockIdx.x;
   const int col = (blockIdx.y * kReduceThreads + threadIdx.x) * kReduceVec;
   if (p >= *args.num_padded || col >= args.n) return;
@@ -96,7 +95,7 @@ void launch_split_k_reduce(const MoeGemmArgs& args, int block_m, cudaStream_t st
   if (args.k_splits <= 1) return;
   constexpr int kColsPerBlock = kReduceThreads * kReduceVec;
   const dim3 grid(args.m_pad_max, (args.n + kColsPerBlock - 1) / kColsPerBlock);
-  launch_pdl(split_k_reduce_kernel<T, A, kGemm2>, grid, kReduceThreads, 0, stream, args, block_m);
+  launch_pdl(split_k_reduce_kernel<T, A, kGemm2>, {grid, kReduceThreads}, stream, args, block_m);
 }
 
 }  // namespace jitmoe::moe

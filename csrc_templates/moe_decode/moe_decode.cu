@@ -11,10 +11,10 @@ void launch_decode(const DecodeArgs& a, cudaStream_t stream) {
   constexpr Act kAct = Act::${act};
   if (a.num_tokens <= 0) return;
   const dim3 grid1((a.inter_size + kColsPerBlock - 1) / kColsPerBlock, a.num_tokens * a.topk);
-  launch_pdl(decode_gemm1_kernel<T, kAct>, grid1, kThreads, 0, stream, a);
+  launch_pdl(decode_gemm1_kernel<T, kAct>, {grid1, kThreads}, stream, a);
   const int cols2 = gemm2_cols_per_block(a.topk);
   const dim3 grid2((a.hidden + cols2 - 1) / cols2, a.num_tokens);
-  launch_pdl(decode_gemm2_kernel<T>, grid2, kThreads2, 0, stream, a);
+  launch_pdl(decode_gemm2_kernel<T>, {grid2, kThreads2}, stream, a);
 }
 
 }  // namespace jitmoe::moe_decode

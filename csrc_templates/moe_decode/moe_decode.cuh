@@ -109,8 +109,7 @@ template <typename T, Act A>
 __global__ void __launch_bounds__(kThreads) decode_gemm1_kernel(const DecodeArgs a) {
   constexpr bool kGated = moe::ActTraits<A>::kGated;
   constexpr int kRows = kGated ? 2 * kCols : kCols;
-  pdl_wait();  // common/pdl.cuh: launched with launch_pdl
-  pdl_launch_dependents();
+  pdl_start();  // common/pdl.cuh: launched with launch_pdl
   const int s = blockIdx.y;
   const int e = local_expert(a, s);
   if (e < 0) return;  // block-uniform
@@ -156,8 +155,7 @@ template <typename T>
 __global__ void __launch_bounds__(kThreads2, kMinBlocks2) decode_gemm2_kernel(const DecodeArgs a) {
   __shared__ float partial[kWarps2][kCols][32];
   __shared__ float bias_partial[kWarps2][kCols];
-  pdl_wait();  // common/pdl.cuh: launched with launch_pdl
-  pdl_launch_dependents();
+  pdl_start();  // common/pdl.cuh: launched with launch_pdl
   const int t = blockIdx.y;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int jw = choice_warps(a.topk);

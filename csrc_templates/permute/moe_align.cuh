@@ -62,8 +62,7 @@ __global__ void __launch_bounds__(kAlignThreads, 1) moe_align_kernel(AlignArgs a
   const int w = threadIdx.x >> 5;
   const int cells = (a.count_warps + 1) * a.num_experts;
   for (int i = threadIdx.x; i < cells; i += kAlignThreads) table[i] = 0;
-  pdl_wait();  // common/pdl.cuh: launched with launch_pdl
-  pdl_launch_dependents();
+  pdl_start();  // common/pdl.cuh: launched with launch_pdl
   __syncthreads();
   int begin = 0, end = 0;
   if (w < a.count_warps) warp_slice(0, a.num_slots, a.count_warps, w, &begin, &end);

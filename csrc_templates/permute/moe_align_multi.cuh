@@ -226,8 +226,7 @@ __global__ void __launch_bounds__(kMultiThreads) moe_align_multi_kernel(MultiAli
   extern __shared__ int table[];  // counter: [E] chunk histogram; placer: [count_warps][E] counts -> cursors
   __shared__ int scan_scratch[kMultiWarps + 1];
   __shared__ int word;  // the block's ticket, then whether it counted last
-  pdl_wait();  // common/pdl.cuh: launched with launch_pdl; the sync words are the last launch's too
-  pdl_launch_dependents();
+  pdl_start();  // common/pdl.cuh: launched with launch_pdl; the sync words are the last launch's too
   if (threadIdx.x == 0) word = atomicAdd(m.sync + kTicket, 1);
   __syncthreads();
   const int ticket = word;

@@ -25,8 +25,7 @@ __global__ void moe_combine_kernel(const T* __restrict__ out_slots,      // [num
                                    const int32_t* __restrict__ topk_ids,  // [num_tokens * topk] global ids
                                    T* __restrict__ out,                   // [num_tokens, hidden]
                                    int num_tokens, int topk, int hidden, int expert_offset, int num_experts) {
-  pdl_wait();  // common/pdl.cuh: launched with launch_pdl
-  pdl_launch_dependents();
+  pdl_start();  // common/pdl.cuh: launched with launch_pdl
   const long long vecs_per_row = hidden / VEC;
   const long long total = static_cast<long long>(num_tokens) * vecs_per_row;
   const long long stride = static_cast<long long>(gridDim.x) * blockDim.x;

@@ -55,7 +55,7 @@ void launch_align_single(jitmoe::permute::AlignArgs args, cudaStream_t stream) {
   args.count_warps = single_cta_count_warps(args.num_slots, args.num_experts, smem_limit);
   const size_t smem = static_cast<size_t>(args.count_warps + 1) * args.num_experts * sizeof(int32_t);
   allow_dynamic_smem(pm::moe_align_kernel, smem);
-  jitmoe::launch_pdl(pm::moe_align_kernel, 1, pm::kAlignThreads, smem, stream, args);
+  jitmoe::launch_pdl(pm::moe_align_kernel, {1, pm::kAlignThreads, smem}, stream, args);
 }
 
 void launch_align_multi(jitmoe::permute::AlignArgs args, int32_t* sync, int32_t* scratch, int num_chunks,
@@ -68,7 +68,7 @@ void launch_align_multi(jitmoe::permute::AlignArgs args, int32_t* sync, int32_t*
   const pm::MultiAlignArgs multi{args, sync, scratch, num_chunks, chunk_slots};
   const size_t smem = static_cast<size_t>(args.count_warps) * args.num_experts * sizeof(int32_t);
   allow_dynamic_smem(pm::moe_align_multi_kernel, smem);
-  jitmoe::launch_pdl(pm::moe_align_multi_kernel, 2 * num_chunks, pm::kMultiThreads, smem, stream, multi);
+  jitmoe::launch_pdl(pm::moe_align_multi_kernel, {2 * num_chunks, pm::kMultiThreads, smem}, stream, multi);
 }
 
 template <typename T>
@@ -86,10 +86,10 @@ void launch_combine(const void* out_slots, const int32_t* topk_ids, void* out, i
   const T* src = static_cast<const T*>(out_slots);
   T* dst = static_cast<T*>(out);
   if (vector_ok) {
-    jitmoe::launch_pdl(jitmoe::permute::moe_combine_kernel<T, kVec>, static_cast<int>(blocks), kThreads, 0, stream,
+    jitmoe::launch_pdl(jitmoe::permute::moe_combine_kernel<T, kVec>, {static_cast<unsigned>(blocks), kThreads}, stream,
                        src, topk_ids, dst, num_tokens, topk, hidden, expert_offset, num_experts);
   } else {
-    jitmoe::launch_pdl(jitmoe::permute::moe_combine_kernel<T, 1>, static_cast<int>(blocks), kThreads, 0, stream,
+    jitmoe::launch_pdl(jitmoe::permute::moe_combine_kernel<T, 1>, {static_cast<unsigned>(blocks), kThreads}, stream,
                        src, topk_ids, dst, num_tokens, topk, hidden, expert_offset, num_experts);
   }
 }

@@ -305,8 +305,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) moe_gemm_sm90_kernel(const _
   Elem* smem_b = reinterpret_cast<Elem*>(smem + Cfg::kElemsA * 2);  // [halves][S][BN, BK] swizzled (SmemLayoutB)
   auto* staging = reinterpret_cast<typename Cfg::Element*>(smem);   // [BM, kStageLd], aliases A/B after the loop
   auto& rows = *reinterpret_cast<RowInfo<Cfg::kBlockM>*>(smem + Cfg::kBytesMain);
-  pdl_wait();  // common/pdl.cuh: launched with launch_pdl
-  pdl_launch_dependents();
+  pdl_start();  // common/pdl.cuh: launched with launch_pdl
 
   const int m_block = blockIdx.x;
   const int m0 = m_block * Cfg::kBlockM;
@@ -346,7 +345,7 @@ void launch(const MoeGemmArgs& args, cudaStream_t stream) {
   auto* kernel = &moe_gemm_sm90_kernel<Cfg>;
   // A failure here (tile too large for this GPU) makes the launch fail too; the binding reports it.
   set_max_dynamic_smem_once<&moe_gemm_sm90_kernel<Cfg>>(Cfg::kSmemBytes);
-  launch_pdl(kernel, dim3(m_blocks, n_blocks, args.k_splits), Cfg::kThreads, Cfg::kSmemBytes, stream, args);
+  launch_pdl(kernel, {dim3(m_blocks, n_blocks, args.k_splits), Cfg::kThreads, Cfg::kSmemBytes}, stream, args);
   launch_split_k_reduce<T, A, Mode == GemmMode::gemm2>(args, BM, stream);
 }
 

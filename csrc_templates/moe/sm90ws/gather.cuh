@@ -29,8 +29,7 @@ __device__ __forceinline__ int sorted_rows_in_use(const int32_t* num_padded, int
 __global__ void __launch_bounds__(kGatherThreads) invert_sorted_ids_kernel(
     const int32_t* __restrict__ sorted_ids, const int32_t* __restrict__ num_padded, int32_t* __restrict__ slot_rows,
     int m_pad_max, int num_slots) {
-  pdl_wait();  // common/pdl.cuh: launched with launch_pdl
-  pdl_launch_dependents();
+  pdl_start();  // common/pdl.cuh: launched with launch_pdl
   const int rows = sorted_rows_in_use(num_padded, m_pad_max);
   for (int p = blockIdx.x * kGatherThreads + threadIdx.x; p < rows; p += gridDim.x * kGatherThreads) {
     const int s = sorted_ids[p];
@@ -46,8 +45,7 @@ __global__ void __launch_bounds__(kGatherThreads) gather_token_rows_kernel(
     const int32_t* __restrict__ slot_rows,      // [T * topk]
     uint4* __restrict__ a_sorted,               // [m_pad_max, K / 8]
     int m_pad_max, int num_tokens, int topk, int chunks_per_row) {
-  pdl_wait();  // common/pdl.cuh: launched with launch_pdl
-  pdl_launch_dependents();
+  pdl_start();  // common/pdl.cuh: launched with launch_pdl
   const int rows = sorted_rows_in_use(num_padded, m_pad_max);
   const int lane = threadIdx.x % 32;
   const int warps = gridDim.x * (kGatherThreads / 32);
@@ -88,9 +86,9 @@ inline void launch_gather(const void* x, const int32_t* sorted_ids, const int32_
   };
   const int num_tokens = num_slots / topk;
   if (m_pad_max <= 0 || num_tokens <= 0) return;
-  launch_pdl(invert_sorted_ids_kernel, capped(m_pad_max, kGatherThreads), kGatherThreads, 0, stream, sorted_ids,
+  launch_pdl(invert_sorted_ids_kernel, {capped(m_pad_max, kGatherThreads), kGatherThreads}, stream, sorted_ids,
              num_padded, slot_rows, m_pad_max, num_slots);
-  launch_pdl(gather_token_rows_kernel, capped(num_tokens, kGatherThreads / 32), kGatherThreads, 0, stream,
+  launch_pdl(gather_token_rows_kernel, {capped(num_tokens, kGatherThreads / 32), kGatherThreads}, stream,
              static_cast<const uint4*>(x), sorted_ids, num_padded, slot_rows, static_cast<uint4*>(a_sorted),
              m_pad_max, num_tokens, topk, k / 8);
 }

@@ -32,7 +32,7 @@
 // (A) nor stored.
 #pragma once
 #include <cuda.h>
-#include <cuda_runtime.h>  // cudaLaunchKernelEx (cluster launch)
+#include <cuda_runtime.h>
 #include <cstdint>
 #include <stdexcept>
 #include <type_traits>
@@ -572,8 +572,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   }
   // Launched with PDL (common/pdl.cuh): the set-up above overlapped the previous kernel; its outputs (the sorted
   // order, a_sorted or inter) are read only from here on.
-  pdl_wait();
-  pdl_launch_dependents();
+  pdl_start();
 
   if (threadIdx.x < 128) {
     cutlass::arch::warpgroup_reg_dealloc<Cfg::kProducerRegs>();
@@ -627,28 +626,8 @@ void launch(const MoeGemmArgs& args, cudaStream_t stream) {
   // A failure here (tile too large for this GPU) makes the launch fail too; the binding reports it.
   set_max_dynamic_smem_once<&moe_gemm_sm90ws_kernel<Cfg>>(Cfg::kSmemBytes);
   const dim3 grid(static_cast<unsigned>((clusters > 0 ? clusters : 1) * Cfg::kCluster));
-  if constexpr (Cfg::kCluster == 1) {
-    // No cluster attribute: the same kernel launched as clusters of one CTA measured up to 1.6x slower on an H100
-    // (DeepSeek-V3 T=16384 layer 39.3 vs 24.3 ms).
-    launch_pdl(moe_gemm_sm90ws_kernel<Cfg>, grid, Cfg::kThreads, Cfg::kSmemBytes, stream, tmap_a, tmap_a_group,
-               tmap_b, args);
-    return;
-  }
-  cudaLaunchAttribute attrs[2] = {};
-  attrs[0].id = cudaLaunchAttributeClusterDimension;
-  attrs[0].val.clusterDim.x = Cfg::kCluster;
-  attrs[0].val.clusterDim.y = 1;
-  attrs[0].val.clusterDim.z = 1;
-  attrs[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;  // PDL, as launch_pdl
-  attrs[1].val.programmaticStreamSerializationAllowed = 1;
-  cudaLaunchConfig_t config{};
-  config.gridDim = grid;
-  config.blockDim = dim3(Cfg::kThreads);
-  config.dynamicSmemBytes = Cfg::kSmemBytes;
-  config.stream = stream;
-  config.attrs = attrs;
-  config.numAttrs = pdl_enabled() ? 2 : 1;
-  cudaLaunchKernelEx(&config, &moe_gemm_sm90ws_kernel<Cfg>, tmap_a, tmap_a_group, tmap_b, args);
+  launch_pdl(moe_gemm_sm90ws_kernel<Cfg>, {grid, Cfg::kThreads, Cfg::kSmemBytes, Cfg::kCluster}, stream, tmap_a,
+             tmap_a_group, tmap_b, args);
 }
 
 }  // namespace jitmoe::moe::sm90ws
