@@ -68,8 +68,10 @@ __device__ __forceinline__ float block_max_f32(float v, Scratch* sc) {
   return m;
 }
 
-// Inclusive prefix sum over the block in thread order; *total receives the block's sum.
+// Inclusive prefix sum over a block of NW warps in thread order; *total receives the block's sum.
+template <int NW = kWarps>
 __device__ __forceinline__ unsigned block_inclusive_scan(unsigned v, Scratch* sc, unsigned* total) {
+  static_assert(NW >= 1 && NW <= 32, "one warp scans the warp totals");
   const int lane = lane_id();
 #pragma unroll
   for (int offset = 1; offset < 32; offset <<= 1) {
@@ -79,17 +81,17 @@ __device__ __forceinline__ unsigned block_inclusive_scan(unsigned v, Scratch* sc
   if (lane == 31) sc->warp_total[warp_id()] = v;
   __syncthreads();
   if (warp_id() == 0) {
-    unsigned w = sc->warp_total[lane];
+    unsigned w = lane < NW ? sc->warp_total[lane] : 0u;
 #pragma unroll
     for (int offset = 1; offset < 32; offset <<= 1) {
       const unsigned up = __shfl_up_sync(kFullWarp, w, offset);
       if (lane >= offset) w += up;
     }
-    sc->warp_total[lane] = w;  // now inclusive over warps
+    if (lane < NW) sc->warp_total[lane] = w;  // now inclusive over warps
   }
   __syncthreads();
   if (warp_id() > 0) v += sc->warp_total[warp_id() - 1];
-  *total = sc->warp_total[kWarps - 1];
+  *total = sc->warp_total[NW - 1];
   __syncthreads();
   return v;
 }

@@ -14,6 +14,7 @@
 //   3. finalize_kernel (token-major): the finalizers of ec_finalize.cuh, routing from the pick lists.
 // The keys take 2 bytes per score, read once from L2 by the selectors; no candidate sampling, no bounds.
 #pragma once
+#include "common/pdl.cuh"
 #include "expert_choice/ec_finalize.cuh"
 #include "expert_choice/ec_select.cuh"
 
@@ -36,10 +37,17 @@ constexpr int key_rows_in_flight() {
 }
 
 // Block b scores tokens [32b, 32b + 32), 4 per warp, and writes their keys expert-major. Also zeroes the tokens' pick
-// counts and (block 0, token-major) the per-expert counts that the finalizers add to.
-template <typename In, int NCH>
-__global__ void __launch_bounds__(kKeyRowThreads, 1) score_keys_kernel(Params<In> p) {
+// counts and (block 0, token-major) the per-expert counts that the finalizers add to. kFull: E == 32 * NCH (no
+// per-expert checks; with NCH <= 8 four blocks fit an SM, so a T = 16384 grid is one wave on an H100).
+template <int NCH, bool kFull>
+constexpr int key_row_min_blocks() {
+  return NCH > 8 ? 1 : kFull ? 4 : 3;
+}
+
+template <typename In, int NCH, bool kFull>
+__global__ void __launch_bounds__(kKeyRowThreads, key_row_min_blocks<NCH, kFull>()) score_keys_kernel(Params<In> p) {
   extern __shared__ __align__(16) unsigned char ec_smem[];
+  pdl_start();
   unsigned* tile = reinterpret_cast<unsigned*>(ec_smem);  // [E, kKeyTilePitch] words, 2 keys each
   unsigned short* tile_keys = reinterpret_cast<unsigned short*>(ec_smem);
   constexpr int kRows = key_rows_in_flight<NCH>();
@@ -54,7 +62,7 @@ __global__ void __launch_bounds__(kKeyRowThreads, 1) score_keys_kernel(Params<In
 #pragma unroll
     for (int r = 0; r < kRows; ++r) {
       const int t = t0 + warp_id() + kKeyRowWarps * (i0 + r);
-      load_row<In, NCH>(p, min(t, p.T - 1), v[r]);
+      load_row<In, NCH, kFull>(p, min(t, p.T - 1), v[r]);
       if (lane == 0 && t < p.T && p.pick_count != nullptr) p.pick_count[t] = 0;
     }
 #pragma unroll
@@ -63,12 +71,11 @@ __global__ void __launch_bounds__(kKeyRowThreads, 1) score_keys_kernel(Params<In
       const int t = t0 + i;
       const bool real = t < p.T && token_is_real(p.token_mask, t);
       score_loaded_row<In, NCH>(p, t, v[r], t < p.T);
-      unsigned short* keys = tile_keys + i;  // expert e's key at keys[2 * kKeyTilePitch * e]
+      unsigned short* keys = tile_keys + i + 2 * kKeyTilePitch * lane;  // expert e's key at keys[2 * kKeyTilePitch * e]
 #pragma unroll
       for (int j = 0; j < NCH; ++j) {
-        const int e = lane + 32 * j;
         const unsigned key = real ? key16_of(__float_as_uint(v[r][j])) : 0u;
-        if (e < p.E) keys[2 * kKeyTilePitch * e] = static_cast<unsigned short>(key);
+        if (kFull || lane + 32 * j < p.E) keys[2 * kKeyTilePitch * 32 * j] = static_cast<unsigned short>(key);
       }
     }
   }
@@ -140,6 +147,32 @@ __device__ void find_bin_from_top(const unsigned* hist, int n_bins, unsigned ran
   }
 }
 
+// Block: the key16 bin, counted from the top, that holds the rank-th best token, as find_bin_from_top gives it, with
+// every thread summing kBinsPerThread bins and one block scan (the single-warp walk was a chain of ~100 steps).
+constexpr int kBinsPerThread = kKeyBins / kKeySelectThreads;
+static_assert(kBinsPerThread * kKeySelectThreads == kKeyBins, "the key bins split evenly over the selector threads");
+
+__device__ void find_key_bin(const unsigned* hist, unsigned rank, Scratch* sc) {
+  const int top = kKeyBins - 1 - threadIdx.x * kBinsPerThread;  // this thread's bins: top, top - 1, ...
+  unsigned n[kBinsPerThread], mine = 0;
+#pragma unroll
+  for (int i = 0; i < kBinsPerThread; ++i) mine += n[i] = hist[top - i];
+  unsigned total = 0;
+  unsigned above = block_inclusive_scan<kKeySelectWarps>(mine, sc, &total) - mine;  // in the bins above this thread's
+  if (above < rank && rank <= above + mine) {
+#pragma unroll
+    for (int i = 0; i < kBinsPerThread; ++i) {
+      if (above < rank && rank <= above + n[i]) {
+        sc->digit = static_cast<unsigned>(top - i);
+        sc->rank = rank - above;
+        sc->count = n[i];
+      }
+      above += n[i];
+    }
+  }
+  converged_syncthreads();
+}
+
 // theta of a boundary bin too large to rank pairwise: 8-bit digits of the 64-bit column key from the top, each pass
 // recomputing the bin's keys (only inputs with masses of tied or tiny scores get here).
 template <typename In>
@@ -176,7 +209,42 @@ __device__ unsigned long long radix_in_bin(const Params<In>& p, const KeySelecto
 // (picked) or 0 (not picked), so that expert e picks token t exactly when column[t] > the boundary key16.
 constexpr unsigned short kPickedKey = 0xFFFF;
 
-// theta = the rank-th best column key among the n_bin tokens of key16 `bin`; marks those tokens.
+// The column in runs: warp w owns chunks (8 keys, 16 bytes) [w * per_run, (w + 1) * per_run), a contiguous run of
+// tokens, and its lane l reads chunk c0 + l of each 32-chunk step (conflict-free 16-byte shared loads). A pick's
+// place in the token-ordered list is then the picks of the runs before its own plus those before it in its run.
+__device__ __forceinline__ int chunks_per_run(int key_pitch) {
+  constexpr int kRunStep = 32 * kKeySelectWarps;
+  return (key_pitch / 8 + kRunStep - 1) / kRunStep * 32;
+}
+
+// Key j (token 8c + j) of chunk c.
+__device__ __forceinline__ unsigned chunk_key(const uint4& v, int j) {
+  const unsigned w = j < 2 ? v.x : j < 4 ? v.y : j < 6 ? v.z : v.w;
+  return (j & 1) ? w >> 16 : w & 0xFFFFu;
+}
+
+// Per run, the keys above `bin` (s.sc->run_picks[warp]); with `collect`, the tokens whose key is `bin` appended to
+// s.list (the caller zeroes s.sc->n_list and guarantees at most kRankList of them).
+__device__ void count_runs(const KeySelectorSmem& s, int key_pitch, unsigned bin, bool collect) {
+  const int per_run = chunks_per_run(key_pitch);
+  const int begin = warp_id() * per_run, end = min(key_pitch / 8, begin + per_run);
+  const uint4* chunks = reinterpret_cast<const uint4*>(s.column);
+  unsigned above = 0;
+  for (int c = begin + lane_id(); c < end; c += 32) {
+    const uint4 v = chunks[c];
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      const unsigned key = chunk_key(v, j);
+      above += key > bin ? 1u : 0u;
+      if (collect && key == bin) s.list[atomicAdd(&s.sc->n_list, 1u)] = static_cast<unsigned>(8 * c + j);
+    }
+  }
+  above = __reduce_add_sync(kFullWarp, above);
+  if (lane_id() == 0) s.sc->run_picks[warp_id()] = above;
+}
+
+// theta = the rank-th best column key among the n_bin tokens of key16 `bin` (listed in s.list by count_runs when
+// n_bin <= kRankList); marks those tokens picked or not and adds the picked ones to their runs' counts.
 template <typename In>
 __device__ unsigned long long resolve_bin(const Params<In>& p, const KeySelectorSmem& s, const ColumnItems<In>& items,
                                           unsigned bin, unsigned rank, unsigned n_bin) {
@@ -186,27 +254,22 @@ __device__ unsigned long long resolve_bin(const Params<In>& p, const KeySelector
     for (int t = tid; t < p.T; t += kKeySelectThreads)
       if (s.column[t] == bin) s.column[t] = items(t) >= theta ? kPickedKey : 0;
     converged_syncthreads();
+    count_runs(s, p.key_pitch, bin, false);  // recount: the bin's picked tokens are above it now
+    converged_syncthreads();
     return theta;
   }
-  if (tid == 0) s.sc->n_list = 0;
+  const bool mine = tid < static_cast<int>(n_bin);
+  const int t = mine ? static_cast<int>(s.list[tid]) : 0;
+  const unsigned long long key = mine ? items(t) : 0ull;
+  if (mine) s.rank_keys[tid] = key;
   converged_syncthreads();
-  for (int base = 0; base < p.key_pitch; base += kKeySelectThreads) {  // uniform trip count (warp helper)
-    const int t = base + tid;
-    list_append(s.list, &s.sc->n_list, t < p.T && s.column[t] == bin, static_cast<unsigned>(t));
-  }
-  converged_syncthreads();
-  unsigned long long key = 0;
-  if (tid < static_cast<int>(n_bin)) {
-    const int t = static_cast<int>(s.list[tid]);
-    key = items(t);
-    s.rank_keys[tid] = key;
-  }
-  converged_syncthreads();
-  if (tid < static_cast<int>(n_bin)) {  // keys are unique: exactly one has rank - 1 keys above it
+  if (mine) {  // keys are unique: exactly one has rank - 1 keys above it
     unsigned above = 0;
     for (unsigned j = 0; j < n_bin; ++j) above += s.rank_keys[j] > key ? 1u : 0u;
     if (above == rank - 1) s.sc->key = key;
-    s.column[s.list[tid]] = above < rank ? kPickedKey : 0;
+    const bool picked = above < rank;
+    s.column[t] = picked ? kPickedKey : 0;
+    if (picked) atomicAdd(&s.sc->run_picks[t / 8 / chunks_per_run(p.key_pitch)], 1u);
   }
   converged_syncthreads();
   const unsigned long long theta = s.sc->key;
@@ -214,27 +277,33 @@ __device__ unsigned long long resolve_bin(const Params<In>& p, const KeySelector
   return theta;
 }
 
-// Writes the tokens with column[t] > above, in increasing order, to row[0, take) (each warp a contiguous run of
-// tokens, counted first): shared memory reads and plain stores only, the scores come in a parallel pass after.
-__device__ void list_picked_tokens(const KeySelectorSmem& s, int T, int key_pitch, unsigned above, int32_t* row) {
+// Writes the tokens with column[t] > above, in increasing order, to row[0, take): each run from its offset, one warp
+// scan per 32-chunk step. Shared memory reads and plain stores only; the scores come in a parallel pass after.
+__device__ void list_picked_tokens(const KeySelectorSmem& s, int key_pitch, unsigned above, int32_t* row) {
   const int lane = lane_id(), warp = warp_id();
-  const int run = (key_pitch + 32 * kKeySelectWarps - 1) / (32 * kKeySelectWarps) * 32;
-  const int t_begin = warp * run, t_end = min(T, t_begin + run);
-  unsigned mine = 0;
-  for (int base = t_begin; base < t_end; base += 32) {
-    const int t = base + lane;
-    mine += __popc(__ballot_sync(kFullWarp, t < t_end && s.column[t] > above));
-  }
-  if (lane == 0) s.sc->warp_total[warp] = mine;
-  converged_syncthreads();
+  const int per_run = chunks_per_run(key_pitch);
+  const int begin = warp * per_run, end = min(key_pitch / 8, begin + per_run);
+  const uint4* chunks = reinterpret_cast<const uint4*>(s.column);
   unsigned pos = 0;
-  for (int w = 0; w < warp; ++w) pos += s.sc->warp_total[w];
-  for (int base = t_begin; base < t_end; base += 32) {
-    const int t = base + lane;
-    const bool picked = t < t_end && s.column[t] > above;
-    const unsigned ballot = __ballot_sync(kFullWarp, picked);
-    if (picked) row[pos + __popc(ballot & ((1u << lane) - 1u))] = t;
-    pos += __popc(ballot);
+  for (int w = 0; w < warp; ++w) pos += s.sc->run_picks[w];
+  for (int c0 = begin; c0 < end; c0 += 32) {  // uniform trip count: warp scans inside
+    const int c = c0 + lane;
+    const uint4 v = c < end ? chunks[c] : make_uint4(0u, 0u, 0u, 0u);
+    unsigned mask = 0;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) mask |= (chunk_key(v, j) > above ? 1u : 0u) << j;
+    const unsigned n = __popc(mask);
+    unsigned incl = n;
+#pragma unroll
+    for (int offset = 1; offset < 32; offset <<= 1) {
+      const unsigned up = __shfl_up_sync(kFullWarp, incl, offset);
+      if (lane >= offset) incl += up;
+    }
+    unsigned at = pos + incl - n;
+#pragma unroll
+    for (int j = 0; j < 8; ++j)
+      if ((mask >> j) & 1u) row[at++] = 8 * c + j;
+    pos += __shfl_sync(kFullWarp, incl, 31);
   }
   converged_syncthreads();  // the row is read back by other threads of the block
 }
@@ -320,26 +389,30 @@ __device__ void load_key_column(const Params<In>& p, const KeySelectorSmem& s, i
 template <typename In>
 __global__ void __launch_bounds__(kKeySelectThreads, 2) select_keys_kernel(Params<In> p) {
   extern __shared__ __align__(16) unsigned char ec_smem[];
+  pdl_start();
   const KeySelectorSmem s = key_selector_smem(ec_smem);
   const int e = blockIdx.x;
   // Scores recomputed from the logits and the score-keys launch's row statistics (only real tokens are asked for).
   const ColumnKeys<In> col{p.logits, p.token_mask, p.row_max, p.row_rcp, nullptr, p.E, e, false, 0.0f, 0.0f};
+  if (threadIdx.x == 0) s.sc->n_list = 0;  // before load_key_column's barriers
   load_key_column(p, s, e);
   const unsigned n_real = static_cast<unsigned>(p.key_pitch) - s.hist[0];
   const unsigned take = min(static_cast<unsigned>(p.capacity), n_real);
-  unsigned above = kPickedKey;  // take == 0: nothing
+  unsigned above = kPickedKey, rank = 0, n_bin = 0;  // take == 0: nothing
   unsigned long long theta = ~0ull;
   if (take == n_real && take > 0) {  // every real token
     above = 0;
     theta = 0;
   } else if (take > 0) {
-    if (warp_id() == 0) find_bin_from_top(s.hist, kKeyBins, take, s.sc);
+    find_key_bin(s.hist, take, s.sc);
+    above = s.sc->digit;
+    rank = s.sc->rank;
+    n_bin = s.sc->count;
     converged_syncthreads();
-    const unsigned bin = s.sc->digit, rank = s.sc->rank, n_bin = s.sc->count;
-    converged_syncthreads();
-    theta = resolve_bin(p, s, ColumnItems<In>{col}, bin, rank, n_bin);
-    above = bin;
   }
+  count_runs(s, p.key_pitch, above, n_bin > 0 && n_bin <= static_cast<unsigned>(kRankList));
+  converged_syncthreads();
+  if (n_bin > 0) theta = resolve_bin(p, s, ColumnItems<In>{col}, above, rank, n_bin);
   if (threadIdx.x == 0) {
     p.theta_hi[e] = static_cast<unsigned>(theta >> 32);
     p.theta_lo[e] = static_cast<unsigned>(theta);
@@ -349,7 +422,7 @@ __global__ void __launch_bounds__(kKeySelectThreads, 2) select_keys_kernel(Param
   const bool row_in_smem = take <= static_cast<unsigned>(kKeyBins);
   int32_t* row = row_in_smem ? reinterpret_cast<int32_t*>(s.hist)
                              : (p.expert_major ? p.ids : p.key_picks) + static_cast<size_t>(e) * p.capacity;
-  list_picked_tokens(s, p.T, p.key_pitch, above, row);
+  list_picked_tokens(s, p.key_pitch, above, row);
   score_picks(p, col, row, row_in_smem, take);
   if (p.expert_major) {
     for (int i = take + threadIdx.x; i < p.capacity; i += kKeySelectThreads) {
@@ -363,6 +436,7 @@ __global__ void __launch_bounds__(kKeySelectThreads, 2) select_keys_kernel(Param
 template <typename In>
 __global__ void __launch_bounds__(kBlock, 2) finalize_kernel(Params<In> p) {
   extern __shared__ __align__(16) unsigned char ec_smem[];
+  pdl_start();
   run_finalizer(p, blockIdx.x, ec_smem, nullptr);
 }
 

@@ -101,6 +101,7 @@ struct Scratch {
   float fvalue;
   unsigned long long key;
   unsigned warp_total[kWarps];
+  unsigned run_picks[kKeySelectThreads / 32];  // key path: picks per warp's run of the column (ec_keys.cuh)
 };
 constexpr size_t kScratchBytes = 256;
 static_assert(sizeof(Scratch) <= kScratchBytes, "Scratch must fit its slot");

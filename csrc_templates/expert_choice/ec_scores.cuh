@@ -19,7 +19,7 @@ constexpr float kLn2Hi = 0x1.62e4p-1f;     // 15 significant bits: n * kLn2Hi is
 constexpr float kLn2Lo = 0x1.7f7d1cp-20f;
 constexpr float kExpUnderflow = -87.0f;    // below this the result would not be a normal float
 
-// Branch-free (a select, not a divergent early return: the row passes call it for every score).
+// Branch-free (the row passes call it for every score).
 __device__ __forceinline__ float fixed_exp(float x) {
   const bool in_range = x >= kExpUnderflow;  // false for NaN
   x = in_range ? x : 0.0f;
@@ -33,8 +33,10 @@ __device__ __forceinline__ float fixed_exp(float x) {
   poly = __fadd_rn(__fmul_rn(poly, r), 0.5f);
   poly = __fadd_rn(__fmul_rn(poly, r), 1.0f);
   poly = __fadd_rn(__fmul_rn(poly, r), 1.0f);
-  const float two_pow_n = __int_as_float((static_cast<int>(n) + 127) << 23);
-  return in_range ? __fmul_rn(poly, two_pow_n) : 0.0f;
+  // Out of range the scale is 0 (x was replaced by 0, so poly is 1): a select on the scale, where a select on the
+  // result let the compiler branch around the polynomial, one branch per score, and serialise a row's exps.
+  const float scale = in_range ? __int_as_float((static_cast<int>(n) + 127) << 23) : 0.0f;
+  return __fmul_rn(poly, scale);
 }
 
 // One softmax term exp(logit - max) of a row or column whose maximum is max_logit.
@@ -68,22 +70,20 @@ __device__ __forceinline__ void store_row_stats(const Params<In>& p, long long t
   }
 }
 
-// Row of token t for E <= 32 * NCH: lane holds experts lane + 32j (-inf past E).
-template <typename In, int NCH>
+// Row of token t for E <= 32 * NCH: lane holds experts lane + 32j (-inf past E; kFull: E == 32 * NCH, no checks,
+// and every load an immediate offset from one address).
+template <typename In, int NCH, bool kFull = false>
 __device__ __forceinline__ void load_row(const Params<In>& p, int t, float (&v)[NCH]) {
-  const In* row = p.logits + static_cast<size_t>(t) * p.E;  // [E]
+  const In* row = p.logits + static_cast<size_t>(t) * p.E + lane_id();  // [E] row of token t, from this lane's expert
 #pragma unroll
-  for (int j = 0; j < NCH; ++j) {
-    const int e = lane_id() + 32 * j;
-    v[j] = e < p.E ? to_float(__ldg(row + e)) : -INFINITY;
-  }
+  for (int j = 0; j < NCH; ++j)
+    v[j] = kFull || lane_id() + 32 * j < p.E ? to_float(__ldg(row + 32 * j)) : -INFINITY;
 }
 
 // A loaded row's softmax statistics (stored for token t when store_stats) and scores: v becomes the scores (0 past
 // E), in the order of row_softmax_stats.
 template <typename In, int NCH>
 __device__ __forceinline__ void score_loaded_row(const Params<In>& p, int t, float (&v)[NCH], bool store_stats = true) {
-  const int lane = lane_id();
   float mx = -INFINITY;
 #pragma unroll
   for (int j = 0; j < NCH; ++j) mx = fmaxf(mx, v[j]);
@@ -91,7 +91,7 @@ __device__ __forceinline__ void score_loaded_row(const Params<In>& p, int t, flo
   float sum = 0.0f;
 #pragma unroll
   for (int j = 0; j < NCH; ++j) {
-    v[j] = lane + 32 * j < p.E ? softmax_term(v[j], mx) : 0.0f;  // now the term
+    v[j] = softmax_term(v[j], mx);  // now the term (0 past E, where v is -inf)
     sum = __fadd_rn(sum, v[j]);
   }
   const float rcp = __frcp_rn(warp_sum_tree_f32(sum));

@@ -28,20 +28,27 @@ bool allow_smem(Kernel kernel, size_t bytes) {
          cudaSuccess;
 }
 
-void (*score_keys_kernel_for(int chunks))(ec::Params<In>) {
+template <bool kFull>
+void (*score_keys_variant(int chunks))(ec::Params<In>) {
   switch (chunks) {
-    case 1: return ec::score_keys_kernel<In, 1>;
-    case 2: return ec::score_keys_kernel<In, 2>;
-    case 4: return ec::score_keys_kernel<In, 4>;
-    case 8: return ec::score_keys_kernel<In, 8>;
-    case 16: return ec::score_keys_kernel<In, 16>;
-    default: return ec::score_keys_kernel<In, 32>;
+    case 1: return ec::score_keys_kernel<In, 1, kFull>;
+    case 2: return ec::score_keys_kernel<In, 2, kFull>;
+    case 4: return ec::score_keys_kernel<In, 4, kFull>;
+    case 8: return ec::score_keys_kernel<In, 8, kFull>;
+    case 16: return ec::score_keys_kernel<In, 16, kFull>;
+    default: return ec::score_keys_kernel<In, 32, kFull>;
   }
 }
 
+// The score-keys kernel for rows of E experts held in `chunks` 32-expert chunks (the exact-width variant when E fills
+// them).
+void (*score_keys_kernel_for(int chunks, int E))(ec::Params<In>) {
+  return E == 32 * chunks ? score_keys_variant<true>(chunks) : score_keys_variant<false>(chunks);
+}
+
 // Key path: raises the three kernels' shared memory limits and fits the finalizers in one wave.
-const char* prepare_key_path(ec::Plan& plan, bool expert_major, int num_sms) {
-  if (!allow_smem(score_keys_kernel_for(plan.ps.row_chunks), plan.key_tile_smem) ||
+const char* prepare_key_path(ec::Plan& plan, int E, bool expert_major, int num_sms) {
+  if (!allow_smem(score_keys_kernel_for(plan.ps.row_chunks, E), plan.key_tile_smem) ||
       !allow_smem(ec::select_keys_kernel<In>, plan.key_select_smem))
     return "could not raise the key path's shared memory limits";
   if (expert_major) return nullptr;
@@ -54,12 +61,17 @@ const char* prepare_key_path(ec::Plan& plan, bool expert_major, int num_sms) {
   return nullptr;
 }
 
-// Key path: score keys, select, and (token-major) finalize: three launches in stream order.
+// Key path: score keys, select, and (token-major) finalize: three launches in stream order, each allowed to start
+// while the one before it drains (programmatic dependent launch, common/pdl.cuh).
 void launch_key_path(const ec::Plan& plan, const ec::Params<In>& p, cudaStream_t stream) {
   const unsigned tiles = static_cast<unsigned>(ec::ceil_div(p.T, ec::kKeyTileTokens));
-  score_keys_kernel_for(plan.ps.row_chunks)<<<tiles, ec::kKeyRowThreads, plan.key_tile_smem, stream>>>(p);
-  ec::select_keys_kernel<In><<<p.E, ec::kKeySelectThreads, plan.key_select_smem, stream>>>(p);
-  if (!p.expert_major) ec::finalize_kernel<In><<<p.fin_blocks, ec::kBlock, plan.smem_bytes, stream>>>(p);
+  jitmoe::launch_pdl(score_keys_kernel_for(plan.ps.row_chunks, p.E),
+                     jitmoe::LaunchShape{dim3(tiles), dim3(ec::kKeyRowThreads), plan.key_tile_smem}, stream, p);
+  jitmoe::launch_pdl(ec::select_keys_kernel<In>,
+                     jitmoe::LaunchShape{dim3(p.E), dim3(ec::kKeySelectThreads), plan.key_select_smem}, stream, p);
+  if (!p.expert_major)
+    jitmoe::launch_pdl(ec::finalize_kernel<In>,
+                       jitmoe::LaunchShape{dim3(p.fin_blocks), dim3(ec::kBlock), plan.smem_bytes}, stream, p);
 }
 
 // Other paths: the route kernel's shared memory limit, and its phases fitted to its occupancy.
@@ -97,7 +109,7 @@ const char* expert_choice_launch(const void* logits,      // [T, E]
   if (plan.error != nullptr) return plan.error;
   const bool keys = plan.ps.keys;
   void (*route)(ec::Params<In>) = plan.ps.candidates ? ec::route_candidates_kernel<In> : ec::route_kernel<In>;
-  const char* error = keys ? prepare_key_path(plan, expert_major, num_sms)
+  const char* error = keys ? prepare_key_path(plan, static_cast<int>(E), expert_major, num_sms)
                            : prepare_route(plan, route, T, static_cast<int>(E), num_sms);
   if (error != nullptr) return error;
 
