@@ -7,7 +7,8 @@
 // keys; the lane whose expert won promotes its second, and rescans its own strided experts for a new best two only
 // when it wins again before that. Padding tokens get -1 / 0 throughout.
 // On the candidate and key paths a token whose picks all fit its pick list, and that needs no fallback, skips the
-// row and routes from the list alone.
+// row and routes from the list alone. Tokens that need their rows wait in a block queue and are routed in a second
+// round that the block's warps share (routed in turn, a warp that drew two such tokens set the kernel's length).
 // Per-expert counts of the written ids go to shared counters, then once per block to global memory.
 #pragma once
 #include "expert_choice/ec_block.cuh"
@@ -22,6 +23,7 @@ struct FinalizerSmem {
   float* col_rcp;      // [E]
   unsigned* counts;    // [E]
   unsigned* stage;     // [fin_warps, E] (picked bit | score bits) of the warp's current token
+  unsigned* queue;     // [kRowQueue] tokens waiting to be routed from their rows
 };
 
 // The best two keys (0 = none) of a lane's experts; `second` is unknown after the best was taken.
@@ -119,39 +121,60 @@ __device__ int route_from_picks(const Params<In>& p, const FinalizerSmem& s, int
   return min(static_cast<int>(n), p.top_k);
 }
 
-template <typename In>
-__device__ void route_token(const Params<In>& p, const FinalizerSmem& s, unsigned* stage, int t) {
-  const int k = p.top_k;
-  int32_t* out_ids = p.ids + static_cast<size_t>(t) * k;          // [k]
-  float* out_weights = p.weights + static_cast<size_t>(t) * k;    // [k]
-  int filled = token_is_real(p.token_mask, t) ? (p.pick_lists ? route_from_picks(p, s, t, out_ids, out_weights) : -1)
-                                               : 0;
-  if (filled < 0) {  // the whole row against the thresholds
-    filled = 0;
-    // Each lane reads back only the stage entries it wrote itself, so no warp barrier is needed.
-    LaneBest lb = stage_token(p, s, stage, t);
-    for (; filled < k; ++filled) {
-      const unsigned long long top = warp_max_u64(lb.best);  // the same on every lane: the loop stays uniform
-      const unsigned flagged = static_cast<unsigned>(top >> 32);
-      if (top == 0 || (!p.fallback_topk && !(flagged & kPickedBit))) break;
-      const int e = static_cast<int>(0xFFFFFFFFu - static_cast<unsigned>(top));
-      write_slot(s, out_ids, out_weights, filled, e, flagged & ~kPickedBit);
-      if (lb.best == top) advance(lb, stage, p.E, top);
-    }
-  }
+__device__ __forceinline__ void clear_slots(int32_t* out_ids, float* out_weights, int filled, int k) {
   for (int j = filled + lane_id(); j < k; j += 32) {
     out_ids[j] = -1;
     out_weights[j] = 0.0f;
   }
 }
 
+// Routes token t without its row (a padding token, or from its pick list); false when the row is needed.
+template <typename In>
+__device__ bool route_token_without_row(const Params<In>& p, const FinalizerSmem& s, int t) {
+  const int k = p.top_k;
+  int32_t* out_ids = p.ids + static_cast<size_t>(t) * k;          // [k]
+  float* out_weights = p.weights + static_cast<size_t>(t) * k;    // [k]
+  const int filled = token_is_real(p.token_mask, t)
+                         ? (p.pick_lists ? route_from_picks(p, s, t, out_ids, out_weights) : -1)
+                         : 0;
+  if (filled < 0) return false;
+  clear_slots(out_ids, out_weights, filled, k);
+  return true;
+}
+
+// Routes real token t from its whole row against the thresholds.
+template <typename In>
+__device__ void route_token_from_row(const Params<In>& p, const FinalizerSmem& s, unsigned* stage, int t) {
+  const int k = p.top_k;
+  int32_t* out_ids = p.ids + static_cast<size_t>(t) * k;          // [k]
+  float* out_weights = p.weights + static_cast<size_t>(t) * k;    // [k]
+  int filled = 0;
+  // Each lane reads back only the stage entries it wrote itself, so no warp barrier is needed.
+  LaneBest lb = stage_token(p, s, stage, t);
+  for (; filled < k; ++filled) {
+    const unsigned long long top = warp_max_u64(lb.best);  // the same on every lane: the loop stays uniform
+    const unsigned flagged = static_cast<unsigned>(top >> 32);
+    if (top == 0 || (!p.fallback_topk && !(flagged & kPickedBit))) break;
+    const int e = static_cast<int>(0xFFFFFFFFu - static_cast<unsigned>(top));
+    write_slot(s, out_ids, out_weights, filled, e, flagged & ~kPickedBit);
+    if (lb.best == top) advance(lb, stage, p.E, top);
+  }
+  clear_slots(out_ids, out_weights, filled, k);
+}
+
 // Waits until the sel_blocks blocks that publish the thresholds have counted themselves in `selectors_done`
 // (nullptr: they ran in an earlier launch).
-template <typename In>
+template <typename In, bool kShareRows>
 __device__ void run_finalizer(const Params<In>& p, int block, unsigned char* smem, unsigned* selectors_done) {
+  Scratch* sc = reinterpret_cast<Scratch*>(smem);
   unsigned* base = reinterpret_cast<unsigned*>(smem + kScratchBytes);
-  const FinalizerSmem s{base, base + p.E, reinterpret_cast<float*>(base + 2 * p.E),
-                        reinterpret_cast<float*>(base + 3 * p.E), base + 4 * p.E, base + 5 * p.E};
+  const FinalizerSmem s{base,
+                        base + p.E,
+                        reinterpret_cast<float*>(base + 2 * p.E),
+                        reinterpret_cast<float*>(base + 3 * p.E),
+                        base + 4 * p.E,
+                        base + 5 * p.E,
+                        base + static_cast<size_t>(5 + p.fin_warps) * p.E};
   if (selectors_done != nullptr) wait_for(selectors_done, p.sel_blocks);
   for (int e = threadIdx.x; e < p.E; e += kBlock) {
     s.theta_hi[e] = __ldcg(p.theta_hi + e);  // written by other blocks of this launch: read from L2
@@ -162,12 +185,37 @@ __device__ void run_finalizer(const Params<In>& p, int block, unsigned char* sme
     }
     s.counts[e] = 0;
   }
+  if (threadIdx.x == 0) sc->n_list = 0;
   __syncthreads();
+  // Warp w routes tokens block * fin_warps + w + i * stride. kShareRows: in steps of kRowsPerWarpStep of them, first
+  // every token that routes without its row, the others queued; then the block's warps share the queue, so that no
+  // warp recomputes two rows while the others wait (in turn, a warp that drew two such tokens set the kernel's
+  // length). The route kernel routes each token in turn: the queue's registers would spill there.
   const int warp = warp_id();
-  if (warp < p.fin_warps) {
-    unsigned* stage = s.stage + static_cast<size_t>(warp) * p.E;  // [E]
-    const int stride = p.fin_blocks * p.fin_warps;
-    for (int t = block * p.fin_warps + warp; t < p.T; t += stride) route_token(p, s, stage, t);
+  unsigned* stage = s.stage + static_cast<size_t>(warp) * p.E;  // [E]
+  const int stride = p.fin_blocks * p.fin_warps;
+  const int first = block * p.fin_warps + warp;
+  if constexpr (kShareRows) {
+    for (int i0 = 0; block * p.fin_warps + i0 * stride < p.T; i0 += kRowsPerWarpStep) {  // uniform over the block
+      if (warp < p.fin_warps) {
+        for (int i = i0; i < i0 + kRowsPerWarpStep && first + i * stride < p.T; ++i) {
+          const int t = first + i * stride;
+          if (!route_token_without_row(p, s, t) && lane_id() == 0)
+            s.queue[atomicAdd(&sc->n_list, 1u)] = static_cast<unsigned>(t);
+        }
+      }
+      __syncthreads();
+      const unsigned queued = sc->n_list;
+      if (warp < p.fin_warps)
+        for (unsigned j = warp; j < queued; j += p.fin_warps)
+          route_token_from_row(p, s, stage, static_cast<int>(s.queue[j]));
+      __syncthreads();
+      if (threadIdx.x == 0) sc->n_list = 0;
+      __syncthreads();
+    }
+  } else if (warp < p.fin_warps) {
+    for (int t = first; t < p.T; t += stride)
+      if (!route_token_without_row(p, s, t)) route_token_from_row(p, s, stage, t);
   }
   __syncthreads();
   for (int e = threadIdx.x; e < p.E; e += kBlock)

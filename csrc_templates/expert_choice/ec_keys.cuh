@@ -437,7 +437,7 @@ template <typename In>
 __global__ void __launch_bounds__(kBlock, 2) finalize_kernel(Params<In> p) {
   extern __shared__ __align__(16) unsigned char ec_smem[];
   pdl_start();
-  run_finalizer(p, blockIdx.x, ec_smem, nullptr);
+  run_finalizer<In, true>(p, blockIdx.x, ec_smem, nullptr);
 }
 
 }  // namespace jitmoe::ec

@@ -20,6 +20,8 @@ constexpr int kBins = 1 << kDigitBits;
 constexpr int kListCap = 4096;             // candidate tokens kept in shared memory once the radix prefix is narrow
 constexpr int kMaxGroup = 8;               // experts per selector block
 constexpr int kMaxFinalizerWarps = kWarps;
+constexpr int kRowsPerWarpStep = 8;       // finalizer: tokens per warp between two shares of the row queue
+constexpr int kRowQueue = kRowsPerWarpStep * kMaxFinalizerWarps;  // finalizer: tokens queued to route from their rows
 constexpr unsigned kInvalidKey = 0xFFFFFFFFu;  // key of a padding token (a real key is a score >= 0: top bit 0)
 constexpr unsigned kPickedBit = 0x80000000u;   // finalizer: marks an expert that picked the token
 // Candidate path (ec_candidates.cuh)
@@ -113,8 +115,9 @@ __host__ __device__ constexpr size_t selector_smem_bytes(int group, bool cache_k
 }
 
 // Finalizer shared memory: [Scratch][theta_hi, theta_lo, col_max, col_rcp, counts: E each][stage: warps * E]
+// [row queue: kRowQueue]
 __host__ __device__ constexpr size_t finalizer_smem_bytes(int E, int warps) {
-  return kScratchBytes + 4ull * E * (5ull + warps);
+  return kScratchBytes + 4ull * E * (5ull + warps) + 4ull * kRowQueue;
 }
 
 
