@@ -6,11 +6,12 @@
 //      expert-major, [E, key_pitch]. key16 = the score's top 16 bits (exponent and 7 mantissa bits), scores below
 //      2^-23 sharing the lowest key, plus one: 0 marks padding. key16 order is score order, up to ties.
 //   2. select_keys_kernel: one block per expert loads its key column into shared memory and histograms it (a bin
-//      per key16). The bin b where the take-th best token falls is resolved exactly: the bin's tokens get their full
-//      64-bit column keys (recomputed scores, ~token) and theta = the take-th best of the whole column. A token is
-//      picked when its key16 > b, or key16 == b and its column key >= theta, which is column key >= theta. The
-//      picked tokens are listed in token order (in shared memory when they fit), then scored in one parallel pass:
-//      the expert-major row, or (token-major) the tokens' pick lists.
+//      per key16); a block scan finds the bin b where the take-th best token falls. One pass over the column (in
+//      warp runs, 8 keys a load) counts the keys above b and lists b's tokens, which are resolved exactly: they get
+//      their full 64-bit column keys (recomputed scores, ~token) and theta = the take-th best of the whole column.
+//      A token is picked when its key16 > b, or key16 == b and its column key >= theta, which is column key >=
+//      theta. A second pass lists the picked tokens in token order (in shared memory when they fit), then they are
+//      scored in one parallel pass: the expert-major row, or (token-major) the tokens' pick lists.
 //   3. finalize_kernel (token-major): the finalizers of ec_finalize.cuh, routing from the pick lists.
 // The keys take 2 bytes per score, read once from L2 by the selectors; no candidate sampling, no bounds.
 #pragma once
