@@ -19,7 +19,9 @@ template <> struct ActTraits<Act::SwigluStep> { static constexpr bool kGated = t
 template <> struct ActTraits<Act::GegluTanh> { static constexpr bool kGated = true; };
 template <> struct ActTraits<Act::Situ> { static constexpr bool kGated = true; };
 
-__device__ __forceinline__ float act_sigmoid(float x) { return 1.f / (1.f + __expf(-x)); }
+// Approximate reciprocal (MUFU rcp and one multiply): an IEEE division would add a Newton step and a slow-path test
+// to every element of GEMM1's epilogue, for accuracy that the bf16/fp16 store drops. 1 / inf gives 0.
+__device__ __forceinline__ float act_sigmoid(float x) { return __fdividef(1.f, 1.f + __expf(-x)); }
 __device__ __forceinline__ float act_silu(float x) { return x * act_sigmoid(x); }
 __device__ __forceinline__ float act_gelu(float x) { return 0.5f * x * (1.f + erff(x * 0.70710678118654752f)); }
 __device__ __forceinline__ float act_gelu_tanh(float x) {

@@ -360,8 +360,7 @@ def _gemm_configs(num_slots: int, num_local: int, hidden: int, inter: int, x: to
         tuned = _autotune.choose(workload, arch, num_sms)
         if tuned is not None:
             return tuned
-    common = dict(arch=arch, dtype=x.dtype, kernel=kernel or None, num_sms=num_sms, k_splits=k_splits or None,
-                  hidden=hidden)
+    common = dict(arch=arch, dtype=x.dtype, kernel=kernel or None, num_sms=num_sms, k_splits=k_splits or None)
     return (_gemm.select_config(num_slots, num_local, inter, hidden, gated=activation in _gemm.GATED_ACTIVATIONS,
                                 **common),
             _gemm.select_config(num_slots, num_local, hidden, inter, gated=False, **common))

@@ -3,7 +3,7 @@
 GEMM1: ``inter[p] = act(x[slot // topk] @ fc1[e]^T + b1[e])``; GEMM2: ``out_slots[slot] = w[slot] * (inter[p] @
 fc2[e]^T + b2[e])`` for the real rows p (contract: csrc_templates/moe/moe_gemm_args.cuh). Three kernels implement
 it: 'sm80' (mma.sync + cp.async, any GPU from SM80 on), 'sm90' (wgmma + cp.async, sm_90a only) and 'sm90ws'
-(persistent, warp-specialised, TMA-fed wgmma, sm_90a only, BLOCK_M 128: batches of >= 64 rows per expert).
+(persistent, warp-specialised, TMA-fed wgmma, sm_90a only, BLOCK_M 128: the default there).
 In this module, in order: tile configs and their heuristic, the spec builder, validation, the CPU reference, the
 torch ops, the public functions and the prewarm table.
 """
@@ -182,30 +182,18 @@ def _block_m(kernel: str, rows_per_expert: float) -> int:
     return next(bm for bound, bm in _TIERS[kernel] if rows_per_expert <= bound)
 
 
-# The persistent kernel (128-row blocks) wins from this many rows per expert on (H100, the four model shapes of the
-# benchmark: benchmarks/results/h100-2026-11-22-session2/README.md); with fewer, the sm90 kernel's 64-row blocks
-# waste less MMA on padding and its split-K fills the GPU ...
-_PERSISTENT_MIN_ROWS_PER_EXPERT = 64
-# ... except with at most _PERSISTENT_FEW_ROWS rows per expert in layers whose hidden size is at most
-# _PERSISTENT_FEW_ROWS_MAX_HIDDEN. There both kernels only stream weights, and on the H100 the persistent one was
-# faster (1-8% at T = 64: Qwen3, OLMoE, Mixtral-8x7B, Qwen1.5-MoE, Granite-MoE, gpt-oss-20b, Phi-3.5-MoE,
-# DeepSeek-V2-Lite, Qwen2-57B, ERNIE-4.5-21B) or even (Qwen3-235B, Jamba) on all 12 such shapes, while DeepSeek-V3
-# (H 7168) lost 3-8% and the H = 5120-6144 shapes were even or lost. From 17 to 63 rows most small-H shapes still
-# gained, but OLMoE at T = 256 (32 rows) measured 0.44-0.54 ms in 5 of 6 runs against 0.38-0.46 for sm90 in 3 of 5,
-# so that range keeps sm90: benchmarks/results/h100-2026-11-23-session7/README.md.
-_PERSISTENT_FEW_ROWS = 16
-_PERSISTENT_FEW_ROWS_MAX_HIDDEN = 4096
+# On sm_90a the persistent kernel (sm90ws) runs every grouped GEMM unless a split is forced (it does not split K);
+# the sm90 kernel keeps forced splits. Measured on the H100 (benchmarks/results/h100-2026-11-23-session13/), kernel
+# time of the layer against sm90 with its split-K heuristic: DeepSeek-V3 T = 16, 64, 256, 1024 (0.5 to 32 rows per
+# expert) -2% to -13%, OLMoE T = 256 and Qwen3 T = 512 (32 rows) -10%, and held-out shapes in the same range. The
+# earlier rule (sm90 from 17 to 63 rows per expert, and at <= 16 when H > 4096: session 7) predates the row groups
+# of session 11, which stopped sm90ws from loading the padding rows of an expert's last block.
 
 
-def _auto_kernel(candidates: tuple[str, ...], rows_per_expert: float, k_splits: int | None,
-                 hidden: int | None) -> str:
-    """The preferred kernel: the persistent TMA one (sm90ws) from _PERSISTENT_MIN_ROWS_PER_EXPERT rows per expert
-    on, and up to _PERSISTENT_FEW_ROWS when the layer's hidden size is at most _PERSISTENT_FEW_ROWS_MAX_HIDDEN,
-    without a forced split; else the first kernel that runs every tier and split-K."""
-    few_rows = (hidden is not None and hidden <= _PERSISTENT_FEW_ROWS_MAX_HIDDEN
-                and rows_per_expert <= _PERSISTENT_FEW_ROWS)
-    persistent = rows_per_expert >= _PERSISTENT_MIN_ROWS_PER_EXPERT or few_rows
-    if "sm90ws" in candidates and "sm90" in candidates and persistent and (k_splits or 1) == 1:
+def _auto_kernel(candidates: tuple[str, ...], k_splits: int | None) -> str:
+    """The preferred kernel: the persistent TMA one (sm90ws) without a forced split, else the first kernel that
+    runs every tier and split-K."""
+    if "sm90ws" in candidates and "sm90" in candidates and (k_splits or 1) == 1:
         return "sm90ws"
     return next(k for k in candidates if k in SPLIT_K_KERNELS)
 
@@ -236,31 +224,28 @@ def split_k_for(tiles: int, k: int, block_k: int, num_sms: int) -> int:
 
 def select_config(num_slots: int, num_experts: int, n: int, k: int, arch: str, dtype, *,
                   kernel: str | None = None, kernels=None, num_sms: int | None = None,
-                  k_splits: int | None = None, gated: bool = True, hidden: int | None = None) -> GemmConfig:
+                  k_splits: int | None = None, gated: bool = True) -> GemmConfig:
     """Tile config for one grouped GEMM of ``num_slots`` (token, choice) rows over ``num_experts`` local experts,
     ``n`` output columns and reduction length ``k``.
 
     block_m grows with the expected rows per expert (decode: 16, prefill: 128) and depends only on (num_slots,
-    num_experts, hidden, arch, kernel), so GEMM1 and GEMM2 of one call get the same one. ``kernel`` forces one of
-    KERNELS; by default, on arch 90a, 'sm90ws' from _PERSISTENT_MIN_ROWS_PER_EXPERT rows per expert on, or up to
-    _PERSISTENT_FEW_ROWS when ``hidden`` (the layer's H, the same for both GEMMs) is at most
-    _PERSISTENT_FEW_ROWS_MAX_HIDDEN, and 'sm90' otherwise (``_auto_kernel``; ``kernels`` overrides the list of
-    available templates), elsewhere 'sm80'.
+    num_experts, arch, kernel), so GEMM1 and GEMM2 of one call get the same one. ``kernel`` forces one of KERNELS;
+    by default, on arch 90a, 'sm90ws', or 'sm90' when ``k_splits`` > 1 is forced (``_auto_kernel``; ``kernels``
+    overrides the list of available templates), elsewhere 'sm80'.
     Split-K (``split_k_for``) is chosen when ``num_sms`` is given and the GEMM has less than a wave of tiles;
     ``k_splits`` forces a value. ``gated`` says whether B has two halves (GEMM1 with a gated activation); GEMMs
     with one half may get a wider block_n.
     """
     if kernels is not None:
         kernels = tuple(kernels)
-    return _select_config(num_slots, num_experts, n, k, arch, dtype, kernel, kernels, num_sms, k_splits, gated,
-                          hidden)
+    return _select_config(num_slots, num_experts, n, k, arch, dtype, kernel, kernels, num_sms, k_splits, gated)
 
 
 # Memoised: a layer asks for the same few configs on every call, and the choice (with its validation) is pure and
 # costs tens of microseconds of host time per call on the H100 machine. Errors are raised, never cached.
 @functools.lru_cache(maxsize=4096, typed=True)
-def _select_config(num_slots, num_experts, n, k, arch, dtype, kernel, kernels, num_sms, k_splits, gated,
-                   hidden) -> GemmConfig:
+def _select_config(num_slots, num_experts, n, k, arch, dtype, kernel, kernels, num_sms, k_splits,
+                   gated) -> GemmConfig:
     check_int("num_slots", num_slots, low=0)
     check_int("num_experts", num_experts, low=1)
     check_int("n", n, low=1)
@@ -275,11 +260,9 @@ def _select_config(num_slots, num_experts, n, k, arch, dtype, kernel, kernels, n
         check_int("num_sms", num_sms, low=1)
     if k_splits is not None:
         check_int("k_splits", k_splits, low=1, high=MAX_K_SPLITS)
-    if hidden is not None:
-        check_int("hidden", hidden, low=1)
     rows_per_expert = num_slots / num_experts
     if kernel is None:
-        kernel = _auto_kernel(candidates, rows_per_expert, k_splits, hidden)
+        kernel = _auto_kernel(candidates, k_splits)
     elif kernel not in candidates:
         raise ValueError(f"kernel: expected one of {candidates} on arch {arch!r}, got {kernel!r}")
     if kernel not in SPLIT_K_KERNELS:

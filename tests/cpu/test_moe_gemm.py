@@ -91,35 +91,22 @@ def test_expected_tiles():
     assert mg.expected_tiles(0, 8, 256, 64, 128) == 2                  # no rows: still one (empty) block
 
 
-def test_large_batches_go_to_the_persistent_kernel_unless_split():
+def test_sm90a_takes_the_persistent_kernel_unless_a_split_is_forced():
     every = ("sm80", "sm90", "sm90ws")
     prefill = select_config(8192, 8, 4096, 14336, "90a", "bf16", kernels=every, num_sms=132)
     assert (prefill.kernel, prefill.block_m, prefill.k_splits) == ("sm90ws", 128, 1)
-    rows = mg._PERSISTENT_MIN_ROWS_PER_EXPERT
-    assert select_config(rows * 256, 256, 7168, 2048, "90a", "bf16", kernels=every, num_sms=132).kernel == "sm90ws"
-    assert select_config(rows * 256 - 1, 256, 7168, 2048, "90a", "bf16", kernels=every).kernel == "sm90"
-    assert select_config(2, 8, 4096, 14336, "90a", "bf16", kernels=every, num_sms=132).kernel == "sm90"
-    assert select_config(8192, 8, 4096, 14336, "90a", "bf16", kernels=every, k_splits=2).kernel == "sm90"
+    for slots, experts, n, k in ((2, 8, 4096, 14336), (128, 256, 2048, 7168), (32 * 256, 256, 7168, 2048),
+                                 (128, 128, 768, 2048), (0, 8, 256, 256)):
+        cfg = select_config(slots, experts, n, k, "90a", "bf16", kernels=every, num_sms=132)
+        assert (cfg.kernel, cfg.block_m, cfg.k_splits) == ("sm90ws", 128, 1)
+    split = select_config(8192, 8, 4096, 14336, "90a", "bf16", kernels=every, k_splits=2)
+    assert (split.kernel, split.k_splits) == ("sm90", 2)
+    assert select_config(2, 8, 4096, 14336, "90a", "bf16", kernels=("sm80", "sm90"), num_sms=132).kernel == "sm90"
     assert select_config(8192, 8, 4096, 14336, "80", "bf16", kernels=every).kernel == "sm80"
     forced = select_config(3, 8, 256, 256, "90a", "bf16", kernel="sm90ws", kernels=every)
     assert forced.block_m == 128 and forced in mg.default_configs("sm90ws", "90a")
     with pytest.raises(ValueError, match="k_splits"):
         select_config(8192, 8, 64, 64, "90a", "bf16", kernel="sm90ws", kernels=every, k_splits=2)
-
-
-def test_small_hidden_layers_take_the_persistent_kernel_with_few_rows_per_expert():
-    every = ("sm80", "sm90", "sm90ws")
-    limit, rows = mg._PERSISTENT_FEW_ROWS_MAX_HIDDEN, mg._PERSISTENT_FEW_ROWS
-    few = dict(arch="90a", dtype="bf16", kernels=every, num_sms=132)  # 128 slots over 128 experts: one row each
-    assert select_config(128, 128, 768, limit, hidden=limit, **few).kernel == "sm90ws"    # GEMM1: k = H
-    assert select_config(128, 128, limit, 768, hidden=limit, gated=False, **few).kernel == "sm90ws"  # GEMM2: n = H
-    assert select_config(rows * 128, 128, 768, 2048, hidden=2048, **few).kernel == "sm90ws"
-    assert select_config(rows * 128 + 1, 128, 768, 2048, hidden=2048, **few).kernel == "sm90"  # 17..63 rows: sm90
-    assert select_config(128, 128, 768, limit + 8, hidden=limit + 8, **few).kernel == "sm90"
-    assert select_config(128, 128, 768, 2048, **few).kernel == "sm90"  # without the hidden size: rows only
-    assert select_config(128, 128, 768, 2048, hidden=2048, k_splits=2, **few).kernel == "sm90"  # a forced split
-    with pytest.raises(ValueError, match="hidden"):
-        select_config(128, 128, 768, 2048, hidden=0, **few)
 
 
 def test_kernel_choice():
