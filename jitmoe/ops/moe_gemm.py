@@ -185,7 +185,8 @@ def _block_m(kernel: str, rows_per_expert: float) -> int:
 # On sm_90a the persistent kernel (sm90ws) runs every grouped GEMM unless a split is forced (it does not split K);
 # the sm90 kernel keeps forced splits. Measured on the H100 (benchmarks/results/h100-2026-11-23-session13/), kernel
 # time of the layer against sm90 with its split-K heuristic: DeepSeek-V3 T = 16, 64, 256, 1024 (0.5 to 32 rows per
-# expert) -2% to -13%, OLMoE T = 256 and Qwen3 T = 512 (32 rows) -10%, and held-out shapes in the same range. The
+# expert) -2% to -13%, OLMoE T = 256 and Qwen3 T = 512 (32 rows) -10%, held-out shapes (DeepSeek-V2, Qwen2-57B,
+# Qwen3-235B, Mixtral-8x22B at 4-48 rows) -6% to -20% except Mixtral-8x22B at 4 rows per expert (+5%). The
 # earlier rule (sm90 from 17 to 63 rows per expert, and at <= 16 when H > 4096: session 7) predates the row groups
 # of session 11, which stopped sm90ws from loading the padding rows of an expert's last block.
 
