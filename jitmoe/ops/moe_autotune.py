@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import logging
 import os
 import statistics
@@ -135,10 +136,11 @@ def _buildable(cfg: GemmConfig, arch: str, gated: bool) -> bool:
     return True
 
 
-def tile_variants(kernel: str, block_m: int, arch: str, gated: bool, variants: bool = True) -> list[GemmConfig]:
-    """The heuristic's tile for (kernel, block_m) first, then (``variants``) the other block_n of _BLOCK_NS and,
-    on sm90ws, the heuristic's tile with the other cluster size."""
-    base = next(c for c in _gemm.default_configs(kernel, arch, gated) if c.block_m == block_m)
+def tile_variants(kernel: str, block_m: int, arch: str, gated: bool, variants: bool = True,
+                  rows_per_expert: float = float("inf")) -> list[GemmConfig]:
+    """The heuristic's tile for (kernel, block_m) at ``rows_per_expert`` first, then (``variants``) the other
+    block_n of _BLOCK_NS and, on sm90ws, the heuristic's tile with the other cluster size."""
+    base = _gemm.heuristic_tile(kernel, block_m, arch, gated, rows_per_expert)
     tiles = [base]
     if not variants:
         return tiles
@@ -165,7 +167,8 @@ def split_variants(cfg: GemmConfig, k: int, tiles: int, num_sms: int) -> list[Ge
 def _gemm_candidates(key: ProblemKey, kernel: str, block_m: int, gated: bool, n: int, k: int,
                      variants: bool) -> tuple[GemmConfig, ...]:
     num_slots = key.tokens * key.topk
-    return tuple(split for tile in tile_variants(kernel, block_m, key.arch, gated, variants)
+    rows_per_expert = num_slots / key.num_local_experts
+    return tuple(split for tile in tile_variants(kernel, block_m, key.arch, gated, variants, rows_per_expert)
                  for split in split_variants(tile, k, _gemm.expected_tiles(num_slots, key.num_local_experts, n,
                                                                            block_m, tile.block_n), key.num_sms))
 
@@ -177,8 +180,7 @@ def candidate_groups(key: ProblemKey, *, kernels=None, variants: bool = True) ->
     for kernel in _gemm.kernels_for_arch(key.arch):
         if kernels is not None and kernel not in kernels:
             continue
-        for base in _gemm.default_configs(kernel, key.arch, key.gated):
-            bm = base.block_m
+        for bm in dict.fromkeys(c.block_m for c in _gemm.default_configs(kernel, key.arch, key.gated)):
             groups.append(Group(kernel, bm,
                                 _gemm_candidates(key, kernel, bm, key.gated, key.inter, key.hidden, variants),
                                 _gemm_candidates(key, kernel, bm, False, key.hidden, key.inter, variants)))
@@ -459,12 +461,12 @@ def _prewarm_specs(dtypes, topks, archs) -> list[KernelSpec]:
     specs = []
     for arch in dict.fromkeys(normalize_arch(a) for a in archs):
         for kernel in _gemm.kernels_for_arch(arch):
-            for base in _gemm.default_configs(kernel, arch, True):
-                for dtype in (d for d in dtypes if d in ("bf16", "fp16")):
+            for base, rows in itertools.product(_gemm.default_configs(kernel, arch, True), (0.0, float("inf"))):
+                for dtype in (d for d in dtypes if d in ("bf16", "fp16")):  # few rows per expert, then many
                     specs += [_gemm.gemm_spec(c, dtype, "gemm1", "Swiglu", (arch,))
-                              for c in tile_variants(kernel, base.block_m, arch, True)]
+                              for c in tile_variants(kernel, base.block_m, arch, True, rows_per_expert=rows)]
                     specs += [_gemm.gemm_spec(c, dtype, "gemm2", "Identity", (arch,))
-                              for c in tile_variants(kernel, base.block_m, arch, False)]
+                              for c in tile_variants(kernel, base.block_m, arch, False, rows_per_expert=rows)]
     return list(dict.fromkeys(specs))
 
 

@@ -89,6 +89,14 @@ _TILES = {("sm80", 16): (64, 64, 4), ("sm80", 64): (128, 32, 4), ("sm80", 128): 
 # B per stage; with one half, 256 columns keep the shared-memory traffic per MMA the same (sm90ws only: its
 # accumulators allow 64 x 256 per warpgroup).
 _WIDE_BLOCK_N = {("sm90ws", 128): 256}
+# ... except with few rows per expert, where every tile only streams weights: there 128 columns and 6 stages give the
+# persistent grid twice the tiles to balance. H100, GEMM2 kernel time, mean of three rounds
+# (benchmarks/results/h100-2026-11-23-session13/dev_gemm2_block_n.log): Qwen3 T = 16 (1 row per expert) 99.7 -> 91.0
+# µs, OLMoE T = 16 85.8 -> 83.3, Mixtral-8x7B T = 16 / 64 (4 / 16 rows) 318.1 -> 312.4 / 319.4 -> 313.5, Qwen3
+# T = 256 (16 rows) 165.8 -> 163.5; DeepSeek-V3 T = 16 / 64 and Qwen3 / OLMoE T = 64 even. Measured on GEMM2;
+# non-gated GEMM1 tiles follow the same rule.
+_NARROW_MAX_ROWS_PER_EXPERT = 16
+_NARROW_TILES = {("sm90ws", 128): (128, 64, 6)}
 
 
 def arch_number(arch: str) -> int:
@@ -148,11 +156,14 @@ def smem_bytes(cfg: GemmConfig, gated: bool) -> int:
     return sm90ws_smem_bytes(cfg, gated) if cfg.kernel == "sm90ws" else sm80_smem_bytes(cfg, gated)
 
 
-def _fit_stages(kernel: str, block_m: int, arch: str, gated: bool = True) -> GemmConfig:
-    """The tier's tile (wide for one B half where the kernel has one) with the most stages, up to the table's, that
-    fits the arch. Gated (the larger case) is the default, so a gated config also fits every one-half GEMM."""
+def _fit_stages(kernel: str, block_m: int, arch: str, gated: bool = True, narrow: bool = False) -> GemmConfig:
+    """The tier's tile (for one B half: wide where the kernel has one, or its narrow tile when ``narrow``) with the
+    most stages, up to the table's, that fits the arch. Gated (the larger case) is the default, so a gated config
+    also fits every one-half GEMM."""
     block_n, block_k, stages = _TILES[(kernel, block_m)]
-    if not gated:
+    if not gated and narrow and (kernel, block_m) in _NARROW_TILES:
+        block_n, block_k, stages = _NARROW_TILES[(kernel, block_m)]
+    elif not gated:
         block_n = _WIDE_BLOCK_N.get((kernel, block_m), block_n)
     cluster_m = SM90WS_CLUSTER_M[gated] if kernel == "sm90ws" else 1
     while True:
@@ -235,7 +246,7 @@ def select_config(num_slots: int, num_experts: int, n: int, k: int, arch: str, d
     overrides the list of available templates), elsewhere 'sm80'.
     Split-K (``split_k_for``) is chosen when ``num_sms`` is given and the GEMM has less than a wave of tiles;
     ``k_splits`` forces a value. ``gated`` says whether B has two halves (GEMM1 with a gated activation); GEMMs
-    with one half may get a wider block_n.
+    with one half may get a wider block_n (or, with few rows per expert, a narrower one with more stages).
     """
     if kernels is not None:
         kernels = tuple(kernels)
@@ -270,17 +281,28 @@ def _select_config(num_slots, num_experts, n, k, arch, dtype, kernel, kernels, n
         if (k_splits or 1) != 1:
             raise ValueError(f"k_splits: the {kernel} kernel does not split K, got {k_splits}")
         k_splits = 1
-    cfg = _fit_stages(kernel, _block_m(kernel, rows_per_expert), normalize_arch(arch), gated)
+    cfg = heuristic_tile(kernel, _block_m(kernel, rows_per_expert), arch, gated, rows_per_expert)
     if k_splits is None:
         tiles = expected_tiles(num_slots, num_experts, n, cfg.block_m, cfg.block_n)
         k_splits = split_k_for(tiles, k, cfg.block_k, num_sms) if num_sms else 1
     return dataclasses.replace(cfg, k_splits=k_splits)
 
 
+def heuristic_tile(kernel: str, block_m: int, arch: str, gated: bool, rows_per_expert: float) -> GemmConfig:
+    """The tile select_config gives ``kernel`` with ``block_m`` at ``rows_per_expert`` (k_splits 1)."""
+    return _fit_stages(kernel, block_m, normalize_arch(arch), gated,
+                       narrow=rows_per_expert <= _NARROW_MAX_ROWS_PER_EXPERT)
+
+
 def default_configs(kernel: str, arch: str, gated: bool = True) -> list[GemmConfig]:
     """Every config select_config can return for ``kernel`` on ``arch`` with one or two (``gated``) B halves
     (what prewarm builds)."""
-    return [_fit_stages(kernel, bm, normalize_arch(arch), gated) for _, bm in _TIERS[kernel]]
+    arch = normalize_arch(arch)
+    configs = [_fit_stages(kernel, bm, arch, gated) for _, bm in _TIERS[kernel]]
+    if not gated:
+        configs += [_fit_stages(kernel, bm, arch, gated, narrow=True) for _, bm in _TIERS[kernel]
+                    if (kernel, bm) in _NARROW_TILES]
+    return configs
 
 
 # --------------------------------------------------------------------------------------------------------------
