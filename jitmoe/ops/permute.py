@@ -30,7 +30,7 @@ _INT32_MAX = 2**31 - 1
 
 # Below this many slots one CTA is faster (the many-CTA kernel's hand-offs cost 4-7 us). H100, kernel time at 2048 /
 # 3072 slots, single vs many CTAs: E = 8 6.0 / 6.8 vs 9.8 / 9.7 us, E = 64 9.6 / 11.6 vs 11.6 / 11.6, E = 256 14.5 /
-# 16.9 vs 14.9 / 14.0 (benchmarks/results/h100-2026-11-23-session13/align_mid.log).
+# 16.9 vs 14.9 / 14.0 (benchmarks/results/h100-2026-11-23-session13/dev_align_mid.log).
 MULTI_CTA_MIN_SLOTS = 3072
 CHUNK_SLOTS = 1024          # slots per chunk: two walks of 32 slots per warp of a 512-thread CTA
 MAX_CHUNKS = 128            # bounds the scanner's [chunks, E] walk and the grid (2 * chunks CTAs)

@@ -112,13 +112,15 @@ def test_sm90a_takes_the_persistent_kernel_unless_a_split_is_forced():
 def test_one_half_tiles_narrow_with_few_rows_per_expert():
     every = ("sm80", "sm90", "sm90ws")
     rows = mg._NARROW_MAX_ROWS_PER_EXPERT
-    tile = lambda slots, gated: (lambda c: (c.block_n, c.stages))(  # noqa: E731
-        select_config(slots, 128, 2048, 768, "90a", "bf16", kernels=every, num_sms=132, gated=gated))
-    assert tile(128, False) == (128, 6) and tile(rows * 128, False) == (128, 6)   # GEMM2 at 1 and 16 rows per expert
+
+    def tile(slots, gated):  # 128 experts
+        cfg = select_config(slots, 128, 2048, 768, "90a", "bf16", kernels=every, num_sms=132, gated=gated)
+        assert mg.smem_bytes(cfg, gated) <= mg.smem_limit("90a")
+        return cfg.block_n, cfg.stages
+
+    assert tile(128, False) == tile(rows * 128, False) == (128, 6)   # GEMM2 at 1 and 16 rows per expert
     assert tile(rows * 128 + 1, False) == (256, 3)
-    assert tile(128, True) == tile(rows * 128 + 1, True) == (128, 4)            # gated GEMM1: one tile
-    assert mg.smem_bytes(select_config(128, 128, 2048, 768, "90a", "bf16", kernels=every, gated=False), False) \
-        <= mg.smem_limit("90a")
+    assert tile(128, True) == tile(rows * 128 + 1, True) == (128, 4)  # gated GEMM1: one tile
 
 
 def test_kernel_choice():
