@@ -25,8 +25,8 @@ ENV_VARS = {
     "JITMOE_EXTRA_CUDA_CFLAGS": "extra nvcc flags (shell-quoted); part of the cache key",
     "JITMOE_LOCK_LOG_SECONDS": "while waiting on another process's build, log every N seconds (default 15)",
     "JITMOE_TUNING": "0: ignore stored autotune choices and never tune (default: use them; tune inside autotune())",
-    "JITMOE_PDL": "0: launch the fused-MoE kernels without programmatic dependent launch (default: on, SM90+; "
-                  "read by the C++ launchers)",
+    "JITMOE_PDL": "0: launch the fused-MoE and Expert Choice kernels without programmatic dependent launch "
+                  "(default: on, SM90+; read by the C++ launchers)",
 }
 
 
