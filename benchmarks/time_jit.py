@@ -1,7 +1,9 @@
 """Time the JIT on this machine: the cold build of one module and the warm first call in a fresh process.
 
 Targets (issue 2): cold build of a router module <= 30 s; warm first call (after `import torch`: import jitmoe +
-cache hit + first launch) <= 50 ms. Each measurement runs in its own process against a private empty cache.
+cache hit + first launch) <= 50 ms. Each measurement runs in its own process against a private empty cache. The
+package's bytecode is compiled first, as `pip install` leaves it: under PYTHONDONTWRITEBYTECODE (set on the lent
+machines) every process would otherwise compile jitmoe's sources again (~35 ms on the H100 machine).
 Usage: python benchmarks/time_jit.py --out DIR
 """
 from __future__ import annotations
@@ -98,6 +100,7 @@ def main() -> int:
     ap.add_argument("--cases", default=",".join(CASES))
     args = ap.parse_args()
     import torch
+    subprocess.run([sys.executable, "-m", "compileall", "-q", str(REPO / "jitmoe")], check=True)
     results = {"device": torch.cuda.get_device_name(), "cpus": os.cpu_count(), "torch": torch.__version__,
                "commit": os.environ.get("BENCH_GIT_COMMIT") or subprocess.run(
                    ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=REPO).stdout.strip(),

@@ -27,7 +27,6 @@ import dataclasses
 import itertools
 import logging
 import os
-import statistics
 import warnings
 from dataclasses import dataclass
 from typing import Callable, NamedTuple, Optional
@@ -228,6 +227,7 @@ def cuda_event_timer(run: Callable[[], object], candidate: tuple = (), *, warmup
         run()
         end.record()
     events[-1][1].synchronize()
+    import statistics  # here, not at the top: it costs a warm first call ~5 ms of imports and only tuning needs it
     return statistics.median(start.elapsed_time(end) for start, end in events)
 
 

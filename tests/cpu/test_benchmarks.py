@@ -11,6 +11,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 
 import _common as common  # noqa: E402
+import bench_dense_reference  # noqa: E402
 import bench_fused_moe  # noqa: E402
 import bench_routers  # noqa: E402
 import exp_topk_latency as exp  # noqa: E402
@@ -194,3 +195,17 @@ def test_bench_fused_moe_cpu_smoke(tmp_path):
     for impl in expected:
         assert row["impls"][impl]["err"] < 2e-2, (impl, row["impls"][impl])
     assert "split_k" in row and row["split_k"]["knob"]
+
+
+def test_bench_dense_reference_cpu_smoke(tmp_path):
+    payload = bench_dense_reference.main(["--device", "cpu", "--shapes", "tiny,tiny-fine", "--tokens", "3,32",
+                                          "--min-rows", "2", "--rounds", "1", "--out", str(tmp_path)])
+    # tiny (E 8, k 2): 3 tokens give 0 rows per expert (skipped), 32 give 8; tiny-fine (E 16, k 4): 0 and 8
+    assert [(r["shape"], r["T"], r["rows_per_expert"]) for r in payload["rows"]] == [("tiny", 32, 8),
+                                                                                   ("tiny-fine", 32, 8)]
+    for r in payload["rows"]:
+        assert r["flops"] == bench_fused_moe.moe_flops(32, *{"tiny": (2, 64, 32), "tiny-fine": (4, 32, 16)}[r["shape"]])
+        assert len(r["dense_ms"]) == len(r["jitmoe_ms"]) == 1 and min(r["dense_ms"] + r["jitmoe_ms"]) > 0
+        assert r["jitmoe_over_dense"] == pytest.approx(r["jitmoe_ms"][0] / r["dense_ms"][0])
+    written = json.loads(next(tmp_path.glob("bench_dense_reference_*.json")).read_text())
+    assert written["rows"] == json.loads(json.dumps(payload["rows"]))

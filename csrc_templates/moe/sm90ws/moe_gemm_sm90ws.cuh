@@ -21,15 +21,17 @@
 // landed) and an "empty" mbarrier (every consumer warp of the cluster retired its wgmma on that stage: the peer may
 // multicast into this CTA's stage, so the rings of a cluster move in step); and two consumer warpgroups (registers
 // raised) that each own 64 rows of the 128-row tile ("cooperative"), issue SS wgmma with fp32 accumulators, and release
-// a stage as soon as the wgmma that read it has retired. A gated GEMM1 keeps two accumulators with identical layouts,
-// one fed by the up rows [n0, n0+BN) of fc1[e] and one by the gate rows [N+n0, ...): element i of both holds the same
-// (row, column). When the second warpgroup's 64 rows are all padding (the tail of an expert's last block) it issues no
-// wgmma and the first one has the tensor cores to itself. The epilogue (GEMM1: bias + activation; GEMM2: (acc + bias)
-// * routing weight) runs in fp32, goes through a dedicated XOR-swizzled staging tile (so the producer keeps filling
-// the ring for the next tile meanwhile), each warp through its own 16 rows, and leaves as 16-byte row chunks: GEMM1 to
-// inter[p] (the padding rows of a 16-row group that holds a real row too: GEMM2 ignores them), GEMM2 scattered to
-// out_slots[slot] (real rows only); columns >= N are never written. Row groups of padding only are neither loaded
-// (A) nor stored.
+// a stage as soon as the wgmma that read it has retired. A gated GEMM1 stages the up rows [n0, n0+BN) of fc1[e] and the
+// gate rows [N+n0, ...) as one [2 BN, BK] B tile and issues one wgmma of N = 2 BN per k-step: the accumulator's second
+// half holds the gate of its first half's (row, column), and A is read from shared memory once per k-step instead of
+// once per half. (On the H100 this left kernel times unchanged against two N = BN wgmmas with two accumulators:
+// benchmarks/results/h100-2026-11-23-session14/dev_fused_gate_ab.log.) When the second warpgroup's 64 rows are all
+// padding (the tail of an expert's last block) it issues no wgmma and the first one has the tensor cores to itself. The
+// epilogue (GEMM1: bias + activation; GEMM2: (acc + bias) * routing weight) runs in fp32, goes through a dedicated
+// XOR-swizzled staging tile (so the producer keeps filling the ring for the next tile meanwhile), each warp through its
+// own 16 rows, and leaves as 16-byte row chunks: GEMM1 to inter[p] (the padding rows of a 16-row group that holds a
+// real row too: GEMM2 ignores them), GEMM2 scattered to out_slots[slot] (real rows only); columns >= N are never
+// written. Row groups of padding only are neither loaded (A) nor stored.
 #pragma once
 #include <cuda.h>
 #include <cuda_runtime.h>
@@ -67,6 +69,14 @@ struct Config : Sm90GemmTraits<T, A, Mode, BM, BN, BK, Stages, 2> {
   static constexpr int kBlockM = BM, kBlockN = BN, kBlockK = BK, kStages = Stages;
 
   static constexpr int kConsumerWarpGroups = Traits::kMmaWarpGroups;
+  // B as the wgmma sees it: both halves of a stage stacked, [kHalves * BN, BK] (up rows first), one wgmma of
+  // N = kHalves * BN per k-step and one [BM, kHalves * BN] accumulator per CTA.
+  static constexpr int kRowsB = Traits::kHalves * BN;
+  using SmemLayoutB = typename Traits::template SmemLayout<kRowsB>;  // (kRowsB, BK, Stages)
+  using TiledMma = decltype(cute::make_tiled_mma(
+      cute::GMMA::ss_op_selector<typename Traits::Elem, typename Traits::Elem, float,
+                                 cute::Shape<cute::_64, cute::Int<kRowsB>, cute::Int<BK>>>(),
+      cute::Layout<cute::Shape<cute::Int<Traits::kMmaWarpGroups>, cute::_1, cute::_1>>{}));
   static constexpr int kThreads = 128 * (1 + kConsumerWarpGroups);
   static constexpr int kProducerRegs = 40;                   // 128 x 40 + 256 x 232 <= 64 K registers
   static constexpr int kConsumerRegs = 232;
@@ -215,7 +225,7 @@ template <class Cfg>
 struct SmemPlan {
   using Elem = typename Cfg::Elem;
   Elem* a;                          // [Stages][BM, BK] swizzled (SmemLayoutA)
-  Elem* b;                          // [halves][Stages][BN, BK] swizzled (SmemLayoutB each)
+  Elem* b;                          // [Stages][halves * BN, BK] swizzled (Config::SmemLayoutB)
   typename Cfg::Element* staging;   // [BM, BN] epilogue tile, 16-byte chunks XOR-swizzled by row % 8
   uint64_t* full;                   // [Stages] TMA landed (transaction count)
   uint64_t* empty;                  // [Stages] every consumer warp retired its wgmma on the stage
@@ -299,7 +309,7 @@ __device__ __forceinline__ void produce(const MoeGemmArgs& args, const CUtensorM
       }
       CUTE_UNROLL
       for (int h = 0; h < Cfg::kHalves; ++h) {
-        auto* dst = smem.b + (h * Cfg::kStages + ring.stage) * Cfg::kBlockN * Cfg::kBlockK;
+        auto* dst = smem.b + (ring.stage * Cfg::kHalves + h) * Cfg::kBlockN * Cfg::kBlockK;
         const int row = b_row + h * args.n;
         if (role.multicast) {
           const int box = cluster.rank * Cfg::kBoxRowsB;
@@ -352,17 +362,20 @@ __device__ __forceinline__ uint32_t pack2(__half lo, __half hi) {
 }
 
 // fp32 epilogue math of this thread's accumulator elements, written as T pairs into its warp's staging rows.
+// A gated accumulator is [BM, 2 BN]: wgmma's C layout walks a thread's columns in groups of 8 along N, so its
+// elements of columns [0, BN) (up) come first and the gate of element i is element i + half.
 template <class Cfg, class Acc>
-__device__ __forceinline__ void epilogue_to_staging(const MoeGemmArgs& args, const Acc& acc_up, const Acc& acc_gate,
+__device__ __forceinline__ void epilogue_to_staging(const MoeGemmArgs& args, const Acc& acc,
                                                     typename Cfg::Element* staging, int consumer_tid, int row_slot,
                                                     int n0, int e) {
   using namespace cute;
   using T = typename Cfg::Element;
   typename Cfg::TiledMma mma;
   auto thr_mma = mma.get_slice(consumer_tid);
-  Tensor tCcC = thr_mma.partition_C(make_identity_tensor(Shape<Int<Cfg::kBlockM>, Int<Cfg::kBlockN>>{}));
-  static_assert(decltype(size(tCcC))::value == decltype(size(acc_up))::value, "accumulator / coordinate mismatch");
-  static_assert(decltype(size(acc_up))::value % 2 == 0, "accumulator elements come in column pairs");
+  Tensor tCcC = thr_mma.partition_C(make_identity_tensor(Shape<Int<Cfg::kBlockM>, Int<Cfg::kRowsB>>{}));
+  constexpr int kHalf = decltype(size(acc))::value / Cfg::kHalves;  // elements of the up half
+  static_assert(decltype(size(tCcC))::value == decltype(size(acc))::value, "accumulator / coordinate mismatch");
+  static_assert(kHalf % 2 == 0, "accumulator elements come in column pairs");
   const T* bias = static_cast<const T*>(args.bias);  // [E, n_b]
   const int64_t bias_row = static_cast<int64_t>(e) * args.n * Cfg::kHalves;
   ActParams params;
@@ -381,7 +394,7 @@ __device__ __forceinline__ void epilogue_to_staging(const MoeGemmArgs& args, con
     }
   }
   CUTE_UNROLL
-  for (int i = 0; i < size(acc_up); i += 2) {  // elements i, i + 1: columns n, n + 1 of row m
+  for (int i = 0; i < kHalf; i += 2) {  // elements i, i + 1: columns n, n + 1 of row m
     const int m = get<0>(tCcC(i));
     const int n = get<1>(tCcC(i));
     const int col = n0 + n;
@@ -389,11 +402,11 @@ __device__ __forceinline__ void epilogue_to_staging(const MoeGemmArgs& args, con
     float v[2];
     CUTE_UNROLL
     for (int j = 0; j < 2; ++j) {
-      const float up = acc_up(i + j) + (has_bias ? to_float(bias[bias_row + col + j]) : 0.f);
+      const float up = acc(i + j) + (has_bias ? to_float(bias[bias_row + col + j]) : 0.f);
       if constexpr (Cfg::kGemm2) {
         v[j] = up * (m == m_lo ? scale_lo : scale_hi);
       } else if constexpr (Cfg::kGated) {
-        const float gate = acc_gate(i + j) + (has_bias ? to_float(bias[bias_row + args.n + col + j]) : 0.f);
+        const float gate = acc(kHalf + i + j) + (has_bias ? to_float(bias[bias_row + args.n + col + j]) : 0.f);
         v[j] = apply_act<Cfg::kAct>(up, gate, params);
       } else {
         v[j] = apply_act<Cfg::kAct>(up, 0.f, params);
@@ -429,14 +442,12 @@ __device__ __forceinline__ void store_warp_rows(const MoeGemmArgs& args, const t
   }
 }
 
-// Issues one k-tile's wgmma batch (up and, when gated, gate) on one ring stage.
+// Issues one k-tile's wgmma batch on one ring stage.
 template <class Cfg, class FragA, class FragB, class Acc>
-__device__ __forceinline__ void mma_stage(typename Cfg::TiledMma& mma, int stage, FragA& tCrA, FragB& tCrB0,
-                                          FragB& tCrB1, Acc& acc_up, Acc& acc_gate) {
+__device__ __forceinline__ void mma_stage(typename Cfg::TiledMma& mma, int stage, FragA& tCrA, FragB& tCrB, Acc& acc) {
   using namespace cute;
   cute::warpgroup_arrive();
-  gemm(mma, tCrA(_, _, _, stage), tCrB0(_, _, _, stage), acc_up);
-  if constexpr (Cfg::kGated) gemm(mma, tCrA(_, _, _, stage), tCrB1(_, _, _, stage), acc_gate);
+  gemm(mma, tCrA(_, _, _, stage), tCrB(_, _, _, stage), acc);
   cute::warpgroup_commit_batch();
 }
 
@@ -452,12 +463,6 @@ __device__ __forceinline__ void release_stage(uint64_t* empty, int lane) {
   }
 }
 
-template <class Acc>
-__device__ __forceinline__ void fence_accumulators(Acc& acc_up, Acc& acc_gate, bool gated) {
-  cute::warpgroup_fence_operand(acc_up);
-  if (gated) cute::warpgroup_fence_operand(acc_gate);
-}
-
 // Consumer warpgroups: for every tile this CTA owns, accumulate A[BM, K] x B[BN, K]^T over the ring, then run
 // the epilogue, each warp through its own 16 rows of the staging tile.
 template <class Cfg>
@@ -465,9 +470,7 @@ __device__ __forceinline__ void consume(const MoeGemmArgs& args, const SmemPlan<
   using namespace cute;
   constexpr int S = Cfg::kStages;
   Tensor sA = make_tensor(make_smem_ptr(smem.a), typename Cfg::SmemLayoutA{});                  // (BM,BK,S)
-  Tensor sB0 = make_tensor(make_smem_ptr(smem.b), typename Cfg::SmemLayoutB{});                 // (BN,BK,S) up
-  Tensor sB1 = make_tensor(make_smem_ptr(smem.b + (Cfg::kHalves - 1) * Cfg::kElemsB),           // gate
-                           typename Cfg::SmemLayoutB{});
+  Tensor sB = make_tensor(make_smem_ptr(smem.b), typename Cfg::SmemLayoutB{});                  // (2BN,BK,S)
   const int consumer_tid = static_cast<int>(threadIdx.x) - 128;
   const int warp_group = __shfl_sync(0xffffffff, consumer_tid / 128, 0);
   const int lane = consumer_tid % 32;
@@ -475,10 +478,8 @@ __device__ __forceinline__ void consume(const MoeGemmArgs& args, const SmemPlan<
   typename Cfg::TiledMma mma;
   auto wg_mma = mma.get_slice(warp_group * 128);
   Tensor tCrA = wg_mma.make_fragment_A(wg_mma.partition_A(sA));     // (MMA,MMA_M,MMA_K,S) smem descriptors
-  Tensor tCrB0 = wg_mma.make_fragment_B(wg_mma.partition_B(sB0));   // (MMA,MMA_N,MMA_K,S)
-  Tensor tCrB1 = wg_mma.make_fragment_B(wg_mma.partition_B(sB1));
-  auto acc_up = partition_fragment_C(mma, Shape<Int<Cfg::kBlockM>, Int<Cfg::kBlockN>>{});
-  auto acc_gate = make_fragment_like(acc_up);
+  Tensor tCrB = wg_mma.make_fragment_B(wg_mma.partition_B(sB));     // (MMA,MMA_N,MMA_K,S)
+  auto acc = partition_fragment_C(mma, Shape<Int<Cfg::kBlockM>, Int<Cfg::kRowsB>>{});
 
   const TileScheduler<Cfg> sched(args);
   const ClusterCoord cluster = cluster_coord<Cfg>();
@@ -508,22 +509,21 @@ __device__ __forceinline__ void consume(const MoeGemmArgs& args, const SmemPlan<
       }
       continue;
     }
-    clear(acc_up);
-    if constexpr (Cfg::kGated) clear(acc_gate);
-    fence_accumulators(acc_up, acc_gate, Cfg::kGated);
+    clear(acc);
+    cute::warpgroup_fence_operand(acc);
     int previous = -1;  // stage whose wgmma may still run
     for (int kt = 0; kt < k_tiles; ++kt) {
       cutlass::arch::ClusterBarrier::wait(&smem.full[ring.stage], ring.phase);
-      fence_accumulators(acc_up, acc_gate, Cfg::kGated);
-      mma_stage<Cfg>(mma, ring.stage, tCrA, tCrB0, tCrB1, acc_up, acc_gate);
+      cute::warpgroup_fence_operand(acc);
+      mma_stage<Cfg>(mma, ring.stage, tCrA, tCrB, acc);
       cute::warpgroup_wait<1>();  // the batch of k-tile kt-1 retired: its stage can be refilled
-      fence_accumulators(acc_up, acc_gate, Cfg::kGated);
+      cute::warpgroup_fence_operand(acc);
       if (previous >= 0) release_stage<Cfg>(&smem.empty[previous], lane);
       previous = ring.stage;
       ring.advance();
     }
     cute::warpgroup_wait<0>();
-    fence_accumulators(acc_up, acc_gate, Cfg::kGated);
+    cute::warpgroup_fence_operand(acc);
     release_stage<Cfg>(&smem.empty[previous], lane);
 
     // An opaque copy of the thread index, made here: the epilogue's thread-dependent addresses are then computed
@@ -537,7 +537,7 @@ __device__ __forceinline__ void consume(const MoeGemmArgs& args, const SmemPlan<
     // The staging round trip is warp-local (a warp stages and stores only its own 16 rows), so __syncwarp orders
     // it: before, this warp's reads of the last tile are done; after, its writes of this tile are visible.
     __syncwarp();
-    epilogue_to_staging<Cfg>(args, acc_up, acc_gate, smem.staging, epilogue_tid, row_slot, n0, e);
+    epilogue_to_staging<Cfg>(args, acc, smem.staging, epilogue_tid, row_slot, n0, e);
     __syncwarp();
     store_warp_rows<Cfg>(args, smem.staging, warp_row0, epilogue_tid % 32, row_slot, m0, n0);
   }
