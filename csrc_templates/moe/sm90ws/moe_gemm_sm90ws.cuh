@@ -70,7 +70,8 @@ struct Config : Sm90GemmTraits<T, A, Mode, BM, BN, BK, Stages, 2> {
 
   static constexpr int kConsumerWarpGroups = Traits::kMmaWarpGroups;
   // B as the wgmma sees it: both halves of a stage stacked, [kHalves * BN, BK] (up rows first), one wgmma of
-  // N = kHalves * BN per k-step and one [BM, kHalves * BN] accumulator per CTA.
+  // N = kHalves * BN per k-step and one [BM, kHalves * BN] accumulator per CTA. (These hide the traits' per-half
+  // layout and MMA, which the sm90 kernel keeps.)
   static constexpr int kRowsB = Traits::kHalves * BN;
   using SmemLayoutB = typename Traits::template SmemLayout<kRowsB>;  // (kRowsB, BK, Stages)
   using TiledMma = decltype(cute::make_tiled_mma(
@@ -470,7 +471,7 @@ __device__ __forceinline__ void consume(const MoeGemmArgs& args, const SmemPlan<
   using namespace cute;
   constexpr int S = Cfg::kStages;
   Tensor sA = make_tensor(make_smem_ptr(smem.a), typename Cfg::SmemLayoutA{});                  // (BM,BK,S)
-  Tensor sB = make_tensor(make_smem_ptr(smem.b), typename Cfg::SmemLayoutB{});                  // (2BN,BK,S)
+  Tensor sB = make_tensor(make_smem_ptr(smem.b), typename Cfg::SmemLayoutB{});                  // (kRowsB,BK,S)
   const int consumer_tid = static_cast<int>(threadIdx.x) - 128;
   const int warp_group = __shfl_sync(0xffffffff, consumer_tid / 128, 0);
   const int lane = consumer_tid % 32;
