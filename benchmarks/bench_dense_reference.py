@@ -21,6 +21,7 @@ import torch
 
 import _common as common
 import bench_fused_moe as bench
+import jitmoe
 
 
 def hot_gemm_tflops(device: torch.device, seconds: float) -> float:
@@ -56,7 +57,6 @@ def measure(name: str, shape: bench.MoEShape, T: int, device: torch.device, roun
         torch.bmm(hs, w2.transpose(1, 2))
 
     def layer():
-        import jitmoe
         jitmoe.cutlass_fused_moe(x, ids, scales, *weights[current["copy"]], dtype, None, output=out)
 
     layer()  # JIT load outside the timing
