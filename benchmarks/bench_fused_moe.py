@@ -43,6 +43,13 @@ SHAPES = {
     "olmoe-molmoe": MoEShape(64, 8, 2048, 1024),
     "deepseek-v3": MoEShape(256, 8, 7168, 2048),
 }
+# Shapes outside the grid, for checking a tuning decision on cases it was not fitted to (--shapes by name).
+HELD_OUT_SHAPES = {
+    "mixtral-8x22b": MoEShape(8, 2, 6144, 16384),
+    "qwen2-57b-a14b": MoEShape(64, 8, 3584, 2560),
+    "deepseek-v2": MoEShape(160, 6, 5120, 1536),
+    "qwen3-235b-a22b": MoEShape(128, 8, 4096, 1536),
+}
 CPU_SHAPES = {"tiny": MoEShape(8, 2, 64, 32), "tiny-fine": MoEShape(16, 4, 32, 16)}
 ALIASES = {"mixtral": "mixtral-8x7b", "qwen3": "qwen3-30b-a3b", "olmoe": "olmoe-molmoe", "molmoe": "olmoe-molmoe",
            "deepseek": "deepseek-v3", "dsv3": "deepseek-v3"}
@@ -356,21 +363,30 @@ def plot(path, rows: list[dict]) -> None:
 # ----------------------------------------------------------------------------------------------- main
 
 def resolve_shapes(text: str | None, device) -> dict[str, MoEShape]:
+    """--shapes: names of SHAPES / HELD_OUT_SHAPES / CPU_SHAPES (or ALIASES), or literal E:k:H:I shapes."""
     if not text:
         return dict(CPU_SHAPES if device.type == "cpu" else SHAPES)
-    table = {**SHAPES, **CPU_SHAPES}
+    table = {**SHAPES, **HELD_OUT_SHAPES, **CPU_SHAPES}
     chosen = {}
     for raw in text.split(","):
         name = ALIASES.get(raw.strip(), raw.strip())
-        if name not in table:
-            raise SystemExit(f"--shapes: unknown shape {raw!r}; known: {sorted(table) + sorted(ALIASES)}")
-        chosen[name] = table[name]
+        if name in table:
+            chosen[name] = table[name]
+            continue
+        fields = name.split(":")
+        if len(fields) != 4 or not all(f.isdigit() and int(f) > 0 for f in fields):
+            raise SystemExit(f"--shapes: unknown shape {raw!r}; known: {sorted(table) + sorted(ALIASES)}, or E:k:H:I")
+        E, k, H, I = map(int, fields)  # noqa: E741
+        if k > E:
+            raise SystemExit(f"--shapes: {raw!r} has top-k {k} > {E} experts")
+        chosen[f"E{E}-k{k}-H{H}-I{I}"] = MoEShape(E, k, H, I)
     return chosen
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shapes", default=None, help=f"comma list of {sorted(SHAPES)} (aliases {sorted(ALIASES)})")
+    parser.add_argument("--shapes", default=None, help=f"comma list of {sorted(SHAPES)} (aliases {sorted(ALIASES)}), "
+                        f"held-out {sorted(HELD_OUT_SHAPES)}, or E:k:H:I")
     parser.add_argument("--tokens", default=None, help=f"comma list of T (default {','.join(map(str, TOKENS))})")
     parser.add_argument("--quick", action="store_true", help=f"T in {QUICK_TOKENS} unless --tokens is given")
     parser.add_argument("--split-k", default=None, help="comma list of forced split-K values to sweep, e.g. 1,2,4,8")

@@ -60,7 +60,7 @@ def sweep_row(shape, T: int, variants, device) -> list[dict]:
     m_pad_max = routing[0].numel()
     bufs = {"inter": torch.randn(m_pad_max, shape.I, device=device, dtype=torch.bfloat16),
             "a_sorted": torch.empty(m_pad_max, shape.H, device=device, dtype=torch.bfloat16),
-            "slot_rows": torch.empty(T * k, device=device, dtype=torch.int32),
+            "slot_rows": torch.empty(T * shape.k, device=device, dtype=torch.int32),
             "out": torch.empty(T * shape.k, shape.H, device=device, dtype=torch.bfloat16),
             "weights": scales.reshape(-1).contiguous()}
     padded = int(routing[2].item())

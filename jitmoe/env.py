@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import shlex
-from dataclasses import dataclass
 
 __all__ = ["ENV_VARS", "cache_dir", "cuda_arch_list", "max_jobs", "verbose", "debug", "disable_jit",
            "cutlass_dir", "nvcc_path", "extra_cuda_cflags", "lock_log_seconds", "tuning_enabled"]

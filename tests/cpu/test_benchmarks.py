@@ -1,6 +1,6 @@
 """The benchmark scripts on the CPU: floor/byte helpers against hand-computed numbers, the torch peers against a
-float64 reference, exp_topk_latency end to end (schema, every top-k applied, bad top-k rejected) and the smoke modes
-of bench_routers / bench_fused_moe."""
+float64 reference, exp_topk_latency end to end (schema, every top-k applied, bad top-k rejected), the smoke modes
+of bench_routers / bench_fused_moe / bench_dense_reference, and sweep_sm90ws's row loop with its kernels stubbed."""
 import json
 import sys
 from pathlib import Path
@@ -15,6 +15,9 @@ import bench_dense_reference  # noqa: E402
 import bench_fused_moe  # noqa: E402
 import bench_routers  # noqa: E402
 import exp_topk_latency as exp  # noqa: E402
+import sweep_sm90ws  # noqa: E402
+from jitmoe.ops import permute  # noqa: E402
+from jitmoe.reference import moe as moe_ref  # noqa: E402
 
 # Ceilings recorded in shared/anchors/h100-2026-11-22*.json, whose floor_ms the helpers must reproduce.
 H100 = {"copy_TBps": 2.958031740499292, "bf16_TFLOPs": 747.8449981545665}
@@ -209,3 +212,56 @@ def test_bench_dense_reference_cpu_smoke(tmp_path):
         assert r["jitmoe_over_dense"] == pytest.approx(r["jitmoe_ms"][0] / r["dense_ms"][0])
     written = json.loads(next(tmp_path.glob("bench_dense_reference_*.json")).read_text())
     assert written["rows"] == json.loads(json.dumps(payload["rows"]))
+
+
+def test_sweep_sm90ws_row_loop_passes_consistent_gemm_arguments(monkeypatch):
+    """sweep_row on the CPU with moe_align's reference and a stub module per variant that checks what each GEMM
+    launch is given against the binding's contract (the sm90ws kernels themselves need an H100)."""
+    shape, T = bench_fused_moe.MoEShape(8, 2, 64, 32), 5
+    calls = []
+
+    def align_into(ids, num_experts, block_m, offset, outputs):
+        for out, ref in zip(outputs, moe_ref.moe_align_reference(ids, num_experts, block_m, offset)):
+            out[: ref.numel()].copy_(ref.reshape(-1))
+
+    class Stub:
+        def __init__(self, variant):
+            self.variant = variant
+
+        def run(self, a, b, bias, out, sorted_ids, block_expert, num_padded, weights, alpha, beta, limit,
+                num_slots, topk, n, k, partials, a_sorted, slot_rows, k_splits):
+            mode = self.variant[0]
+            m_pad_max = sorted_ids.numel()
+            assert (num_slots, k_splits, a.shape[1], b.shape[2]) == (T * shape.k, 1, k, k)
+            assert block_expert.numel() * sweep_sm90ws.BLOCK_M == m_pad_max and num_padded.numel() == 1
+            if mode == "gemm1":
+                assert (topk, n, k) == (shape.k, shape.I, shape.H) and a.shape[0] == T
+                assert tuple(b.shape) == (shape.E, 2 * shape.I, shape.H) and weights is None
+                assert tuple(out.shape) == (m_pad_max, n) and tuple(a_sorted.shape) == (m_pad_max, k)
+                assert slot_rows.numel() == num_slots
+            else:
+                assert (topk, n, k) == (1, shape.H, shape.I) and tuple(a.shape) == (m_pad_max, k)
+                assert tuple(out.shape) == (num_slots, n) and weights.numel() == num_slots
+                assert a_sorted is None and slot_rows is None
+            calls.append(self.variant)
+
+    monkeypatch.setattr(permute, "align_into", align_into)
+    monkeypatch.setattr(sweep_sm90ws, "module", lambda *variant: Stub(variant))
+    variants = ["gemm1:128:4:2", "gemm2:256:3:1"]
+    rows = sweep_sm90ws.sweep_row(shape, T, variants, torch.device("cpu"))
+    assert [r["variant"] for r in rows] == variants and all(r["T"] == T for r in rows)
+    assert {c[0] for c in calls} == {"gemm1", "gemm2"}
+    assert all(r["median_ms"] > 0 and r["TFLOPs"] > 0 for r in rows)
+    assert rows[0]["padded_rows"] % sweep_sm90ws.BLOCK_M == 0 and rows[0]["padded_rows"] >= T * shape.k
+
+
+def test_resolve_shapes_takes_names_held_out_shapes_and_literals():
+    cpu = torch.device("cpu")
+    assert bench_fused_moe.resolve_shapes(None, cpu) == bench_fused_moe.CPU_SHAPES
+    chosen = bench_fused_moe.resolve_shapes("mixtral,deepseek-v2,160:6:5120:1536", cpu)
+    assert chosen == {"mixtral-8x7b": bench_fused_moe.MoEShape(8, 2, 4096, 14336),
+                      "deepseek-v2": bench_fused_moe.MoEShape(160, 6, 5120, 1536),
+                      "E160-k6-H5120-I1536": bench_fused_moe.MoEShape(160, 6, 5120, 1536)}
+    for bad in ("nope", "8:2:64", "8:0:64:32", "8:2:x:32", "4:8:64:32"):
+        with pytest.raises(SystemExit, match="--shapes"):
+            bench_fused_moe.resolve_shapes(bad, cpu)
