@@ -6,9 +6,8 @@
 // -1 / 0. Selection: top_k rounds of a warp argmax over the lanes' current bests. Each lane keeps its best two
 // keys; the lane whose expert won promotes its second, and rescans its own strided experts for a new best two only
 // when it wins again before that. Padding tokens get -1 / 0 throughout.
-// On the candidate and key paths a token whose picks all fit its pick list, and that needs no fallback, skips the
-// row and routes from the list alone. Tokens that need their rows wait in a block queue and are routed in a second
-// round that the block's warps share (routed in turn, a warp that drew two such tokens set the kernel's length).
+// On the candidate path a token whose picks all fit its pick list, and that needs no fallback, skips the row and
+// routes from the list alone; the key path's finalizer (ec_keys.cuh) routes from the selectors' pick bits.
 // Per-expert counts of the written ids go to shared counters, then once per block to global memory.
 #pragma once
 #include "expert_choice/ec_block.cuh"
@@ -98,9 +97,25 @@ __device__ __forceinline__ void write_slot(const FinalizerSmem& s, int32_t* out_
   }
 }
 
-// Candidate and key paths: routes token t from its pick list when that list holds all its picks and no slot needs
-// a fallback expert; returns the slots filled, or -1 when the token must recompute its row instead. Lane i holds
-// pick i and ranks it against the others (keys are unique: distinct experts), so every slot is written at once.
+// Lane i < n holds pick i (score bits, expert) of a token: writes the best top_k of its n picks, best first, and
+// returns how many slots they fill. Each lane ranks its pick against the others (keys are unique: distinct experts),
+// so every slot is written at once.
+__device__ __forceinline__ int write_ranked_picks(const FinalizerSmem& s, uint2 pick, int n, int top_k,
+                                                  int32_t* out_ids, float* out_weights) {
+  const int lane = lane_id();
+  const unsigned long long key = lane < n ? row_key(pick.x, static_cast<int>(pick.y)) : 0ull;
+  int rank = 0;
+  for (int j = 0; j < n; ++j) rank += __shfl_sync(kFullWarp, key, j) > key ? 1 : 0;
+  if (lane < n && rank < top_k) {
+    out_ids[rank] = static_cast<int>(pick.y);
+    out_weights[rank] = __uint_as_float(pick.x);
+    atomicAdd(s.counts + pick.y, 1u);
+  }
+  return min(n, top_k);
+}
+
+// Candidate path: routes token t from its pick list when that list holds all its picks and no slot needs a fallback
+// expert; returns the slots filled, or -1 when the token must recompute its row instead.
 template <typename In>
 __device__ int route_from_picks(const Params<In>& p, const FinalizerSmem& s, int t, int32_t* out_ids,
                                 float* out_weights) {
@@ -110,15 +125,7 @@ __device__ int route_from_picks(const Params<In>& p, const FinalizerSmem& s, int
                                          : make_uint2(0u, 0u);  // (score bits, expert)
   const unsigned n = __ldcg(p.pick_count + t);
   if (n > static_cast<unsigned>(p.pick_slots) || (p.fallback_topk && n < static_cast<unsigned>(p.top_k))) return -1;
-  const unsigned long long key = lane < static_cast<int>(n) ? row_key(pick.x, static_cast<int>(pick.y)) : 0ull;
-  int rank = 0;
-  for (int j = 0; j < static_cast<int>(n); ++j) rank += __shfl_sync(kFullWarp, key, j) > key ? 1 : 0;
-  if (lane < static_cast<int>(n) && rank < p.top_k) {
-    out_ids[rank] = static_cast<int>(pick.y);
-    out_weights[rank] = __uint_as_float(pick.x);
-    atomicAdd(s.counts + pick.y, 1u);
-  }
-  return min(static_cast<int>(n), p.top_k);
+  return write_ranked_picks(s, pick, static_cast<int>(n), p.top_k, out_ids, out_weights);
 }
 
 __device__ __forceinline__ void clear_slots(int32_t* out_ids, float* out_weights, int filled, int k) {
@@ -135,7 +142,7 @@ __device__ bool route_token_without_row(const Params<In>& p, const FinalizerSmem
   int32_t* out_ids = p.ids + static_cast<size_t>(t) * k;          // [k]
   float* out_weights = p.weights + static_cast<size_t>(t) * k;    // [k]
   const int filled = token_is_real(p.token_mask, t)
-                         ? (p.pick_lists ? route_from_picks(p, s, t, out_ids, out_weights) : -1)
+                         ? (p.candidates ? route_from_picks(p, s, t, out_ids, out_weights) : -1)
                          : 0;
   if (filled < 0) return false;
   clear_slots(out_ids, out_weights, filled, k);
@@ -162,19 +169,24 @@ __device__ void route_token_from_row(const Params<In>& p, const FinalizerSmem& s
   clear_slots(out_ids, out_weights, filled, k);
 }
 
-// Waits until the sel_blocks blocks that publish the thresholds have counted themselves in `selectors_done`
-// (nullptr: they ran in an earlier launch).
-template <typename In, bool kShareRows>
-__device__ void run_finalizer(const Params<In>& p, int block, unsigned char* smem, unsigned* selectors_done) {
-  Scratch* sc = reinterpret_cast<Scratch*>(smem);
+// The finalizer's shared memory (ec_params.cuh's finalizer_smem_bytes), and the same with the thresholds, softmax
+// statistics and zeroed counts loaded. Waits first until the sel_blocks blocks that publish the thresholds have counted themselves
+// in `selectors_done` (nullptr: they ran in an earlier launch).
+template <typename In>
+__device__ __forceinline__ FinalizerSmem finalizer_smem(const Params<In>& p, unsigned char* smem) {
   unsigned* base = reinterpret_cast<unsigned*>(smem + kScratchBytes);
-  const FinalizerSmem s{base,
-                        base + p.E,
-                        reinterpret_cast<float*>(base + 2 * p.E),
-                        reinterpret_cast<float*>(base + 3 * p.E),
-                        base + 4 * p.E,
-                        base + 5 * p.E,
-                        base + static_cast<size_t>(5 + p.fin_warps) * p.E};
+  return FinalizerSmem{base,
+                       base + p.E,
+                       reinterpret_cast<float*>(base + 2 * p.E),
+                       reinterpret_cast<float*>(base + 3 * p.E),
+                       base + 4 * p.E,
+                       base + 5 * p.E,
+                       base + static_cast<size_t>(5 + p.fin_warps) * p.E};
+}
+
+template <typename In>
+__device__ FinalizerSmem load_finalizer_state(const Params<In>& p, unsigned char* smem, unsigned* selectors_done) {
+  const FinalizerSmem s = finalizer_smem(p, smem);
   if (selectors_done != nullptr) wait_for(selectors_done, p.sel_blocks);
   for (int e = threadIdx.x; e < p.E; e += kBlock) {
     s.theta_hi[e] = __ldcg(p.theta_hi + e);  // written by other blocks of this launch: read from L2
@@ -185,41 +197,30 @@ __device__ void run_finalizer(const Params<In>& p, int block, unsigned char* sme
     }
     s.counts[e] = 0;
   }
-  if (threadIdx.x == 0) sc->n_list = 0;
   __syncthreads();
-  // Warp w routes tokens block * fin_warps + w + i * stride. kShareRows: in steps of kRowsPerWarpStep of them, first
-  // every token that routes without its row, the others queued; then the block's warps share the queue, so that no
-  // warp recomputes two rows while the others wait (in turn, a warp that drew two such tokens set the kernel's
-  // length). The route kernel routes each token in turn: the queue's registers would spill there.
+  return s;
+}
+
+// The block's per-expert counts of written ids, added once to the global counts.
+__device__ __forceinline__ void flush_counts(const FinalizerSmem& s, int E, int32_t* counts) {
+  __syncthreads();
+  for (int e = threadIdx.x; e < E; e += kBlock)
+    if (s.counts[e] != 0) atomicAdd(counts + e, static_cast<int32_t>(s.counts[e]));
+}
+
+// Column and candidate paths: warp w of the block routes tokens block * fin_warps + w + i * stride, each in turn
+// (from its pick list when it can, else from its row).
+template <typename In>
+__device__ void run_finalizer(const Params<In>& p, int block, unsigned char* smem, unsigned* selectors_done) {
+  const FinalizerSmem s = load_finalizer_state(p, smem, selectors_done);
   const int warp = warp_id();
-  unsigned* stage = s.stage + static_cast<size_t>(warp) * p.E;  // [E]
-  const int stride = p.fin_blocks * p.fin_warps;
-  const int first = block * p.fin_warps + warp;
-  if constexpr (kShareRows) {
-    for (int i0 = 0; block * p.fin_warps + i0 * stride < p.T; i0 += kRowsPerWarpStep) {  // uniform over the block
-      if (warp < p.fin_warps) {
-        for (int i = i0; i < i0 + kRowsPerWarpStep && first + i * stride < p.T; ++i) {
-          const int t = first + i * stride;
-          if (!route_token_without_row(p, s, t) && lane_id() == 0)
-            s.queue[atomicAdd(&sc->n_list, 1u)] = static_cast<unsigned>(t);
-        }
-      }
-      __syncthreads();
-      const unsigned queued = sc->n_list;
-      if (warp < p.fin_warps)
-        for (unsigned j = warp; j < queued; j += p.fin_warps)
-          route_token_from_row(p, s, stage, static_cast<int>(s.queue[j]));
-      __syncthreads();
-      if (threadIdx.x == 0) sc->n_list = 0;
-      __syncthreads();
-    }
-  } else if (warp < p.fin_warps) {
-    for (int t = first; t < p.T; t += stride)
+  if (warp < p.fin_warps) {
+    unsigned* stage = s.stage + static_cast<size_t>(warp) * p.E;  // [E]
+    const int stride = p.fin_blocks * p.fin_warps;
+    for (int t = block * p.fin_warps + warp; t < p.T; t += stride)
       if (!route_token_without_row(p, s, t)) route_token_from_row(p, s, stage, t);
   }
-  __syncthreads();
-  for (int e = threadIdx.x; e < p.E; e += kBlock)
-    if (s.counts[e] != 0) atomicAdd(p.counts + e, static_cast<int32_t>(s.counts[e]));
+  flush_counts(s, p.E, p.counts);
 }
 
 }  // namespace jitmoe::ec

@@ -10,10 +10,14 @@
 //      warp runs, 8 keys a load) counts the keys above b and lists b's tokens, which are resolved exactly: they get
 //      their full 64-bit column keys (recomputed scores, ~token) and theta = the take-th best of the whole column.
 //      A token is picked when its key16 > b, or key16 == b and its column key >= theta, which is column key >=
-//      theta. A second pass lists the picked tokens in token order (in shared memory when they fit), then they are
-//      scored in one parallel pass: the expert-major row, or (token-major) the tokens' pick lists.
-//   3. finalize_kernel (token-major): the finalizers of ec_finalize.cuh, routing from the pick lists.
-// The keys take 2 bytes per score, read once from L2 by the selectors; no candidate sampling, no bounds.
+//      theta. Token-major, the block then writes its column of pick bits (one word per 32 tokens) and is done;
+//      expert-major, a second pass lists the picked tokens in token order (in shared memory when they fit) and
+//      scores them in one parallel pass.
+//   3. finalize_kernel (token-major): one warp per token of a 32-token tile reads the tile's pick bits, scores only
+//      the experts that picked the token and ranks them; the tokens that need a fallback expert (fewer picks than
+//      top_k) or picks beyond a warp's 32 lanes are routed from their rows (ec_finalize.cuh) in a block-wide queue.
+// The keys take 2 bytes per score, read once from L2 by the selectors, and the picks cross to the finalizers as
+// bits: no candidate sampling, no bounds, no scattered pick lists.
 #pragma once
 #include "common/pdl.cuh"
 #include "expert_choice/ec_finalize.cuh"
@@ -37,8 +41,8 @@ constexpr int key_rows_in_flight() {
   return NCH <= 8 ? kKeyTokensPerWarp : 1;
 }
 
-// Block b scores tokens [32b, 32b + 32), 4 per warp, and writes their keys expert-major. Also zeroes the tokens' pick
-// counts and (block 0, token-major) the per-expert counts that the finalizers add to. kFull: E == 32 * NCH (no
+// Block b scores tokens [32b, 32b + 32), 4 per warp, and writes their keys expert-major. Block 0 also zeroes
+// (token-major) the per-expert counts that the finalizers add to. kFull: E == 32 * NCH (no
 // per-expert checks; with NCH <= 8 four blocks fit an SM, so a T = 16384 grid is one wave on an H100).
 template <int NCH, bool kFull>
 constexpr int key_row_min_blocks() {
@@ -64,7 +68,6 @@ __global__ void __launch_bounds__(kKeyRowThreads, key_row_min_blocks<NCH, kFull>
     for (int r = 0; r < kRows; ++r) {
       const int t = t0 + warp_id() + kKeyRowWarps * (i0 + r);
       load_row<In, NCH, kFull>(p, min(t, p.T - 1), v[r]);
-      if (lane == 0 && t < p.T && p.pick_count != nullptr) p.pick_count[t] = 0;
     }
 #pragma unroll
     for (int r = 0; r < kRows; ++r) {
@@ -309,14 +312,14 @@ __device__ void list_picked_tokens(const KeySelectorSmem& s, int key_pitch, unsi
   converged_syncthreads();  // the row is read back by other threads of the block
 }
 
-// The scores of expert e's picks row[0, take) (in shared or global memory), two per thread in flight: the
-// expert-major row, or (token-major) expert e joins the pick list of each picked token.
+// The expert-major row of expert e: its picks row[0, take) (in shared or global memory) with their scores, two per
+// thread in flight.
 template <typename In>
 __device__ void score_picks(const Params<In>& p, const ColumnKeys<In>& col, const int32_t* row, bool row_in_smem,
                             unsigned take) {
   const int e = col.expert;
-  int32_t* row_ids = p.ids + static_cast<size_t>(e) * p.capacity;        // [capacity], expert-major
-  float* row_weights = p.weights + static_cast<size_t>(e) * p.capacity;  // [capacity], expert-major
+  int32_t* row_ids = p.ids + static_cast<size_t>(e) * p.capacity;        // [capacity]
+  float* row_weights = p.weights + static_cast<size_t>(e) * p.capacity;  // [capacity]
   for (unsigned i0 = threadIdx.x; i0 < take; i0 += 2 * kKeySelectThreads) {
     int t[2];
     unsigned bits[2];
@@ -331,15 +334,21 @@ __device__ void score_picks(const Params<In>& p, const ColumnKeys<In>& col, cons
 #pragma unroll
     for (int q = 0; q < 2; ++q) {
       if (t[q] < 0) continue;
-      if (p.expert_major) {
-        row_ids[i0 + q * kKeySelectThreads] = t[q];
-        row_weights[i0 + q * kKeySelectThreads] = __uint_as_float(bits[q]);
-      } else {
-        const unsigned slot = atomicAdd(p.pick_count + t[q], 1u);
-        if (slot < static_cast<unsigned>(p.pick_slots))
-          p.picks[static_cast<size_t>(t[q]) * p.pick_slots + slot] = make_uint2(bits[q], static_cast<unsigned>(e));
-      }
+      row_ids[i0 + q * kKeySelectThreads] = t[q];
+      row_weights[i0 + q * kKeySelectThreads] = __uint_as_float(bits[q]);
     }
+  }
+}
+
+// Token-major: expert e's column of pick bits, bit i of word w set when expert e picked token 32 w + i (once the
+// boundary bin is resolved, exactly the tokens whose column key exceeds `above`).
+template <typename In>
+__device__ void write_pick_bits(const Params<In>& p, const KeySelectorSmem& s, int e, unsigned above) {
+  const int words = p.key_pitch / kKeyTileTokens;
+#pragma unroll 4
+  for (int w = warp_id(); w < words; w += kKeySelectWarps) {
+    const unsigned bits = __ballot_sync(kFullWarp, s.column[kKeyTileTokens * w + lane_id()] > above);
+    if (lane_id() == 0) p.pick_bits[static_cast<size_t>(w) * p.E + e] = bits;
   }
 }
 
@@ -419,26 +428,139 @@ __global__ void __launch_bounds__(kKeySelectThreads, 2) select_keys_kernel(Param
     p.theta_lo[e] = static_cast<unsigned>(theta);
     if (p.expert_major) p.counts[e] = static_cast<int32_t>(take);
   }
-  // The picks are listed in the histogram's space (no longer needed) when they fit, else in a global row.
+  if (!p.expert_major) return write_pick_bits(p, s, e, above);
+  // The picks are listed in the histogram's space (no longer needed) when they fit, else in the output row.
   const bool row_in_smem = take <= static_cast<unsigned>(kKeyBins);
-  int32_t* row = row_in_smem ? reinterpret_cast<int32_t*>(s.hist)
-                             : (p.expert_major ? p.ids : p.key_picks) + static_cast<size_t>(e) * p.capacity;
+  int32_t* row = row_in_smem ? reinterpret_cast<int32_t*>(s.hist) : p.ids + static_cast<size_t>(e) * p.capacity;
   list_picked_tokens(s, p.key_pitch, above, row);
   score_picks(p, col, row, row_in_smem, take);
-  if (p.expert_major) {
-    for (int i = take + threadIdx.x; i < p.capacity; i += kKeySelectThreads) {
-      p.ids[static_cast<size_t>(e) * p.capacity + i] = -1;
-      p.weights[static_cast<size_t>(e) * p.capacity + i] = 0.0f;
-    }
+  for (int i = take + threadIdx.x; i < p.capacity; i += kKeySelectThreads) {
+    p.ids[static_cast<size_t>(e) * p.capacity + i] = -1;
+    p.weights[static_cast<size_t>(e) * p.capacity + i] = 0.0f;
   }
 }
 
 // ---- 3. finalize --------------------------------------------------------------------------------------------------
+// Warp: a 32x32 bit matrix held one row per lane (bit j of lane i's word = entry (i, j)) becomes its transpose, in
+// five rounds that swap the off-diagonal blocks of halving size.
+__device__ __forceinline__ unsigned transpose_bits32(unsigned x) {
+  const int lane = lane_id();
+  constexpr unsigned kLow[5] = {0x0000FFFFu, 0x00FF00FFu, 0x0F0F0F0Fu, 0x33333333u, 0x55555555u};
+#pragma unroll
+  for (int r = 0; r < 5; ++r) {
+    const int shift = 16 >> r;
+    const unsigned low = kLow[r];  // the bit positions whose bit `shift` is clear
+    const unsigned partner = __shfl_xor_sync(kFullWarp, x, shift);
+    x = (lane & shift) ? (x & ~low) | ((partner >> shift) & low) : (x & low) | ((partner & low) << shift);
+  }
+  return x;
+}
+
+// Warp c < ceil(E / 32) turns experts [32c, 32c + 32) of the tile's pick bits (a word per expert, a bit per token)
+// into a word per token: token_masks[i * kMaskPitch + c], bit j set when expert 32c + j picked token i of the tile.
 template <typename In>
-__global__ void __launch_bounds__(kBlock, 2) finalize_kernel(Params<In> p) {
+__device__ __forceinline__ void load_token_masks(const Params<In>& p, int tile, unsigned* token_masks) {
+  const int c = warp_id(), e = 32 * c + lane_id();
+  if (32 * c >= p.E) return;
+  const unsigned expert_word = e < p.E ? __ldcg(p.pick_bits + static_cast<size_t>(tile) * p.E + e) : 0u;
+  token_masks[lane_id() * kMaskPitch + c] = transpose_bits32(expert_word);
+}
+
+// Routes token t (token i of the tile) from its mask words: lane c holds experts [32c, 32c + 32); the picks are
+// listed in expert order, then lane j scores pick j and ranks it (higher score first, then the lower expert: the
+// lower lane). Returns false when the token needs its row: a fallback slot to fill, or more picks than lanes.
+template <typename In>
+__device__ bool route_token_from_masks(const Params<In>& p, const FinalizerSmem& s, const unsigned* masks,
+                                       uint2* picks, int t) {
+  const int lane = lane_id();
+  const int k = p.top_k;
+  int32_t* out_ids = p.ids + static_cast<size_t>(t) * k;        // [k]
+  float* out_weights = p.weights + static_cast<size_t>(t) * k;  // [k]
+  int n = 0;
+  if (token_is_real(p.token_mask, t)) {
+    unsigned mask = 32 * lane < p.E ? masks[lane] : 0u;
+    const unsigned count = __popc(mask);
+    unsigned incl = count;
+#pragma unroll
+    for (int offset = 1; offset < 32; offset <<= 1) {
+      const unsigned up = __shfl_up_sync(kFullWarp, incl, offset);
+      if (lane >= offset) incl += up;
+    }
+    n = static_cast<int>(__shfl_sync(kFullWarp, incl, 31));
+    if (n > 32 || (p.fallback_topk && n < k)) return false;
+    for (unsigned at = incl - count; mask != 0; mask &= mask - 1, ++at)
+      picks[at].y = static_cast<unsigned>(32 * lane + __ffs(mask) - 1);
+    __syncwarp();
+    unsigned score = 0, e = 0;
+    if (lane < n) {
+      e = picks[lane].y;
+      const float logit = to_float(__ldg(p.logits + static_cast<size_t>(t) * p.E + e));
+      score = __float_as_uint(score_of(logit, __ldcg(p.row_max + t), __ldcg(p.row_rcp + t)));
+    }
+    int rank = 0;
+    for (int j = 0; j < n; ++j) {
+      const unsigned other = __shfl_sync(kFullWarp, score, j);
+      rank += other > score || (other == score && j < lane) ? 1 : 0;
+    }
+    if (lane < n && rank < k) {
+      out_ids[rank] = static_cast<int>(e);
+      out_weights[rank] = __uint_as_float(score);
+      atomicAdd(s.counts + e, 1u);
+    }
+    n = min(n, k);
+  }
+  clear_slots(out_ids, out_weights, n, k);
+  __syncwarp();  // `picks` is reused by the warp's next token
+  return true;
+}
+
+// Warps below fin_warps route the queued tokens from their rows, then the queue is emptied.
+template <typename In>
+__device__ void route_queued_rows(const Params<In>& p, unsigned char* smem) {
+  Scratch* sc = reinterpret_cast<Scratch*>(smem);
+  const FinalizerSmem s = finalizer_smem(p, smem);
+  const unsigned queued = sc->n_list;
+  if (warp_id() < p.fin_warps) {
+    unsigned* stage = s.stage + static_cast<size_t>(warp_id()) * p.E;  // [E]
+    for (unsigned j = warp_id(); j < queued; j += p.fin_warps)
+      route_token_from_row(p, s, stage, static_cast<int>(s.queue[j]));
+  }
+  converged_syncthreads();
+  if (threadIdx.x == 0) sc->n_list = 0;
+  converged_syncthreads();
+}
+
+// Blocks walk the tiles of kKeyTileTokens tokens (one token per warp); the tokens that need their rows are queued
+// and routed by the whole block when the queue might not take another tile, and at the end.
+template <typename In>
+__global__ void __launch_bounds__(kBlock, 1) finalize_kernel(Params<In> p) {
+  static_assert(kKeyTileTokens == kWarps && 32 * kWarps >= 32 * kKeyMaxChunks,
+                "a tile gives each warp one token, and the warps cover the experts' mask words");
   extern __shared__ __align__(16) unsigned char ec_smem[];
   pdl_start();
-  run_finalizer<In, true>(p, blockIdx.x, ec_smem, nullptr);
+  Scratch* sc = reinterpret_cast<Scratch*>(ec_smem);
+  if (threadIdx.x == 0) sc->n_list = 0;
+  load_finalizer_state(p, ec_smem, nullptr);
+  const int tiles = p.key_pitch / kKeyTileTokens;
+  for (int tile = blockIdx.x;; tile += gridDim.x) {  // uniform over the block
+    const bool more = tile < tiles;
+    if (more) {
+      const FinalizerSmem s = finalizer_smem(p, ec_smem);
+      unsigned* token_masks = s.queue + kRowQueue;  // [kWarps, kMaskPitch]
+      const uintptr_t picks_at = (reinterpret_cast<uintptr_t>(token_masks + kWarps * kMaskPitch) + 7) & ~uintptr_t{7};
+      uint2* picks = reinterpret_cast<uint2*>(picks_at) + 32 * warp_id();  // [32] this warp's token
+      load_token_masks(p, tile, token_masks);
+      __syncthreads();
+      const int t = kKeyTileTokens * tile + warp_id();
+      if (t < p.T && !route_token_from_masks(p, s, token_masks + warp_id() * kMaskPitch, picks, t) &&
+          lane_id() == 0)
+        s.queue[atomicAdd(&sc->n_list, 1u)] = static_cast<unsigned>(t);
+      converged_syncthreads();
+    }
+    if (!more || sc->n_list + kWarps > static_cast<unsigned>(kRowQueue)) route_queued_rows(p, ec_smem);
+    if (!more) break;
+  }
+  flush_counts(finalizer_smem(p, ec_smem), p.E, p.counts);
 }
 
 }  // namespace jitmoe::ec

@@ -20,8 +20,7 @@ constexpr int kBins = 1 << kDigitBits;
 constexpr int kListCap = 4096;             // candidate tokens kept in shared memory once the radix prefix is narrow
 constexpr int kMaxGroup = 8;               // experts per selector block
 constexpr int kMaxFinalizerWarps = kWarps;
-constexpr int kRowsPerWarpStep = 8;       // finalizer: tokens per warp between two shares of the row queue
-constexpr int kRowQueue = kRowsPerWarpStep * kMaxFinalizerWarps;  // finalizer: tokens queued to route from their rows
+constexpr int kRowQueue = 8 * kMaxFinalizerWarps;  // key path's finalizer: tokens queued to route from their rows
 constexpr unsigned kInvalidKey = 0xFFFFFFFFu;  // key of a padding token (a real key is a score >= 0: top bit 0)
 constexpr unsigned kPickedBit = 0x80000000u;   // finalizer: marks an expert that picked the token
 // Candidate path (ec_candidates.cuh)
@@ -71,7 +70,6 @@ struct Params {
   int cand_cap;              // candidate slots per expert
   int stage_slots;           // row pass: offers staged per expert in shared memory
   int pick_slots;            // recorded picks per token (token-major)
-  bool pick_lists;           // finalizers may route a token from its pick list (candidate and key paths)
   int key_pitch;             // key path (ec_keys.cuh): tokens per expert row of keys (T rounded up to a tile)
   // workspace (written by the prepare kernel and the earlier phases)
   unsigned* counters;        // [kCounters] block tickets, phases done, real tokens
@@ -88,7 +86,8 @@ struct Params {
   unsigned* pick_count;      // [T] experts that picked each token (may exceed pick_slots)
   uint2* picks;              // [T, pick_slots] (score bits, expert)
   unsigned short* keys;      // [E, key_pitch] key path: 16-bit keys of every score (key16), 0 for padding
-  int32_t* key_picks;        // [E, capacity] key path, token-major: each expert's picked tokens
+  unsigned* pick_bits;       // [key_pitch / 32, E] key path, token-major: bit i of word (w, e) set when expert e
+                             // picked token 32 w + i
   // outputs
   float* weights;            // [T, top_k] token-major, or [E, capacity] expert-major
   int32_t* ids;              // [T, top_k] expert ids, or [E, capacity] token ids
@@ -120,6 +119,11 @@ __host__ __device__ constexpr size_t finalizer_smem_bytes(int E, int warps) {
   return kScratchBytes + 4ull * E * (5ull + warps) + 4ull * kRowQueue;
 }
 
+
+// Key path's finalizer: the finalizer's layout, then [token masks: kWarps * kMaskPitch][pad to 8 bytes][picks:
+// kWarps * 32 uint2] (each warp's token's picks, compacted), ec_keys.cuh.
+constexpr int kMaskPitch = 33;  // words per token of the masks (odd: the transposing warps' stores hit distinct banks)
+constexpr size_t kKeyFinalizerExtraBytes = 4ull * (kWarps * kMaskPitch + 1) + 8ull * kWarps * 32;
 
 // Candidate path, row phase: [Scratch][bound, staged: E each][staged items: E * slots uint2]
 __host__ __device__ constexpr size_t candidate_rows_smem_bytes(int E, int slots) {

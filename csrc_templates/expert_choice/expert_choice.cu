@@ -129,7 +129,6 @@ const char* expert_choice_launch(const void* logits,      // [T, E]
   p.fin_blocks = expert_major ? 0 : plan.fin_blocks;
   p.fin_warps = expert_major ? 0 : plan.fin_warps;
   p.candidates = plan.ps.candidates;
-  p.pick_lists = plan.ps.candidates || keys;
   p.bound_blocks = plan.bound_blocks;
   p.row_blocks = plan.row_blocks;
   p.row_chunks = plan.ps.row_chunks;
@@ -149,11 +148,9 @@ const char* expert_choice_launch(const void* logits,      // [T, E]
   p.theta_lo = words + w.theta_lo;
   p.col_max = reinterpret_cast<float*>(words + w.col_max);
   p.col_rcp = reinterpret_cast<float*>(words + w.col_rcp);
-  if (p.pick_lists) {
+  if (plan.ps.candidates) {
     p.pick_count = plan.ps.pick_slots > 0 ? words + w.pick_count : nullptr;
     p.picks = reinterpret_cast<uint2*>(words + w.picks);
-  }
-  if (plan.ps.candidates) {
     p.bound = words + w.bound;
     p.cand_count = words + w.cand_count;
     p.sample_keys = words + w.sample_keys;
@@ -161,7 +158,7 @@ const char* expert_choice_launch(const void* logits,      // [T, E]
   }
   if (keys) {
     p.keys = reinterpret_cast<unsigned short*>(words + w.keys);
-    p.key_picks = reinterpret_cast<int32_t*>(words + w.key_picks);
+    p.pick_bits = words + w.pick_bits;
   }
   p.weights = weights;
   p.ids = ids;

@@ -56,7 +56,7 @@ __global__ void __launch_bounds__(kBlock, 2) route_kernel(Params<In> p) {
   if (ticket < p.sel_blocks) {
     run_selector(p, ticket, ec_smem);
   } else {
-    run_finalizer<In, false>(p, ticket - p.sel_blocks, ec_smem, p.counters + 1);
+    run_finalizer(p, ticket - p.sel_blocks, ec_smem, p.counters + 1);
   }
 }
 
@@ -71,7 +71,7 @@ __global__ void __launch_bounds__(kBlock, 1) route_candidates_kernel(Params<In> 
   if (ticket < p.row_blocks) return run_rows(p, ticket, ec_smem);
   ticket -= p.row_blocks;
   if (ticket < p.sel_blocks) return run_candidate_selector(p, ticket, ec_smem);
-  run_finalizer<In, false>(p, ticket - p.sel_blocks, ec_smem, p.counters + 3);
+  run_finalizer(p, ticket - p.sel_blocks, ec_smem, p.counters + 3);
 }
 
 }  // namespace jitmoe::ec

@@ -31,10 +31,9 @@ inline long long ceil_div(long long a, long long b) { return (a + b - 1) / b; }
 struct PathShape {
   bool candidates, keys;
   int sample_count, sample_rank, cand_cap;  // candidate path
-  int pick_slots;                           // both: recorded picks per token (token-major)
+  int pick_slots;                           // candidate path: recorded picks per token (token-major)
   int row_chunks;                           // both: 32-expert chunks of a row held in registers (0: recompute)
   int key_pitch;                            // key path: T rounded up to a tile of tokens
-  int key_rows;                             // key path, token-major: staged picks per expert (the capacity)
 };
 
 // The smallest power-of-two count of 32-expert chunks covering E, up to max_chunks (0 when E needs more).
@@ -62,13 +61,12 @@ inline const char* choose_path(PathShape& ps, long long T, int E, long long capa
                                (path == kPathAuto && candidates_possible && T >= kCandidateMinTokens &&
                                 2 * capacity <= T && E <= 32 * kMaxRowChunks));
   if (!ps.keys && !ps.candidates) return nullptr;
-  ps.pick_slots = expert_major ? 0 : (top_k <= 8 ? 16 : kMaxPickSlots);
   if (ps.keys) {
     ps.row_chunks = row_chunks_for(E, kKeyMaxChunks);
     ps.key_pitch = static_cast<int>(ceil_div(T, kKeyTileTokens) * kKeyTileTokens);
-    ps.key_rows = expert_major ? 0 : static_cast<int>(capacity);
     return nullptr;
   }
+  ps.pick_slots = expert_major ? 0 : (top_k <= 8 ? 16 : kMaxPickSlots);
   ps.sample_count = static_cast<int>(std::min<long long>(T, kSampleTokens));
   // Rank kSampleMargin + twice the sampled share of C: the bound's expected candidates are ~2C (never fewer than C
   // unless the sample is far off), and the slots hold 1.5x that.
@@ -81,14 +79,14 @@ inline const char* choose_path(PathShape& ps, long long T, int E, long long capa
 }
 
 // Workspace offsets in 32-bit words: [counters][row_max, row_rcp: T][theta_hi, theta_lo, col_max, col_rcp: E]
-// then, on the candidate and key paths, [pick_count: T][picks: T * pick_slots uint2], then on the candidate path
-// [bound: E][cand_count: E * kCountStride][sample_keys: E * S][cand: E * cap uint2], on the key path
-// [keys: E * key_pitch u16] (16-byte aligned rows)[key_picks: E * key_rows].
+// then, on the candidate path, [pick_count: T][picks: T * pick_slots uint2][bound: E][cand_count: E * kCountStride]
+// [sample_keys: E * S][cand: E * cap uint2], on the key path [keys: E * key_pitch u16] (16-byte aligned rows)
+// [pick_bits: key_pitch / 32 * E] (read token-major).
 struct Workspace {
   long long row_max, row_rcp, theta_hi, theta_lo, col_max, col_rcp;
   long long pick_count, picks;
   long long bound, cand_count, sample_keys, cand;
-  long long keys, key_picks;
+  long long keys, pick_bits;
   long long words;
 };
 
@@ -107,11 +105,9 @@ inline Workspace workspace_layout(const PathShape& ps, long long T, long long E)
   w.theta_lo = take(E);
   w.col_max = take(E);
   w.col_rcp = take(E);
-  if (ps.candidates || ps.keys) {
+  if (ps.candidates) {
     w.pick_count = take(ps.pick_slots > 0 ? T : 0);
     w.picks = take(2 * T * ps.pick_slots, 2);  // uint2
-  }
-  if (ps.candidates) {
     w.bound = take(E);
     w.cand_count = take(E * kCountStride);
     w.sample_keys = take(static_cast<long long>(ps.sample_count) * E);
@@ -119,7 +115,7 @@ inline Workspace workspace_layout(const PathShape& ps, long long T, long long E)
   }
   if (ps.keys) {
     w.keys = take(E * ps.key_pitch / 2, 4);  // uint4 loads
-    w.key_picks = take(E * ps.key_rows);
+    w.pick_bits = take(ps.key_pitch / kKeyTileTokens * E);
   }
   w.words = at;
   return w;
@@ -153,15 +149,20 @@ inline void plan_selectors(Plan& plan, long long T, int E, int elem_bytes, int n
 }
 
 // Finalizer blocks: as many token warps as the shared memory left by the selectors (or the budget) can stage, and
-// up to two blocks per SM (the route kernel's launch bounds allow two resident blocks).
+// up to two blocks per SM (the route kernel's launch bounds allow two resident blocks). The key path's finalizer
+// walks tiles of kKeyTileTokens tokens, one per warp, and stages rows only for the tokens that need them.
 inline void plan_finalizers(Plan& plan, long long T, int E, int num_sms, size_t smem_optin) {
-  const size_t room = std::min(smem_optin, std::max(plan.smem_bytes, kFinalizerBudget));
-  const size_t fixed = finalizer_smem_bytes(E, 0);
+  // The key path's finalizer runs one block per SM (its launch bounds): it may take all the shared memory, so that
+  // large E still gets many row warps (E = 1024 got 7 of them under the budget and took 1.8x as long).
+  const size_t room = plan.ps.keys ? smem_optin : std::min(smem_optin, std::max(plan.smem_bytes, kFinalizerBudget));
+  const size_t extra = plan.ps.keys ? kKeyFinalizerExtraBytes : 0;
+  const size_t fixed = finalizer_smem_bytes(E, 0) + extra;
   const long long fit = room > fixed ? static_cast<long long>((room - fixed) / (4ull * E)) : 0;
   plan.fin_warps = static_cast<int>(std::clamp<long long>(fit, 1, kMaxFinalizerWarps));
-  plan.smem_bytes = std::max(plan.smem_bytes, finalizer_smem_bytes(E, plan.fin_warps));
+  plan.smem_bytes = std::max(plan.smem_bytes, finalizer_smem_bytes(E, plan.fin_warps) + extra);
   const long long resident = 2ll * std::max(num_sms, 1);
-  plan.fin_blocks = static_cast<int>(std::clamp<long long>(ceil_div(T, plan.fin_warps), 1, resident));
+  const long long units = plan.ps.keys ? ceil_div(T, kKeyTileTokens) : ceil_div(T, plan.fin_warps);
+  plan.fin_blocks = static_cast<int>(std::clamp<long long>(units, 1, resident));
 }
 
 // Finalizers in a single wave: no more blocks than fit on the GPU at once with the route kernel's shared memory
