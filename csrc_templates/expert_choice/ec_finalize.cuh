@@ -97,25 +97,9 @@ __device__ __forceinline__ void write_slot(const FinalizerSmem& s, int32_t* out_
   }
 }
 
-// Lane i < n holds pick i (score bits, expert) of a token: writes the best top_k of its n picks, best first, and
-// returns how many slots they fill. Each lane ranks its pick against the others (keys are unique: distinct experts),
-// so every slot is written at once.
-__device__ __forceinline__ int write_ranked_picks(const FinalizerSmem& s, uint2 pick, int n, int top_k,
-                                                  int32_t* out_ids, float* out_weights) {
-  const int lane = lane_id();
-  const unsigned long long key = lane < n ? row_key(pick.x, static_cast<int>(pick.y)) : 0ull;
-  int rank = 0;
-  for (int j = 0; j < n; ++j) rank += __shfl_sync(kFullWarp, key, j) > key ? 1 : 0;
-  if (lane < n && rank < top_k) {
-    out_ids[rank] = static_cast<int>(pick.y);
-    out_weights[rank] = __uint_as_float(pick.x);
-    atomicAdd(s.counts + pick.y, 1u);
-  }
-  return min(n, top_k);
-}
-
 // Candidate path: routes token t from its pick list when that list holds all its picks and no slot needs a fallback
-// expert; returns the slots filled, or -1 when the token must recompute its row instead.
+// expert; returns the slots filled, or -1 when the token must recompute its row instead. Lane i holds pick i and
+// ranks it against the others (keys are unique: distinct experts), so every slot is written at once.
 template <typename In>
 __device__ int route_from_picks(const Params<In>& p, const FinalizerSmem& s, int t, int32_t* out_ids,
                                 float* out_weights) {
@@ -125,7 +109,15 @@ __device__ int route_from_picks(const Params<In>& p, const FinalizerSmem& s, int
                                          : make_uint2(0u, 0u);  // (score bits, expert)
   const unsigned n = __ldcg(p.pick_count + t);
   if (n > static_cast<unsigned>(p.pick_slots) || (p.fallback_topk && n < static_cast<unsigned>(p.top_k))) return -1;
-  return write_ranked_picks(s, pick, static_cast<int>(n), p.top_k, out_ids, out_weights);
+  const unsigned long long key = lane < static_cast<int>(n) ? row_key(pick.x, static_cast<int>(pick.y)) : 0ull;
+  int rank = 0;
+  for (int j = 0; j < static_cast<int>(n); ++j) rank += __shfl_sync(kFullWarp, key, j) > key ? 1 : 0;
+  if (lane < static_cast<int>(n) && rank < p.top_k) {
+    out_ids[rank] = static_cast<int>(pick.y);
+    out_weights[rank] = __uint_as_float(pick.x);
+    atomicAdd(s.counts + pick.y, 1u);
+  }
+  return min(static_cast<int>(n), p.top_k);
 }
 
 __device__ __forceinline__ void clear_slots(int32_t* out_ids, float* out_weights, int filled, int k) {
@@ -169,9 +161,7 @@ __device__ void route_token_from_row(const Params<In>& p, const FinalizerSmem& s
   clear_slots(out_ids, out_weights, filled, k);
 }
 
-// The finalizer's shared memory (ec_params.cuh's finalizer_smem_bytes), and the same with the thresholds, softmax
-// statistics and zeroed counts loaded. Waits first until the sel_blocks blocks that publish the thresholds have counted themselves
-// in `selectors_done` (nullptr: they ran in an earlier launch).
+// The finalizer's shared memory (ec_params.cuh's finalizer_smem_bytes).
 template <typename In>
 __device__ __forceinline__ FinalizerSmem finalizer_smem(const Params<In>& p, unsigned char* smem) {
   unsigned* base = reinterpret_cast<unsigned*>(smem + kScratchBytes);
@@ -184,6 +174,8 @@ __device__ __forceinline__ FinalizerSmem finalizer_smem(const Params<In>& p, uns
                        base + static_cast<size_t>(5 + p.fin_warps) * p.E};
 }
 
+// The same with the thresholds, softmax statistics and zeroed counts loaded, once the sel_blocks blocks that publish
+// the thresholds have counted themselves in `selectors_done` (nullptr: they ran in an earlier launch).
 template <typename In>
 __device__ FinalizerSmem load_finalizer_state(const Params<In>& p, unsigned char* smem, unsigned* selectors_done) {
   const FinalizerSmem s = finalizer_smem(p, smem);

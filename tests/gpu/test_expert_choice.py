@@ -196,7 +196,8 @@ def test_column_path_on_large_batches(num_experts, k, dtype):
 def test_key_path_large_boundary_bins(expert_major):
     # Peaked rows: most scores fall below 2^-23 (one shared key) or underflow to exactly 0, so with C = T / 4 an
     # expert's boundary bin holds thousands of tokens (ranked by radix passes, ties to the lower token). Some rows
-    # are flat: their tokens are picked by most experts (more picks than their pick list holds).
+    # are flat: their tokens are picked by most experts (more picks than a finalizer warp has lanes: routed from
+    # their rows).
     T, E = 8192, 64
     x = torch.randn(T, E, device="cuda") * 40
     x[torch.randint(0, T, (40,), device="cuda")] = 0.0
