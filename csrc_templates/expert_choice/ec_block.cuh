@@ -68,25 +68,27 @@ __device__ __forceinline__ float block_max_f32(float v, Scratch* sc) {
   return m;
 }
 
-// Inclusive prefix sum over a block of NW warps in thread order; *total receives the block's sum.
-template <int NW = kWarps>
-__device__ __forceinline__ unsigned block_inclusive_scan(unsigned v, Scratch* sc, unsigned* total) {
-  static_assert(NW >= 1 && NW <= 32, "one warp scans the warp totals");
+// Inclusive prefix sum over the warp's lanes in lane order.
+__device__ __forceinline__ unsigned warp_inclusive_scan_u32(unsigned v) {
   const int lane = lane_id();
 #pragma unroll
   for (int offset = 1; offset < 32; offset <<= 1) {
     const unsigned up = __shfl_up_sync(kFullWarp, v, offset);
     if (lane >= offset) v += up;
   }
+  return v;
+}
+
+// Inclusive prefix sum over a block of NW warps in thread order; *total receives the block's sum.
+template <int NW = kWarps>
+__device__ __forceinline__ unsigned block_inclusive_scan(unsigned v, Scratch* sc, unsigned* total) {
+  static_assert(NW >= 1 && NW <= 32, "one warp scans the warp totals");
+  const int lane = lane_id();
+  v = warp_inclusive_scan_u32(v);
   if (lane == 31) sc->warp_total[warp_id()] = v;
   __syncthreads();
   if (warp_id() == 0) {
-    unsigned w = lane < NW ? sc->warp_total[lane] : 0u;
-#pragma unroll
-    for (int offset = 1; offset < 32; offset <<= 1) {
-      const unsigned up = __shfl_up_sync(kFullWarp, w, offset);
-      if (lane >= offset) w += up;
-    }
+    const unsigned w = warp_inclusive_scan_u32(lane < NW ? sc->warp_total[lane] : 0u);
     if (lane < NW) sc->warp_total[lane] = w;  // now inclusive over warps
   }
   __syncthreads();

@@ -135,12 +135,7 @@ __device__ void find_bin_from_top(const unsigned* hist, int n_bins, unsigned ran
       above += total[r];
     }
     if (hit < 0) continue;
-    unsigned incl = hit_n;
-#pragma unroll
-    for (int offset = 1; offset < 32; offset <<= 1) {
-      const unsigned up = __shfl_up_sync(kFullWarp, incl, offset);
-      if (lane >= offset) incl += up;
-    }
+    const unsigned incl = warp_inclusive_scan_u32(hit_n);
     const unsigned excl = hit_above + incl - hit_n;
     if (excl < rank && rank <= excl + hit_n) {
       sc->digit = n_bins - 1 - (row + hit) * 32 - lane;
@@ -297,12 +292,7 @@ __device__ void list_picked_tokens(const KeySelectorSmem& s, int key_pitch, unsi
 #pragma unroll
     for (int j = 0; j < 8; ++j) mask |= (chunk_key(v, j) > above ? 1u : 0u) << j;
     const unsigned n = __popc(mask);
-    unsigned incl = n;
-#pragma unroll
-    for (int offset = 1; offset < 32; offset <<= 1) {
-      const unsigned up = __shfl_up_sync(kFullWarp, incl, offset);
-      if (lane >= offset) incl += up;
-    }
+    const unsigned incl = warp_inclusive_scan_u32(n);
     unsigned at = pos + incl - n;
 #pragma unroll
     for (int j = 0; j < 8; ++j)
@@ -480,12 +470,7 @@ __device__ bool route_token_from_masks(const Params<In>& p, const FinalizerSmem&
   if (token_is_real(p.token_mask, t)) {
     unsigned mask = 32 * lane < p.E ? masks[lane] : 0u;
     const unsigned count = __popc(mask);
-    unsigned incl = count;
-#pragma unroll
-    for (int offset = 1; offset < 32; offset <<= 1) {
-      const unsigned up = __shfl_up_sync(kFullWarp, incl, offset);
-      if (lane >= offset) incl += up;
-    }
+    const unsigned incl = warp_inclusive_scan_u32(count);
     n = static_cast<int>(__shfl_sync(kFullWarp, incl, 31));
     if (n > 32 || (p.fallback_topk && n < k)) return false;
     for (unsigned at = incl - count; mask != 0; mask &= mask - 1, ++at)
