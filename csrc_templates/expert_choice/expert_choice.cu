@@ -158,7 +158,7 @@ const char* expert_choice_launch(const void* logits,      // [T, E]
   }
   if (keys) {
     p.keys = reinterpret_cast<unsigned short*>(words + w.keys);
-    p.pick_bits = words + w.pick_bits;
+    p.pick_bits = plan.ps.pick_words > 0 ? words + w.pick_bits : nullptr;  // token-major only
   }
   p.weights = weights;
   p.ids = ids;

@@ -34,6 +34,7 @@ struct PathShape {
   int pick_slots;                           // candidate path: recorded picks per token (token-major)
   int row_chunks;                           // both: 32-expert chunks of a row held in registers (0: recompute)
   int key_pitch;                            // key path: T rounded up to a tile of tokens
+  int pick_words;                           // key path, token-major: pick-bit words per expert (0 expert-major)
 };
 
 // The smallest power-of-two count of 32-expert chunks covering E, up to max_chunks (0 when E needs more).
@@ -64,6 +65,7 @@ inline const char* choose_path(PathShape& ps, long long T, int E, long long capa
   if (ps.keys) {
     ps.row_chunks = row_chunks_for(E, kKeyMaxChunks);
     ps.key_pitch = static_cast<int>(ceil_div(T, kKeyTileTokens) * kKeyTileTokens);
+    ps.pick_words = expert_major ? 0 : ps.key_pitch / kKeyTileTokens;  // expert-major lists its picks instead
     return nullptr;
   }
   ps.pick_slots = expert_major ? 0 : (top_k <= 8 ? 16 : kMaxPickSlots);
@@ -81,7 +83,7 @@ inline const char* choose_path(PathShape& ps, long long T, int E, long long capa
 // Workspace offsets in 32-bit words: [counters][row_max, row_rcp: T][theta_hi, theta_lo, col_max, col_rcp: E]
 // then, on the candidate path, [pick_count: T][picks: T * pick_slots uint2][bound: E][cand_count: E * kCountStride]
 // [sample_keys: E * S][cand: E * cap uint2], on the key path [keys: E * key_pitch u16] (16-byte aligned rows)
-// [pick_bits: key_pitch / 32 * E] (read token-major).
+// [pick_bits: pick_words * E] (token-major only).
 struct Workspace {
   long long row_max, row_rcp, theta_hi, theta_lo, col_max, col_rcp;
   long long pick_count, picks;
@@ -115,7 +117,7 @@ inline Workspace workspace_layout(const PathShape& ps, long long T, long long E)
   }
   if (ps.keys) {
     w.keys = take(E * ps.key_pitch / 2, 4);  // uint4 loads
-    w.pick_bits = take(ps.key_pitch / kKeyTileTokens * E);
+    w.pick_bits = take(static_cast<long long>(ps.pick_words) * E);
   }
   w.words = at;
   return w;

@@ -35,7 +35,9 @@ struct MoeGemmArgs {
   float* partials;              // split-K scratch (see above), or nullptr when k_splits == 1
   void* a_sorted;               // GEMM1 on kernels that load A in sorted order with TMA: [m_pad_max, K] scratch the
                                 // launch fills with x[sorted_ids[p] / topk] first; nullptr for the other kernels
-  int32_t* slot_rows;           // with a_sorted: [num_slots] scratch for the sorted row of every slot; else nullptr
+  int32_t* slot_rows;           // with a_sorted: [num_slots] the sorted row of every slot; else nullptr
+  bool slot_rows_filled;        // slot_rows already holds every slot's row (moe_align wrote it, -1 for slots of no
+                                // local expert); otherwise it is scratch that the launch fills first
   int num_slots;                // T * topk
   int topk;
   int m_pad_max;                // length of sorted_ids (a multiple of BLOCK_M)

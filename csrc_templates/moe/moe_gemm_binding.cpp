@@ -14,7 +14,8 @@ void run(const at::Tensor& a, const at::Tensor& b, const std::optional<at::Tenso
          const std::optional<at::Tensor>& slot_weights, const std::optional<at::Tensor>& act_alpha,
          const std::optional<at::Tensor>& act_beta, const std::optional<at::Tensor>& act_limit, int64_t num_slots,
          int64_t topk, int64_t n, int64_t k, const std::optional<at::Tensor>& partials,
-         const std::optional<at::Tensor>& a_sorted, const std::optional<at::Tensor>& slot_rows, int64_t k_splits) {
+         const std::optional<at::Tensor>& a_sorted, const std::optional<at::Tensor>& slot_rows, bool slot_rows_filled,
+         int64_t k_splits) {
   const c10::cuda::CUDAGuard guard(a.device());
   jitmoe::moe::MoeGemmArgs args{};
   args.a = a.data_ptr();
@@ -31,6 +32,7 @@ void run(const at::Tensor& a, const at::Tensor& b, const std::optional<at::Tenso
   args.partials = partials.has_value() ? partials->data_ptr<float>() : nullptr;
   args.a_sorted = a_sorted.has_value() ? a_sorted->data_ptr() : nullptr;
   args.slot_rows = slot_rows.has_value() ? slot_rows->data_ptr<int32_t>() : nullptr;
+  args.slot_rows_filled = slot_rows_filled;
   args.num_slots = static_cast<int>(num_slots);
   args.topk = static_cast<int>(topk);
   args.m_pad_max = static_cast<int>(sorted_ids.numel());

@@ -21,6 +21,8 @@ struct AlignArgs {
   int32_t* block_expert;    // [m_pad_max / block_m] local expert of every block_m rows, -1 when unused
   int32_t* num_padded;      // [1] rows in use (a multiple of block_m)
   int32_t* expert_counts;   // [num_experts] slots per local expert
+  int32_t* slot_rows;       // [num_slots] the row of every slot (-1: not local), the inverse that GEMM1's gather
+                            // needs; nullptr: not wanted
   int num_slots;            // T * topk
   int num_experts;          // local experts
   int expert_offset;        // global id of local expert 0
@@ -97,7 +99,7 @@ __device__ __forceinline__ void count_slice(const AlignArgs& a, int begin, int e
 }
 
 // Writes every local slot of [begin, end) to its row, walked by one warp that owns cursor[e] (the next row of
-// expert e); the group's lowest lane reads and advances the cursor.
+// expert e); the group's lowest lane reads and advances the cursor. With slot_rows, also every slot's row.
 __device__ __forceinline__ void place_slice(const AlignArgs& a, int begin, int end, int* cursor /* [E] */) {
   const int lane = threadIdx.x & 31;
   const unsigned lanes_below = (1u << lane) - 1u;
@@ -112,6 +114,7 @@ __device__ __forceinline__ void place_slice(const AlignArgs& a, int begin, int e
       a.sorted_ids[row + __popc(peers & lanes_below)] = s;
       if (lane == leader) cursor[e] = row + __popc(peers);
     }
+    if (a.slot_rows != nullptr && s < end) a.slot_rows[s] = e >= 0 ? row + __popc(peers & lanes_below) : -1;
     __syncwarp();
   }
 }

@@ -20,7 +20,11 @@ struct alignas(sizeof(T) * VEC) Vec {
   T v[VEC];
 };
 
-template <typename T, int VEC>
+constexpr int kCombineBatch = 8;  // choices whose rows one thread of the latency-bound kernel has in flight
+
+// BATCH: choices whose rows a thread loads before adding any (the launcher picks kCombineBatch for few tokens, 1
+// for many; moe_permute.cu).
+template <typename T, int VEC, int BATCH>
 __global__ void moe_combine_kernel(const T* __restrict__ out_slots,      // [num_tokens * topk, hidden]
                                    const int32_t* __restrict__ topk_ids,  // [num_tokens * topk] global ids
                                    T* __restrict__ out,                   // [num_tokens, hidden]
@@ -35,13 +39,25 @@ __global__ void moe_combine_kernel(const T* __restrict__ out_slots,      // [num
     float acc[VEC];
 #pragma unroll
     for (int v = 0; v < VEC; ++v) acc[v] = 0.f;
-    for (int j = 0; j < topk; ++j) {
-      const long long slot = t * topk + j;
-      const uint32_t local = static_cast<uint32_t>(topk_ids[slot]) - static_cast<uint32_t>(expert_offset);
-      if (local >= static_cast<uint32_t>(num_experts)) continue;
-      const Vec<T, VEC> x = *reinterpret_cast<const Vec<T, VEC>*>(out_slots + slot * hidden + col);
+    for (int j0 = 0; j0 < topk; j0 += BATCH) {
+      // Issue the batch's loads before any add: with few tokens the kernel is latency-bound, and one round trip
+      // per choice (k = 8: eight in a row) was most of its time. The adds keep the j order.
+      Vec<T, VEC> x[BATCH];
+      bool local[BATCH];
 #pragma unroll
-      for (int v = 0; v < VEC; ++v) acc[v] += to_float(x.v[v]);
+      for (int u = 0; u < BATCH; ++u) {
+        const long long slot = t * topk + j0 + u;
+        local[u] = j0 + u < topk &&
+                   static_cast<uint32_t>(topk_ids[slot]) - static_cast<uint32_t>(expert_offset) <
+                       static_cast<uint32_t>(num_experts);
+        if (local[u]) x[u] = *reinterpret_cast<const Vec<T, VEC>*>(out_slots + slot * hidden + col);
+      }
+#pragma unroll
+      for (int u = 0; u < BATCH; ++u) {
+        if (!local[u]) continue;
+#pragma unroll
+        for (int v = 0; v < VEC; ++v) acc[v] += to_float(x[u].v[v]);
+      }
     }
     Vec<T, VEC> y;
 #pragma unroll

@@ -71,6 +71,26 @@ void launch_align_multi(jitmoe::permute::AlignArgs args, int32_t* sync, int32_t*
   jitmoe::launch_pdl(pm::moe_align_multi_kernel, {2 * num_chunks, pm::kMultiThreads, smem}, stream, multi);
 }
 
+// Blocks of one launch up to which moe_combine is latency-bound (a few tokens: about one block per SM) and takes
+// the kernel that has all of a token's choices in flight at once; past it the one-choice-at-a-time kernel, whose
+// fewer registers keep more loads in flight per SM. H100, kernel time, old -> batched: OLMoE T = 16 / 256
+// 5.3 / 6.2 -> 3.1 / 4.7 us, but T = 4096 56.9 -> 61.0 (benchmarks/results/h100-2026-11-23-session17/).
+constexpr int kCombineBatchedBlocksPerSm = 2;
+
+template <typename T, int VEC>
+void launch_combine_vec(const T* src, const int32_t* topk_ids, T* dst, int num_tokens, int topk, int hidden,
+                        int expert_offset, int num_experts, unsigned blocks, unsigned threads, cudaStream_t stream) {
+  namespace pm = jitmoe::permute;
+  int device = 0, sms = 0;
+  cudaGetDevice(&device);
+  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  const auto kernel = blocks <= static_cast<unsigned>(kCombineBatchedBlocksPerSm * sms)
+                          ? pm::moe_combine_kernel<T, VEC, pm::kCombineBatch>
+                          : pm::moe_combine_kernel<T, VEC, 1>;
+  jitmoe::launch_pdl(kernel, {blocks, threads}, stream, src, topk_ids, dst, num_tokens, topk, hidden, expert_offset,
+                     num_experts);
+}
+
 template <typename T>
 void launch_combine(const void* out_slots, const int32_t* topk_ids, void* out, int num_tokens, int topk,
                     int hidden, int expert_offset, int num_experts, cudaStream_t stream) {
@@ -85,26 +105,28 @@ void launch_combine(const void* out_slots, const int32_t* topk_ids, void* out, i
   if (blocks > (1 << 20)) blocks = 1 << 20;  // grid-stride beyond this
   const T* src = static_cast<const T*>(out_slots);
   T* dst = static_cast<T*>(out);
+  const auto grid = static_cast<unsigned>(blocks);
   if (vector_ok) {
-    jitmoe::launch_pdl(jitmoe::permute::moe_combine_kernel<T, kVec>, {static_cast<unsigned>(blocks), kThreads}, stream,
-                       src, topk_ids, dst, num_tokens, topk, hidden, expert_offset, num_experts);
+    launch_combine_vec<T, kVec>(src, topk_ids, dst, num_tokens, topk, hidden, expert_offset, num_experts, grid,
+                                kThreads, stream);
   } else {
-    jitmoe::launch_pdl(jitmoe::permute::moe_combine_kernel<T, 1>, {static_cast<unsigned>(blocks), kThreads}, stream,
-                       src, topk_ids, dst, num_tokens, topk, hidden, expert_offset, num_experts);
+    launch_combine_vec<T, 1>(src, topk_ids, dst, num_tokens, topk, hidden, expert_offset, num_experts, grid,
+                             kThreads, stream);
   }
 }
 
 }  // namespace
 
 // topk_ids [num_slots]; sorted_ids [m_pad_max]; block_expert [m_pad_max / block_m]; num_padded [1];
-// expert_counts [num_experts]. num_chunks == 0: the single-CTA kernel (sync and scratch unused, may be null);
-// otherwise the many-CTA kernel with sync [4] (zero on entry, zero again on exit) and scratch
-// [(num_chunks + 1) * num_experts]. Errors surface through cudaGetLastError (the binding checks it).
+// expert_counts [num_experts]; slot_rows [num_slots] or null (not written). num_chunks == 0: the single-CTA kernel
+// (sync and scratch unused, may be null); otherwise the many-CTA kernel with sync [4] (zero on entry, zero again on
+// exit) and scratch [(num_chunks + 1) * num_experts]. Errors surface through cudaGetLastError (the binding checks it).
 void moe_align_launch(const int32_t* topk_ids, int32_t* sorted_ids, int32_t* block_expert, int32_t* num_padded,
-                      int32_t* expert_counts, int32_t* sync, int32_t* scratch, int num_slots, int num_experts,
-                      int expert_offset, int block_m, int m_pad_max, int num_chunks, cudaStream_t stream) {
-  const jitmoe::permute::AlignArgs args{topk_ids, sorted_ids, block_expert, num_padded, expert_counts, num_slots,
-                                        num_experts, expert_offset, block_m, m_pad_max, 0};
+                      int32_t* expert_counts, int32_t* slot_rows, int32_t* sync, int32_t* scratch, int num_slots,
+                      int num_experts, int expert_offset, int block_m, int m_pad_max, int num_chunks,
+                      cudaStream_t stream) {
+  const jitmoe::permute::AlignArgs args{topk_ids,  sorted_ids,  block_expert,  num_padded, expert_counts, slot_rows,
+                                        num_slots, num_experts, expert_offset, block_m,    m_pad_max,     0};
   if (num_chunks > 0) {
     launch_align_multi(args, sync, scratch, num_chunks, stream);
   } else {

@@ -6,6 +6,7 @@ a placeholder without a value is an error, so a spec can never silently render h
 from __future__ import annotations
 
 import functools
+import os
 import re
 import string
 from pathlib import Path
@@ -34,13 +35,16 @@ def _format_value(value: object) -> str:
 
 
 def project_includes(text: str, including_file: Path, root: Path) -> list[Path]:
-    """Quoted includes that resolve inside ``root`` (relative to the including file, then to root)."""
+    """Quoted includes that resolve inside ``root`` (relative to the including file, then to root). Paths are
+    normalised lexically, not resolved: resolving costs a system call per path component, on the warm path of a
+    first call, and the template tree holds no symlinks that would change the answer."""
     found = []
+    root_prefix = str(root) + os.sep
     for rel in _INCLUDE.findall(text):
         for base in (including_file.parent, root):
-            candidate = (base / rel).resolve()
-            if candidate.is_file() and _is_within(candidate, root):
-                found.append(candidate)
+            candidate = os.path.normpath(os.path.join(base, rel))
+            if candidate.startswith(root_prefix) and os.path.isfile(candidate):
+                found.append(Path(candidate))
                 break
     return found
 
@@ -56,23 +60,16 @@ def _scan_header(header: Path, root: Path, mtime_ns: int, size: int) -> tuple[by
 
 def include_closure(texts: Mapping[Path, str], root: Path) -> dict[str, bytes]:
     """Every project header reachable from the given sources: {path relative to root: contents}."""
-    root = root.resolve()
+    root = Path(os.path.abspath(root))  # lexical, like project_includes: sources and headers share this prefix
     seen: dict[str, bytes] = {}
-    stack = [inc for path, text in texts.items() for inc in project_includes(text, path, root)]
+    stack = [inc for path, text in texts.items()
+             for inc in project_includes(text, Path(os.path.abspath(path)), root)]
     while stack:
         header = stack.pop()
-        rel = header.relative_to(root).as_posix()
+        rel = Path(os.path.relpath(header, root)).as_posix()
         if rel in seen:
             continue
         stat = header.stat()
         seen[rel], includes = _scan_header(header, root, stat.st_mtime_ns, stat.st_size)
         stack.extend(includes)
     return dict(sorted(seen.items()))
-
-
-def _is_within(path: Path, root: Path) -> bool:
-    try:
-        path.relative_to(root)
-        return True
-    except ValueError:
-        return False

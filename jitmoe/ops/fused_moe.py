@@ -382,11 +382,14 @@ def _run_cuda(output, x, topk_ids, slot_weights, fc1, fc2, fc1_bias, fc2_bias, a
     cfg1, cfg2 = _gemm_configs(num_tokens * topk, num_local, hidden, inter, x, activation, kernel, k_splits,
                                workload)
     routing = _permute.empty_align_outputs(num_tokens * topk, num_local, cfg1.block_m, x.device)
-    _permute.align_into(topk_ids, num_local, cfg1.block_m, local_expert_offset, routing)
+    # moe_align also writes the slots' rows that GEMM1's gather needs, sparing it a launch.
+    slot_rows = (torch.empty(num_tokens * topk, dtype=torch.int32, device=x.device)
+                 if _gemm.needs_slot_rows(cfg1) else None)
+    _permute.align_into(topk_ids, num_local, cfg1.block_m, local_expert_offset, routing, slot_rows=slot_rows)
     sorted_ids, block_expert, num_padded, _ = routing
     h = torch.empty(sorted_ids.shape[0], inter, dtype=x.dtype, device=x.device)
     _gemm.launch_gemm1(x, fc1, sorted_ids, block_expert, num_padded, out=h, topk=topk, activation=activation,
-                       fc1_bias=fc1_bias, config=cfg1, **act_params)
+                       fc1_bias=fc1_bias, config=cfg1, slot_rows=slot_rows, **act_params)
     # top-1: each token has one slot, so GEMM2 can write the output rows itself (zeroed: rows without a local
     # expert are never written); otherwise it writes per-slot rows that the combine sums in a fixed order.
     direct = topk == 1 and output.data_ptr() % 16 == 0

@@ -501,25 +501,31 @@ def gemm2_reference(inter, fc2, sorted_ids, block_expert, num_padded, slot_weigh
 _config_of = functools.lru_cache(maxsize=256, typed=True)(GemmConfig)
 
 
-def _scratch(cfg: GemmConfig, rows: int, width: int, a: torch.Tensor, a_rows: int, num_slots: int, gemm1: bool):
+def _scratch(cfg: GemmConfig, rows: int, width: int, a: torch.Tensor, a_rows: int, num_slots: int, gemm1: bool,
+             slot_rows: Optional[torch.Tensor] = None):
     """(partials, a_sorted, slot_rows) the launch needs: split-K slices [k_splits, rows, width] fp32; for kernels
     that load GEMM1's A with TMA, the sorted copy of A ([a_rows, K]) and the sorted row of every slot
-    ([num_slots] int32, the gather's inverse map). None where not needed. From the caching allocator, so CUDA
-    graphs capture them."""
+    ([num_slots] int32, the gather's inverse map: the caller's, filled by moe_align, else scratch). None where not
+    needed. From the caching allocator, so CUDA graphs capture them."""
     partials = (torch.empty(cfg.k_splits, rows, width, dtype=torch.float32, device=a.device)
                 if cfg.k_splits > 1 else None)
     if not (gemm1 and cfg.kernel in TMA_A_KERNELS):
         return partials, None, None
     a_sorted = torch.empty(a_rows, a.shape[1], dtype=a.dtype, device=a.device)
-    return partials, a_sorted, torch.empty(num_slots, dtype=torch.int32, device=a.device)
+    if slot_rows is None:
+        slot_rows = torch.empty(num_slots, dtype=torch.int32, device=a.device)
+    return partials, a_sorted, slot_rows
 
 
 @custom_op("jitmoe::moe_gemm1", mutates_args=("out",))
 def _moe_gemm1_op(x: torch.Tensor, fc1: torch.Tensor, sorted_ids: torch.Tensor, block_expert: torch.Tensor,
                   num_padded: torch.Tensor, out: torch.Tensor, topk: int, activation: str,
                   fc1_bias: Optional[torch.Tensor], swiglu_alpha: Optional[torch.Tensor],
-                  swiglu_beta: Optional[torch.Tensor], swiglu_limit: Optional[torch.Tensor], kernel: str,
-                  block_m: int, block_n: int, block_k: int, stages: int, k_splits: int, cluster_m: int) -> None:
+                  swiglu_beta: Optional[torch.Tensor], swiglu_limit: Optional[torch.Tensor],
+                  slot_rows: Optional[torch.Tensor], kernel: str, block_m: int, block_n: int, block_k: int,
+                  stages: int, k_splits: int, cluster_m: int) -> None:
+    # slot_rows: every slot's sorted row as moe_align writes it (permute.align_into(..., slot_rows=)), which spares
+    # the sm90ws launch its inversion of sorted_ids; None: the launch inverts it itself.
     if not x.is_cuda:
         gemm1_reference(x, fc1, sorted_ids, block_expert, num_padded, out, topk, activation, fc1_bias,
                         swiglu_alpha, swiglu_beta, swiglu_limit, block_m)
@@ -528,16 +534,17 @@ def _moe_gemm1_op(x: torch.Tensor, fc1: torch.Tensor, sorted_ids: torch.Tensor, 
     cfg = _config_of(kernel, block_m, block_n, block_k, stages, k_splits, cluster_m)
     spec = gemm_spec(cfg, DTYPE_TAG[x.dtype], "gemm1", activation, device_archs(x.device))
     num_slots = x.shape[0] * topk
+    filled = slot_rows is not None
     partials, a_sorted, slot_rows = _scratch(cfg, out.shape[0], fc1.shape[1], x, sorted_ids.shape[0], num_slots,
-                                             gemm1=True)
+                                             gemm1=True, slot_rows=slot_rows)
     load_module(spec).run(x, fc1, fc1_bias, out, sorted_ids, block_expert, num_padded, None, swiglu_alpha,
                           swiglu_beta, swiglu_limit, num_slots, topk, out.shape[1], x.shape[1], partials,
-                          a_sorted, slot_rows, k_splits)
+                          a_sorted, slot_rows, filled, k_splits)
 
 
 @_moe_gemm1_op.register_fake
 def _(x, fc1, sorted_ids, block_expert, num_padded, out, topk, activation, fc1_bias, swiglu_alpha, swiglu_beta,
-      swiglu_limit, kernel, block_m, block_n, block_k, stages, k_splits, cluster_m) -> None:
+      swiglu_limit, slot_rows, kernel, block_m, block_n, block_k, stages, k_splits, cluster_m) -> None:
     return None
 
 
@@ -554,7 +561,7 @@ def _moe_gemm2_op(inter: torch.Tensor, fc2: torch.Tensor, sorted_ids: torch.Tens
     spec = gemm_spec(cfg, DTYPE_TAG[inter.dtype], "gemm2", "Identity", device_archs(inter.device))
     partials, _, _ = _scratch(cfg, out.shape[0], out.shape[1], inter, 0, 0, gemm1=False)
     load_module(spec).run(inter, fc2, fc2_bias, out, sorted_ids, block_expert, num_padded, slot_weights, None, None,
-                          None, out.shape[0], 1, out.shape[1], inter.shape[1], partials, None, None, k_splits)
+                          None, out.shape[0], 1, out.shape[1], inter.shape[1], partials, None, None, False, k_splits)
 
 
 @_moe_gemm2_op.register_fake
@@ -583,13 +590,20 @@ def moe_gemm1(x, fc1, sorted_ids, block_expert, num_padded, *, out, topk, activa
                         fc1_bias=fc1_bias, config=config, **params)
 
 
+def needs_slot_rows(config: GemmConfig) -> bool:
+    """Whether GEMM1 on ``config`` gathers x through every slot's sorted row, which moe_align can write for it."""
+    return config.kernel in TMA_A_KERNELS
+
+
 def launch_gemm1(x, fc1, sorted_ids, block_expert, num_padded, *, out, topk, activation: str, fc1_bias,
-                 config: GemmConfig, swiglu_alpha=None, swiglu_beta=None, swiglu_limit=None) -> torch.Tensor:
+                 config: GemmConfig, swiglu_alpha=None, swiglu_beta=None, swiglu_limit=None,
+                 slot_rows=None) -> torch.Tensor:
     """moe_gemm1 without its argument checks (``activation`` a canonical name), for a caller that made every
-    argument itself: the fused pipeline, whose own checks already cost its eager call tens of microseconds."""
+    argument itself: the fused pipeline, whose own checks already cost its eager call tens of microseconds.
+    ``slot_rows``: int32 [T * k], every slot's sorted row as moe_align wrote it (see ``needs_slot_rows``)."""
     _moe_gemm1_op(x, fc1, sorted_ids, block_expert, num_padded, out, topk, activation, fc1_bias, swiglu_alpha,
-                  swiglu_beta, swiglu_limit, config.kernel, config.block_m, config.block_n, config.block_k,
-                  config.stages, config.k_splits, config.cluster_m)
+                  swiglu_beta, swiglu_limit, slot_rows, config.kernel, config.block_m, config.block_n,
+                  config.block_k, config.stages, config.k_splits, config.cluster_m)
     return out
 
 

@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["GATED_ACTIVATIONS", "ACTIVATION_NAMES", "effective_activation", "apply_activation",
-           "fused_moe_reference", "moe_align_bound", "moe_align_reference", "moe_combine_reference"]
+           "fused_moe_reference", "moe_align_bound", "moe_align_reference", "moe_combine_reference",
+           "slot_rows_reference"]
 
 ACTIVATION_NAMES = ("Gelu", "Relu", "Silu", "Swiglu", "Geglu", "SwigluBias", "Relu2", "SwigluStep", "GegluTanh",
                     "Identity", "Situ")
@@ -140,6 +141,15 @@ def moe_align_reference(topk_ids: torch.Tensor, num_local_experts: int, block_m:
     device = topk_ids.device
     as_i32 = lambda t: t.to(dtype=torch.int32, device=device)  # noqa: E731
     return as_i32(rows), as_i32(blocks), as_i32(torch.tensor([used])), as_i32(counts)
+
+
+def slot_rows_reference(sorted_ids: torch.Tensor, num_slots: int) -> torch.Tensor:
+    """The row of every slot in ``sorted_ids`` (moe_align's order), -1 for slots no row holds: what moe_align writes
+    into ``slot_rows`` when asked (``permute.align_into(..., slot_rows=)``)."""
+    rows = torch.full((num_slots,), -1, dtype=torch.int32, device=sorted_ids.device)
+    real = torch.nonzero(sorted_ids.long() < num_slots).flatten()
+    rows[sorted_ids.long()[real]] = real.to(torch.int32)
+    return rows
 
 
 def moe_combine_reference(out_slots: torch.Tensor, topk_ids: torch.Tensor, num_local_experts: int,

@@ -229,7 +229,7 @@ def test_sweep_sm90ws_row_loop_passes_consistent_gemm_arguments(monkeypatch):
             self.variant = variant
 
         def run(self, a, b, bias, out, sorted_ids, block_expert, num_padded, weights, alpha, beta, limit,
-                num_slots, topk, n, k, partials, a_sorted, slot_rows, k_splits):
+                num_slots, topk, n, k, partials, a_sorted, slot_rows, slot_rows_filled, k_splits):
             mode = self.variant[0]
             m_pad_max = sorted_ids.numel()
             assert (num_slots, k_splits, a.shape[1], b.shape[2]) == (T * shape.k, 1, k, k)
@@ -238,11 +238,11 @@ def test_sweep_sm90ws_row_loop_passes_consistent_gemm_arguments(monkeypatch):
                 assert (topk, n, k) == (shape.k, shape.I, shape.H) and a.shape[0] == T
                 assert tuple(b.shape) == (shape.E, 2 * shape.I, shape.H) and weights is None
                 assert tuple(out.shape) == (m_pad_max, n) and tuple(a_sorted.shape) == (m_pad_max, k)
-                assert slot_rows.numel() == num_slots
+                assert slot_rows.numel() == num_slots and slot_rows_filled is False
             else:
                 assert (topk, n, k) == (1, shape.H, shape.I) and tuple(a.shape) == (m_pad_max, k)
                 assert tuple(out.shape) == (num_slots, n) and weights.numel() == num_slots
-                assert a_sorted is None and slot_rows is None
+                assert a_sorted is None and slot_rows is None and slot_rows_filled is False
             calls.append(self.variant)
 
     monkeypatch.setattr(permute, "align_into", align_into)

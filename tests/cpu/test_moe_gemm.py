@@ -466,7 +466,8 @@ def test_ops_pass_opcheck():
     c = a["config"]
     torch.library.opcheck(torch.ops.jitmoe.moe_gemm1.default,
                           (a["x"], a["fc1"], a["sorted_ids"], a["block_expert"], a["num_padded"], a["out"], a["topk"],
-                           "Swiglu", None, None, None, None, c.kernel, c.block_m, c.block_n, c.block_k, c.stages, 1, 1))
+                           "Swiglu", None, None, None, None, None, c.kernel, c.block_m, c.block_n, c.block_k, c.stages,
+                           1, 1))
     b = _gemm2_args()
     torch.library.opcheck(torch.ops.jitmoe.moe_gemm2.default,
                           (b["inter"], b["fc2"], b["sorted_ids"], b["block_expert"], b["num_padded"],

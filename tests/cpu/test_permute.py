@@ -9,7 +9,7 @@ import torch
 
 import jitmoe
 from jitmoe.ops import permute as pm
-from jitmoe.reference.moe import moe_align_bound, moe_align_reference, moe_combine_reference
+from jitmoe.reference.moe import moe_align_bound, moe_align_reference, moe_combine_reference, slot_rows_reference
 
 
 def random_ids(T, k, num_experts_total, invalid_fraction=0.0):
@@ -51,6 +51,18 @@ def test_reference_semantics(T, k, num_local, ep_size, block_m):
     for rank in range(ep_size):
         out = moe_align_reference(ids, num_local, block_m, rank * num_local)
         check_align_semantics(ids, num_local, block_m, rank * num_local, out)
+
+
+def test_slot_rows_reference_inverts_sorted_ids():
+    """slot_rows (what moe_align writes for GEMM1's gather): row p of every local slot, -1 for the others."""
+    ids = random_ids(37, 4, 16, invalid_fraction=0.2)
+    sorted_ids = moe_align_reference(ids, 8, 16, 8)[0]
+    rows = slot_rows_reference(sorted_ids, ids.numel())
+    local = (ids.reshape(-1) >= 8) & (ids.reshape(-1) < 16)
+    assert rows.dtype == torch.int32 and bool((rows[~local] == -1).all())
+    for s in torch.nonzero(local).flatten().tolist():
+        assert int(sorted_ids[rows[s]]) == s
+    assert int(local.sum()) == len(set(rows[local].tolist()))
 
 
 def test_reference_semantics_all_on_one_expert_and_empty_experts():

@@ -81,19 +81,20 @@ def stale_slot_rows(num_slots, m_pad_max):
 
 
 def run_gemm1(mod, x, fc1, bias, routing, inter, topk, a_sorted, params=(None, None, None), k_splits=1,
-              slot_rows=None):
+              slot_rows=None, slot_rows_filled=False):
+    """slot_rows_filled: slot_rows holds what moe_align wrote (the launch skips its own inversion)."""
     sorted_ids, block_expert, num_padded = routing
     num_slots = x.shape[0] * topk
     if slot_rows is None and a_sorted is not None:
         slot_rows = stale_slot_rows(num_slots, sorted_ids.numel())
     mod.run(x, fc1, bias, inter, sorted_ids, block_expert, num_padded, None, *params, num_slots, topk,
-            inter.shape[1], x.shape[1], None, a_sorted, slot_rows, k_splits)
+            inter.shape[1], x.shape[1], None, a_sorted, slot_rows, slot_rows_filled, k_splits)
 
 
 def run_gemm2(mod, inter, fc2, bias, routing, out, slot_weights, k_splits=1):
     sorted_ids, block_expert, num_padded = routing
     mod.run(inter, fc2, bias, out, sorted_ids, block_expert, num_padded, slot_weights, None, None, None,
-            out.shape[0], 1, out.shape[1], inter.shape[1], None, None, None, k_splits)
+            out.shape[0], 1, out.shape[1], inter.shape[1], None, None, None, False, k_splits)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -267,10 +268,11 @@ def test_cuda_graph_replay_with_new_routing_and_data():
     slot_rows = stale_slot_rows(tokens * topk, m_pad_max)
     out = torch.empty(tokens * topk, hidden, dtype=dtype, device="cuda")
 
-    def pipeline():
-        permute.align_into(ids, experts, BLOCK_M, 0, routing)
+    def pipeline():  # moe_align writes slot_rows for the gather, as in the fused pipeline
+        permute.align_into(ids, experts, BLOCK_M, 0, routing, slot_rows=slot_rows)
         three = tuple(routing[:3])
-        run_gemm1(g1, t["x"], t["fc1"], t["b1"], three, inter, topk, a_sorted, slot_rows=slot_rows)
+        run_gemm1(g1, t["x"], t["fc1"], t["b1"], three, inter, topk, a_sorted, slot_rows=slot_rows,
+                  slot_rows_filled=True)
         run_gemm2(g2, inter, t["fc2"], t["b2"], three, out, t["w"])
 
     graph = capture_graph(pipeline)

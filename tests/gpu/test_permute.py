@@ -7,7 +7,7 @@ import torch
 
 import jitmoe
 from jitmoe.ops import permute as pm
-from jitmoe.reference.moe import moe_align_reference, moe_combine_reference
+from jitmoe.reference.moe import moe_align_reference, moe_combine_reference, slot_rows_reference
 from jitmoe.testing import poison_
 
 pytestmark = pytest.mark.gpu
@@ -22,11 +22,11 @@ def random_ids(T, k, num_experts_total, invalid_fraction=0.0, device="cuda"):
     return ids
 
 
-def align_poisoned(ids, num_local, block_m, offset):
+def align_poisoned(ids, num_local, block_m, offset, slot_rows=None):
     outputs = pm.empty_align_outputs(ids.numel(), num_local, block_m, ids.device)
     for t in outputs:
         poison_(t)
-    pm.align_into(ids, num_local, block_m, offset, outputs)
+    pm.align_into(ids, num_local, block_m, offset, outputs, slot_rows=slot_rows)
     return outputs
 
 
@@ -49,8 +49,10 @@ def test_align_matches_reference(T, k, num_local, ep_size, block_m, invalid):
     ids = random_ids(T, k, num_local * ep_size, invalid)
     for rank in sorted({0, ep_size - 1}):
         offset = rank * num_local
-        got = align_poisoned(ids, num_local, block_m, offset)
+        slot_rows = poison_(torch.empty(ids.numel(), dtype=torch.int32, device=ids.device))
+        got = align_poisoned(ids, num_local, block_m, offset, slot_rows=slot_rows)
         assert_same(got, moe_align_reference(ids.cpu(), num_local, block_m, offset))
+        assert torch.equal(slot_rows.cpu(), slot_rows_reference(got[0].cpu(), ids.numel())), "slot_rows"
         assert_same(jitmoe.moe_align(ids, num_local, block_m, offset), got)
 
 

@@ -6,10 +6,10 @@
 //
 // Token-major, so each row of x is read from DRAM once: walking the sorted order instead reads a token's row again
 // for each of its k experts, after the L2 has turned over (on the H100, Qwen3-30B T = 16384: 443 MB read for a 67 MB
-// x, 358 us). Two launches: the first inverts sorted_ids into slot_rows[s] = p; the second gives each token to a warp,
-// which loads the row's chunks once and stores them to the rows of the token's slots. Slots that no row holds
-// (experts of other EP ranks) keep stale slot_rows entries; a row counts only when sorted_ids points back at the
-// slot, so no clearing launch is needed.
+// x, 358 us). Two launches: the first inverts sorted_ids into slot_rows[s] = p (skipped when moe_align wrote
+// slot_rows itself); the second gives each token to a warp, which loads the row's chunks once and stores them to the
+// rows of the token's slots. Slots that no row holds (experts of other EP ranks) may keep stale slot_rows entries;
+// a row counts only when sorted_ids points back at the slot, so no clearing launch is needed.
 #pragma once
 #include <cuda_runtime_api.h>
 #include <cstdint>
@@ -76,18 +76,21 @@ __global__ void __launch_bounds__(kGatherThreads) gather_token_rows_kernel(
   }
 }
 
-// Both launches on `stream`, each over at most `max_blocks` blocks; never synchronises.
+// Both launches (the first only when slot_rows is not filled yet) on `stream`, each over at most `max_blocks`
+// blocks; never synchronises.
 inline void launch_gather(const void* x, const int32_t* sorted_ids, const int32_t* num_padded, int32_t* slot_rows,
-                          void* a_sorted, int m_pad_max, int num_slots, int topk, int k, int max_blocks,
-                          cudaStream_t stream) {
+                          bool slot_rows_filled, void* a_sorted, int m_pad_max, int num_slots, int topk, int k,
+                          int max_blocks, cudaStream_t stream) {
   const auto capped = [max_blocks](int64_t items, int per_block) {
     const int64_t blocks = (items + per_block - 1) / per_block;
     return static_cast<int>(blocks < max_blocks ? blocks : max_blocks);
   };
   const int num_tokens = num_slots / topk;
   if (m_pad_max <= 0 || num_tokens <= 0) return;
-  launch_pdl(invert_sorted_ids_kernel, {capped(m_pad_max, kGatherThreads), kGatherThreads}, stream, sorted_ids,
-             num_padded, slot_rows, m_pad_max, num_slots);
+  if (!slot_rows_filled) {
+    launch_pdl(invert_sorted_ids_kernel, {capped(m_pad_max, kGatherThreads), kGatherThreads}, stream, sorted_ids,
+               num_padded, slot_rows, m_pad_max, num_slots);
+  }
   launch_pdl(gather_token_rows_kernel, {capped(num_tokens, kGatherThreads / 32), kGatherThreads}, stream,
              static_cast<const uint4*>(x), sorted_ids, num_padded, slot_rows, static_cast<uint4*>(a_sorted),
              m_pad_max, num_tokens, topk, k / 8);

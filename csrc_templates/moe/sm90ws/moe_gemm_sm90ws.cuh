@@ -610,8 +610,8 @@ void launch(const MoeGemmArgs& args, cudaStream_t stream) {
       throw std::invalid_argument("moe_gemm sm90ws: a_sorted, slot_rows: expected [m_pad_max, K] and [num_slots] "
                                   "scratch tensors for GEMM1, got None");
     }
-    launch_gather(args.a, args.sorted_ids, args.num_padded, args.slot_rows, args.a_sorted, args.m_pad_max,
-                  args.num_slots, args.topk, args.k, sms * 8, stream);
+    launch_gather(args.a, args.sorted_ids, args.num_padded, args.slot_rows, args.slot_rows_filled, args.a_sorted,
+                  args.m_pad_max, args.num_slots, args.topk, args.k, sms * 8, stream);
     a = args.a_sorted;
   }
   constexpr CUtensorMapDataType kDtype =
