@@ -13,8 +13,9 @@
 //               added to the column: table[w][e] is now the first row warp w writes for expert e.
 //   3. fill:    block_expert for every used block, padding rows after each expert's slots (a warp per expert),
 //               and the unused tail.
-//   4. place:   the walk of (1) again, writing each slot to its row; warps own consecutive slot ranges whose rows
-//               are ordered by (2), so the result is deterministic and stable.
+//   4. place:   the walk of (1) again, writing each slot to its row (and, when asked, each slot's row to slot_rows);
+//               warps own consecutive slot ranges whose rows are ordered by (2), so the result is deterministic and
+//               stable.
 // Shared memory is (count_warps + 1) * num_experts ints (O(E), never O(E^2)); the launcher shrinks
 // count_warps so it fits the device (E = 4096 still gets 13 warps on an H100, 9 on an A100).
 // Large slot counts take the many-CTA kernel (moe_align_multi.cuh) instead; both produce identical output.

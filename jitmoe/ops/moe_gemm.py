@@ -37,7 +37,9 @@ SPLIT_K_KERNELS = frozenset({"sm80", "sm90"})   # kernels that implement k_split
 # Measured on the H100 (benchmarks/results/h100-2026-11-22-session6/): two CTAs cut the DRAM reads of gated GEMM1
 # where neighbouring CTAs drift apart and lose each other's weight tiles in L2 (DeepSeek-V3 T=16384: 85.5 -> 28.6 GB
 # read, 30.8 -> 16.8 ms; T=4096 9.8 -> 8.4 ms; Qwen3 T=4096 0.65 -> 0.59 ms) and never lost there; GEMM2 with two
-# was slower on 6 of 8 rows (Qwen3/OLMoE T=4096 +4%/+7%), so one-half GEMMs run unclustered.
+# was slower on 6 of 8 rows (Qwen3/OLMoE T=4096 +4%/+7%), so one-half GEMMs run unclustered. A rule fitted in session
+# 15 ("GEMM2 in clusters of two when K >= 2048 and <= 512 rows per expert": DeepSeek-V3 T=4096 -12%) failed on held-out
+# shapes (benchmarks/results/h100-2026-11-23-session17/: Mixtral-8x22B T=512 / 2048 +22% / +13%, Qwen2-57B T=2048 +6%).
 SM90WS_CLUSTER_M = {True: 2, False: 1}
 BLOCK_MS = (16, 32, 64, 128)
 MAX_K_SPLITS = 16
