@@ -34,7 +34,8 @@ struct MoeGemmArgs {
   const float* act_limit;       // [E] SwigluBias/SwigluStep limit, or nullptr (inf; 7 for SwigluStep)
   float* partials;              // split-K scratch (see above), or nullptr when k_splits == 1
   void* a_sorted;               // GEMM1 on kernels that load A in sorted order with TMA: [m_pad_max, K] scratch the
-                                // launch fills with x[sorted_ids[p] / topk] first; nullptr for the other kernels
+                                // launch fills with x[sorted_ids[p] / topk] first, or nullptr: sm90ws then loads
+                                // each real row from x by itself ("direct rows"); nullptr for the other kernels
   int32_t* slot_rows;           // with a_sorted: [num_slots] the sorted row of every slot; else nullptr
   bool slot_rows_filled;        // slot_rows already holds every slot's row (moe_align wrote it, -1 for slots of no
                                 // local expert); otherwise it is scratch that the launch fills first

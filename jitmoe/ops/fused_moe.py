@@ -384,7 +384,7 @@ def _run_cuda(output, x, topk_ids, slot_weights, fc1, fc2, fc1_bias, fc2_bias, a
     routing = _permute.empty_align_outputs(num_tokens * topk, num_local, cfg1.block_m, x.device)
     # moe_align also writes the slots' rows that GEMM1's gather needs, sparing it a launch.
     slot_rows = (torch.empty(num_tokens * topk, dtype=torch.int32, device=x.device)
-                 if _gemm.needs_slot_rows(cfg1) else None)
+                 if _gemm.gathers_a(cfg1, num_tokens * topk, num_local) else None)
     _permute.align_into(topk_ids, num_local, cfg1.block_m, local_expert_offset, routing, slot_rows=slot_rows)
     sorted_ids, block_expert, num_padded, _ = routing
     h = torch.empty(sorted_ids.shape[0], inter, dtype=x.dtype, device=x.device)

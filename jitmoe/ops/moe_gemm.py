@@ -31,7 +31,7 @@ ACTIVATIONS = _ref.ACTIVATION_NAMES
 GATED_ACTIVATIONS = _ref.GATED_ACTIVATIONS
 KERNELS = ("sm80", "sm90", "sm90ws")
 SM90A_KERNELS = frozenset({"sm90", "sm90ws"})   # wgmma / TMA: built for arch 90a only
-TMA_A_KERNELS = frozenset({"sm90ws"})           # GEMM1 reads a sorted copy of x (MoeGemmArgs::a_sorted)
+TMA_A_KERNELS = frozenset({"sm90ws"})           # GEMM1 may read a sorted copy of x (MoeGemmArgs::a_sorted)
 SPLIT_K_KERNELS = frozenset({"sm80", "sm90"})   # kernels that implement k_splits > 1
 # sm90ws: CTAs per cluster that share each weight tile by TMA multicast, by whether B has two halves (gated GEMM1).
 # Measured on the H100 (benchmarks/results/h100-2026-11-22-session6/): two CTAs cut the DRAM reads of gated GEMM1
@@ -99,6 +99,9 @@ _WIDE_BLOCK_N = {("sm90ws", 128): 256}
 # non-gated GEMM1 tiles follow the same rule.
 _NARROW_MAX_ROWS_PER_EXPERT = 16
 _NARROW_TILES = {("sm90ws", 128): (128, 64, 6)}
+# sm90ws GEMM1 with at most this many rows per expert (num_slots / E) loads each real A row from x by its own TMA box
+# ("direct rows", csrc_templates/moe/sm90ws) instead of first gathering x into a sorted copy: one launch less.
+DIRECT_A_MAX_ROWS_PER_EXPERT = 16
 
 
 def arch_number(arch: str) -> int:
@@ -503,15 +506,15 @@ def gemm2_reference(inter, fc2, sorted_ids, block_expert, num_padded, slot_weigh
 _config_of = functools.lru_cache(maxsize=256, typed=True)(GemmConfig)
 
 
-def _scratch(cfg: GemmConfig, rows: int, width: int, a: torch.Tensor, a_rows: int, num_slots: int, gemm1: bool,
-             slot_rows: Optional[torch.Tensor] = None):
-    """(partials, a_sorted, slot_rows) the launch needs: split-K slices [k_splits, rows, width] fp32; for kernels
-    that load GEMM1's A with TMA, the sorted copy of A ([a_rows, K]) and the sorted row of every slot
+def _scratch(cfg: GemmConfig, rows: int, width: int, a: torch.Tensor, a_rows: int, num_slots: int,
+             num_experts: int, gemm1: bool, slot_rows: Optional[torch.Tensor] = None):
+    """(partials, a_sorted, slot_rows) the launch needs: split-K slices [k_splits, rows, width] fp32; for a GEMM1
+    that gathers A (``gathers_a``), the sorted copy of A ([a_rows, K]) and the sorted row of every slot
     ([num_slots] int32, the gather's inverse map: the caller's, filled by moe_align, else scratch). None where not
     needed. From the caching allocator, so CUDA graphs capture them."""
     partials = (torch.empty(cfg.k_splits, rows, width, dtype=torch.float32, device=a.device)
                 if cfg.k_splits > 1 else None)
-    if not (gemm1 and cfg.kernel in TMA_A_KERNELS):
+    if not (gemm1 and gathers_a(cfg, num_slots, num_experts)):
         return partials, None, None
     a_sorted = torch.empty(a_rows, a.shape[1], dtype=a.dtype, device=a.device)
     if slot_rows is None:
@@ -538,7 +541,7 @@ def _moe_gemm1_op(x: torch.Tensor, fc1: torch.Tensor, sorted_ids: torch.Tensor, 
     num_slots = x.shape[0] * topk
     filled = slot_rows is not None
     partials, a_sorted, slot_rows = _scratch(cfg, out.shape[0], fc1.shape[1], x, sorted_ids.shape[0], num_slots,
-                                             gemm1=True, slot_rows=slot_rows)
+                                             fc1.shape[0], gemm1=True, slot_rows=slot_rows)
     load_module(spec).run(x, fc1, fc1_bias, out, sorted_ids, block_expert, num_padded, None, swiglu_alpha,
                           swiglu_beta, swiglu_limit, num_slots, topk, out.shape[1], x.shape[1], partials,
                           a_sorted, slot_rows, filled, k_splits)
@@ -561,7 +564,7 @@ def _moe_gemm2_op(inter: torch.Tensor, fc2: torch.Tensor, sorted_ids: torch.Tens
     _check_aligned(inter=inter, fc2=fc2, out=out)
     cfg = _config_of(kernel, block_m, block_n, block_k, stages, k_splits, cluster_m)
     spec = gemm_spec(cfg, DTYPE_TAG[inter.dtype], "gemm2", "Identity", device_archs(inter.device))
-    partials, _, _ = _scratch(cfg, out.shape[0], out.shape[1], inter, 0, 0, gemm1=False)
+    partials, _, _ = _scratch(cfg, out.shape[0], out.shape[1], inter, 0, 0, fc2.shape[0], gemm1=False)
     load_module(spec).run(inter, fc2, fc2_bias, out, sorted_ids, block_expert, num_padded, slot_weights, None, None,
                           None, out.shape[0], 1, out.shape[1], inter.shape[1], partials, None, None, False, k_splits)
 
@@ -592,9 +595,11 @@ def moe_gemm1(x, fc1, sorted_ids, block_expert, num_padded, *, out, topk, activa
                         fc1_bias=fc1_bias, config=config, **params)
 
 
-def needs_slot_rows(config: GemmConfig) -> bool:
-    """Whether GEMM1 on ``config`` gathers x through every slot's sorted row, which moe_align can write for it."""
-    return config.kernel in TMA_A_KERNELS
+def gathers_a(config: GemmConfig, num_slots: int, num_experts: int) -> bool:
+    """Whether GEMM1 on ``config`` with ``num_slots`` rows over ``num_experts`` local experts first gathers x into
+    a sorted copy, through every slot's sorted row (which moe_align can write for it). The other kernels read x in
+    place; sm90ws does too with few rows per expert (DIRECT_A_MAX_ROWS_PER_EXPERT)."""
+    return config.kernel in TMA_A_KERNELS and num_slots > DIRECT_A_MAX_ROWS_PER_EXPERT * num_experts
 
 
 def launch_gemm1(x, fc1, sorted_ids, block_expert, num_padded, *, out, topk, activation: str, fc1_bias,
@@ -602,7 +607,7 @@ def launch_gemm1(x, fc1, sorted_ids, block_expert, num_padded, *, out, topk, act
                  slot_rows=None) -> torch.Tensor:
     """moe_gemm1 without its argument checks (``activation`` a canonical name), for a caller that made every
     argument itself: the fused pipeline, whose own checks already cost its eager call tens of microseconds.
-    ``slot_rows``: int32 [T * k], every slot's sorted row as moe_align wrote it (see ``needs_slot_rows``)."""
+    ``slot_rows``: int32 [T * k], every slot's sorted row as moe_align wrote it (see ``gathers_a``)."""
     _moe_gemm1_op(x, fc1, sorted_ids, block_expert, num_padded, out, topk, activation, fc1_bias, swiglu_alpha,
                   swiglu_beta, swiglu_limit, slot_rows, config.kernel, config.block_m, config.block_n,
                   config.block_k, config.stages, config.k_splits, config.cluster_m)

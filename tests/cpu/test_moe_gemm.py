@@ -123,6 +123,16 @@ def test_one_half_tiles_narrow_with_few_rows_per_expert():
     assert tile(128, True) == tile(rows * 128 + 1, True) == (128, 4)  # gated GEMM1: one tile
 
 
+def test_gemm1_gathers_a_only_on_sm90ws_with_many_rows_per_expert():
+    limit = mg.DIRECT_A_MAX_ROWS_PER_EXPERT
+    ws = select_config(64, 8, 256, 256, "90a", "bf16", kernel="sm90ws", kernels=("sm80", "sm90", "sm90ws"))
+    assert not mg.gathers_a(ws, limit * 8, 8) and mg.gathers_a(ws, limit * 8 + 1, 8)
+    assert not mg.gathers_a(ws, 1, 256) and mg.gathers_a(ws, 4096 * 8, 256)
+    for kernel in ("sm80", "sm90"):
+        cfg = select_config(4096 * 8, 8, 256, 256, "90a", "bf16", kernel=kernel, kernels=("sm80", "sm90", "sm90ws"))
+        assert not mg.gathers_a(cfg, 4096 * 8, 8)  # they read x in place
+
+
 def test_kernel_choice():
     assert select_config(64, 8, 256, 256, "90a", "bf16", kernels=BOTH).kernel == "sm90"
     assert select_config(64, 8, 256, 256, "90a", "bf16", kernels=("sm80",)).kernel == "sm80"

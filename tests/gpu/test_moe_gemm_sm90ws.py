@@ -2,9 +2,9 @@
 
 Specs are built and called directly (KernelSpec + load_module + the binding's ``run``), routings come from the real
 moe_align kernel, and every output is poisoned first. Cases: 1 to 256 experts with empty experts, 0 to ~600 rows
-per expert (never a multiple of BLOCK_M), N and K tails, gated and plain GEMM1, with and without bias, slots of
-non-local experts that GEMM2 must leave untouched, the kernel's own argument errors, and a CUDA-graph replay with
-new routing and new data.
+per expert (never a multiple of BLOCK_M), N and K tails, gated and plain GEMM1, with and without bias, GEMM1 with A
+gathered into a_sorted and with direct rows (no a_sorted: each row loaded from x), slots of non-local experts that
+GEMM2 must leave untouched, the kernel's own argument errors, and CUDA-graph replays with new routing and new data.
 """
 from __future__ import annotations
 
@@ -99,7 +99,8 @@ def run_gemm2(mod, inter, fc2, bias, routing, out, slot_weights, k_splits=1):
 
 # ---------------------------------------------------------------------------------------------------------------
 def check_gemm1(tokens, experts, topk, hidden, inter_size, act, dtype, *, bias=True, params=None, skew=False,
-                cluster_m=None, ids=None):
+                cluster_m=None, ids=None, direct=False):
+    """direct: no a_sorted, so the kernel loads every A row straight from x."""
     gated = act in GATED_ACTIVATIONS
     tile = GEMM1_GATED if gated else GEMM1_PLAIN
     mod = module(dtype, act, "gemm1", **tile, cluster_m=cluster_m)
@@ -113,14 +114,14 @@ def check_gemm1(tokens, experts, topk, hidden, inter_size, act, dtype, *, bias=T
     params = params or {}
     act_params = tuple(params.get(k) for k in ("alpha", "beta", "limit"))
     inter = poison_(torch.empty(m_pad_max, inter_size, dtype=dtype, device="cuda"))
-    a_sorted = poison_(torch.empty(m_pad_max, hidden, dtype=dtype, device="cuda"))  # padding rows stay NaN
+    a_sorted = None if direct else poison_(torch.empty(m_pad_max, hidden, dtype=dtype, device="cuda"))  # NaN pads
     run_gemm1(mod, x, fc1, b1, routing, inter, topk, a_sorted, act_params)
     ref = poison_(torch.empty_like(inter))
     gemm1_reference(x, fc1, *routing, ref, topk, act, b1, *act_params, BLOCK_M)
     rows = real_rows(routing[0], routing[2], tokens * topk)
     assert rows.numel() == tokens * topk
     err = rel_error(inter[rows], ref[rows])
-    assert err <= TOL, f"{act} {dtype} T={tokens} E={experts} k={topk} H={hidden} I={inter_size}: {err}"
+    assert err <= TOL, f"{act} {dtype} T={tokens} E={experts} k={topk} H={hidden} I={inter_size} {direct=}: {err}"
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -132,8 +133,9 @@ def check_gemm1(tokens, experts, topk, hidden, inter_size, act, dtype, *, bias=T
     (40, 256, 8, 136, 264),     # 320 slots over 256 experts: most empty, one row each
 ])
 @pytest.mark.parametrize("bias", [True, False])
-def test_gemm1_swiglu_shapes(shape, dtype, bias):
-    check_gemm1(*shape, "Swiglu", dtype, bias=bias)
+@pytest.mark.parametrize("direct", [False, True], ids=["gathered", "direct"])
+def test_gemm1_swiglu_shapes(shape, dtype, bias, direct):
+    check_gemm1(*shape, "Swiglu", dtype, bias=bias, direct=direct)
 
 
 @pytest.mark.parametrize("cluster_m", [1, 2])
@@ -150,6 +152,7 @@ def test_gemm1_tile_orders(cluster_m):
 @pytest.mark.parametrize("bias", [True, False])
 def test_gemm1_gelu_plain_tile(shape, bias):
     check_gemm1(*shape, "Gelu", torch.bfloat16, bias=bias)
+    check_gemm1(*shape, "Gelu", torch.bfloat16, bias=bias, direct=True)
 
 
 def test_gemm1_skewed_routing_leaves_experts_empty():
@@ -167,10 +170,12 @@ def test_gemm1_per_expert_activation_parameters():
 def test_row_groups_of_every_size(cluster_m):
     """Only the 16-row groups of A that hold a real row are loaded (and GEMM1 stores only those): experts with
     row counts on both sides of every group, half-block and block boundary, all in one launch, through both GEMMs
-    with padding rows poisoned."""
+    with padding rows poisoned. Direct rows get the same blocks: every lane's share of rows, up to a full block."""
     counts = [1, 15, 16, 17, 31, 33, 47, 63, 64, 65, 80, 113, 127, 128, 129, 144, 191, 255, 256, 257]
     ids = counted_ids(counts)
-    check_gemm1(ids.shape[0], len(counts), 1, 264, 136, "Swiglu", torch.bfloat16, cluster_m=cluster_m, ids=ids)
+    for direct in (False, True):
+        check_gemm1(ids.shape[0], len(counts), 1, 264, 136, "Swiglu", torch.bfloat16, cluster_m=cluster_m, ids=ids,
+                    direct=direct)
     check_gemm2(ids.shape[0], len(counts), 1, 264, 136, torch.bfloat16, GEMM2_WIDE, cluster_m=cluster_m, ids=ids)
 
 
@@ -224,7 +229,8 @@ def test_gemm2_never_writes_dropped_slots():
 def test_kernel_with_the_other_cluster_size(shape):
     """The cluster size each default does not use (1 or 2 CTAs sharing each weight tile by multicast) computes the
     same tiles: odd M-block counts, neighbouring blocks of different experts, CTAs without a tile in a unit."""
-    check_gemm1(*shape, "Swiglu", torch.bfloat16, cluster_m=3 - SM90WS_CLUSTER_M[True])
+    for direct in (False, True):
+        check_gemm1(*shape, "Swiglu", torch.bfloat16, cluster_m=3 - SM90WS_CLUSTER_M[True], direct=direct)
     tokens, experts, topk, hidden, inter_size = shape
     check_gemm2(tokens, experts, topk, inter_size, hidden, torch.bfloat16, GEMM2_WIDE,
                 cluster_m=3 - SM90WS_CLUSTER_M[False])
@@ -240,17 +246,20 @@ def test_kernel_rejects_split_k():
         run_gemm2(mod, inter, weights(4, 64, 64, torch.bfloat16), None, routing, out, None, k_splits=2)
 
 
-def test_gemm1_requires_a_sorted():
+def test_gemm1_gather_requires_slot_rows():
     mod = module(torch.bfloat16, "Swiglu", "gemm1", **GEMM1_GATED)
-    routing = align(random_ids(8, 2, 4), 4)
+    sorted_ids, block_expert, num_padded = align(random_ids(8, 2, 4), 4)
     x = torch.zeros(8, 64, dtype=torch.bfloat16, device="cuda")
-    inter = torch.zeros(routing[0].numel(), 64, dtype=torch.bfloat16, device="cuda")
-    with pytest.raises(ValueError, match="a_sorted"):
-        run_gemm1(mod, x, weights(4, 128, 64, torch.bfloat16), None, routing, inter, 2, None)
+    inter = torch.zeros(sorted_ids.numel(), 64, dtype=torch.bfloat16, device="cuda")
+    a_sorted = torch.zeros(sorted_ids.numel(), 64, dtype=torch.bfloat16, device="cuda")
+    with pytest.raises(ValueError, match="slot_rows"):
+        mod.run(x, weights(4, 128, 64, torch.bfloat16), None, inter, sorted_ids, block_expert, num_padded, None,
+                None, None, None, 16, 2, 64, 64, None, a_sorted, None, False, 1)
 
 
 # ---------------------------------------------------------------------------------------------------------------
-def test_cuda_graph_replay_with_new_routing_and_data():
+@pytest.mark.parametrize("direct", [False, True], ids=["gathered", "direct"])
+def test_cuda_graph_replay_with_new_routing_and_data(direct):
     tokens, experts, topk, hidden, inter_size, dtype = 700, 16, 4, 392, 264, torch.bfloat16
     g1 = module(dtype, "Swiglu", "gemm1", **GEMM1_GATED)
     g2 = module(dtype, "Identity", "gemm2", **GEMM2_WIDE)
@@ -264,15 +273,15 @@ def test_cuda_graph_replay_with_new_routing_and_data():
              b2=(0.5 * torch.randn(experts, hidden, device="cuda")).to(dtype),
              w=torch.rand(tokens * topk, device="cuda"))
     inter = torch.empty(m_pad_max, inter_size, dtype=dtype, device="cuda")
-    a_sorted = torch.empty(m_pad_max, hidden, dtype=dtype, device="cuda")
-    slot_rows = stale_slot_rows(tokens * topk, m_pad_max)
+    a_sorted = None if direct else torch.empty(m_pad_max, hidden, dtype=dtype, device="cuda")
+    slot_rows = None if direct else stale_slot_rows(tokens * topk, m_pad_max)
     out = torch.empty(tokens * topk, hidden, dtype=dtype, device="cuda")
 
     def pipeline():  # moe_align writes slot_rows for the gather, as in the fused pipeline
         permute.align_into(ids, experts, BLOCK_M, 0, routing, slot_rows=slot_rows)
         three = tuple(routing[:3])
         run_gemm1(g1, t["x"], t["fc1"], t["b1"], three, inter, topk, a_sorted, slot_rows=slot_rows,
-                  slot_rows_filled=True)
+                  slot_rows_filled=not direct)
         run_gemm2(g2, inter, t["fc2"], t["b2"], three, out, t["w"])
 
     graph = capture_graph(pipeline)
@@ -282,7 +291,8 @@ def test_cuda_graph_replay_with_new_routing_and_data():
     t["fc1"].div_(math.sqrt(hidden))
     t["fc2"].div_(math.sqrt(inter_size))
     for buffer in (inter, a_sorted, out):
-        poison_(buffer)
+        if buffer is not None:
+            poison_(buffer)
     graph.replay()
     torch.cuda.synchronize()
 

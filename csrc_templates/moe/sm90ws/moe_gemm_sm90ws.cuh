@@ -4,7 +4,9 @@
 // contiguous in A (GEMM1: a_sorted, filled first by a small gather launch; GEMM2: inter) and all belong to one
 // expert e = block_expert[m_block]; the expert's weight tile is a contiguous box of rows of B viewed as one
 // [E * n_b, K] matrix. Both operands are therefore loaded by TMA (128-byte swizzle, hardware zero-fill of the K
-// tail and of rows past the matrix).
+// tail and of rows past the matrix). With few rows per expert GEMM1 skips the gather and loads each real row
+// straight from x by a one-row TMA box ("direct rows": produce_direct_rows); the caller chooses it by passing no
+// a_sorted.
 //
 // The grid is persistent and made of clusters of kCluster CTAs along M (one CTA per SM). A cluster walks work
 // units (kCluster neighbouring M blocks, one N block) in a static round-robin; CTA r computes the tile of the
@@ -16,7 +18,7 @@
 // that run at the same time read the same weight tile (and a bounded set of A blocks) and each byte of B comes from
 // HBM about once per group; how many M blocks a group spans is TileScheduler's choice (see there).
 //
-// Each CTA has three warpgroups: a producer (registers given back with setmaxnreg) whose one elected thread issues the
+// Each CTA has three warpgroups: a producer (registers given back with setmaxnreg) whose first thread issues the
 // TMA loads of every k-tile into a ring of kStages stages, each guarded by a "full" transaction mbarrier (TMA bytes
 // landed) and an "empty" mbarrier (every consumer warp of the cluster retired its wgmma on that stage: the peer may
 // multicast into this CTA's stage, so the rings of a cluster move in step); and two consumer warpgroups (registers
@@ -108,6 +110,7 @@ struct Config : Sm90GemmTraits<T, A, Mode, BM, BN, BK, Stages, 2> {
   static constexpr int kBytesStageA = BM * BK * 2;
   static constexpr int kBytesStageB = BN * BK * 2;
   static constexpr int kBytesBoxA = kBoxRowsA * BK * 2;
+  static constexpr int kBytesRowA = BK * 2;                   // one direct row (GEMM1 without a_sorted)
   static constexpr int kTxBytesB = Traits::kHalves * kBytesStageB;  // per stage; A adds kBytesBoxA per row group
   static constexpr int kBytesStaging = BM * BN * 2;
   static constexpr int kOffsetStaging = Traits::kBytesPipe;
@@ -262,6 +265,60 @@ __device__ __forceinline__ int a_row_groups(const MoeGemmArgs& args, const TileS
   return groups;
 }
 
+// GEMM1 "direct rows": the launch got no a_sorted (few rows per expert), so there is no gather launch and no sorted
+// copy of x. Each real row of a block is loaded by its own [1, 64] TMA box from its token's row of x into the row's
+// place in the stage. The 128-byte swizzle permutes 16-byte chunks by shared-memory address bits (bits 4-6 XOR bits
+// 7-9), so a one-row box at row r of a 1 KiB-aligned stage lands exactly as row r of a [BM, 64] box would.
+template <class Cfg>
+__device__ __forceinline__ bool uses_direct_rows(const MoeGemmArgs& args) {
+  return !Cfg::kGemm2 && args.a_sorted == nullptr;
+}
+
+// The second producer warp, with direct rows only: it walks the units and the ring in step with the producer thread
+// (each full barrier then expects two arrivals) and loads A, lane l the rows l, l + 32, ... of the block. A warp of
+// its own because the producer thread's registers (40 after setmaxnreg) have no room for the rows' tokens.
+template <class Cfg>
+__device__ __forceinline__ void produce_direct_rows(const MoeGemmArgs& args, const CUtensorMap* tmap_x_rows,
+                                                    const SmemPlan<Cfg>& smem, int lane) {
+  using cutlass::arch::ClusterBarrier;
+  using cutlass::arch::ClusterTransactionBarrier;
+  constexpr uint64_t kHint = static_cast<uint64_t>(cute::TMA::CacheHintSm90::EVICT_NORMAL);
+  constexpr int kPerLane = Cfg::kBlockM / 32;
+  const TileScheduler<Cfg> sched(args);
+  const ClusterCoord cluster = cluster_coord<Cfg>();
+  const int k_tiles = (args.k + Cfg::kBlockK - 1) / Cfg::kBlockK;
+  RingState<Cfg::kStages> ring;
+  for (int u = cluster.id; u < sched.num_units; u += cluster.count) {
+    int m_group, n_block;
+    sched.coords(u, m_group, n_block);
+    const UnitRole role = unit_role<Cfg>(args, sched, m_group, cluster.rank);
+    if (role.skip) continue;
+    int token[kPerLane];  // x row of block row lane + 32 j, -1 for padding
+    int rows = 0;         // real rows of the block
+    CUTE_UNROLL
+    for (int j = 0; j < kPerLane; ++j) {
+      const int s = role.expert >= 0 ? args.sorted_ids[role.m_block * Cfg::kBlockM + lane + 32 * j] : -1;
+      token[j] = is_real_slot(s, args.num_slots) ? s / args.topk : -1;
+      rows += __popc(__ballot_sync(0xffffffffu, token[j] >= 0));
+    }
+    for (int kt = 0; kt < k_tiles; ++kt) {
+      ClusterBarrier::wait(&smem.empty[ring.stage], ring.phase ^ 1);
+      uint64_t* full = &smem.full[ring.stage];
+      if (lane == 0) ClusterTransactionBarrier::arrive_and_expect_tx(full, rows * Cfg::kBytesRowA);
+      __syncwarp();  // the expected bytes are announced before any row can land
+      auto* a_dst = smem.a + ring.stage * Cfg::kBlockM * Cfg::kBlockK;
+      CUTE_UNROLL
+      for (int j = 0; j < kPerLane; ++j) {
+        if (token[j] >= 0) {
+          cute::SM90_TMA_LOAD_2D::copy(tmap_x_rows, full, kHint, a_dst + (lane + 32 * j) * Cfg::kBlockK,
+                                       kt * Cfg::kBlockK, token[j]);
+        }
+      }
+      ring.advance();
+    }
+  }
+}
+
 // Producer (one thread): for every unit of this cluster, every k-tile: wait until the stage is empty in every CTA
 // of the cluster, announce its bytes, issue the TMA boxes of A (one [BM, 64] box, or one [16, 64] box per row group
 // that a_row_groups picks: the others' rows never reach a kept output) and of each B half [BN, 64]. A shared B
@@ -279,11 +336,12 @@ __device__ __forceinline__ void produce(const MoeGemmArgs& args, const CUtensorM
   const ClusterCoord cluster = cluster_coord<Cfg>();
   const int k_tiles = (args.k + Cfg::kBlockK - 1) / Cfg::kBlockK;
   const int n_b = args.n * Cfg::kHalves;
+  const bool direct = uses_direct_rows<Cfg>(args);  // A comes from produce_direct_rows
   RingState<Cfg::kStages> ring;
   for (int u = cluster.id; u < sched.num_units; u += cluster.count) {
     int m_group, n_block;
     sched.coords(u, m_group, n_block);
-    const int groups = a_row_groups<Cfg>(args, sched, m_group * Cfg::kCluster + cluster.rank);
+    const int groups = direct ? 0 : a_row_groups<Cfg>(args, sched, m_group * Cfg::kCluster + cluster.rank);
     const UnitRole role = unit_role<Cfg>(args, sched, m_group, cluster.rank);
     if (role.skip) continue;
     const int a_row = role.m_block * Cfg::kBlockM;
@@ -302,7 +360,7 @@ __device__ __forceinline__ void produce(const MoeGemmArgs& args, const CUtensorM
       auto* a_dst = smem.a + ring.stage * Cfg::kBlockM * Cfg::kBlockK;
       if (a_groups == Cfg::kRowGroups) {
         cute::SM90_TMA_LOAD_2D::copy(tmap_a, full, kHint, a_dst, k0, a_row);
-      } else {
+      } else {  // (no groups with direct rows)
         for (int g = 0; g < a_groups; ++g) {
           cute::SM90_TMA_LOAD_2D::copy(tmap_a_group, full, kHint, a_dst + g * Cfg::kBoxRowsA * Cfg::kBlockK, k0,
                                        a_row + g * Cfg::kBoxRowsA);
@@ -544,10 +602,12 @@ __device__ __forceinline__ void consume(const MoeGemmArgs& args, const SmemPlan<
   }
 }
 
+// GEMM1 with direct rows leaves tmap_a and tmap_a_group unused (zeros); the other launches leave tmap_x_rows unused.
 template <class Cfg>
 __global__ void __launch_bounds__(Cfg::kThreads, 1)
     moe_gemm_sm90ws_kernel(const __grid_constant__ CUtensorMap tmap_a,        // A [m_pad_max, K], box [BM, 64]
                            const __grid_constant__ CUtensorMap tmap_a_group,  // the same A, box [16, 64]
+                           const __grid_constant__ CUtensorMap tmap_x_rows,   // GEMM1's x [T, K], box [1, 64]
                            const __grid_constant__ CUtensorMap tmap_b,  // B [E * n_b, K], box [BN, 64]
                            const __grid_constant__ MoeGemmArgs args) {
   extern __shared__ uint8_t smem_raw[];
@@ -556,9 +616,10 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   const uint32_t misalign = static_cast<uint32_t>(reinterpret_cast<uintptr_t>(smem_raw)) % Cfg::kSwizzleAlign;
   uint8_t* base = smem_raw + (Cfg::kSwizzleAlign - misalign) % Cfg::kSwizzleAlign;
   const SmemPlan<Cfg> smem(base);
+  const bool direct = uses_direct_rows<Cfg>(args);
   if (threadIdx.x == 0) {
     for (int s = 0; s < Cfg::kStages; ++s) {
-      cutlass::arch::ClusterTransactionBarrier::init(&smem.full[s], 1);
+      cutlass::arch::ClusterTransactionBarrier::init(&smem.full[s], direct ? 2 : 1);  // + produce_direct_rows
       cutlass::arch::ClusterBarrier::init(&smem.empty[s], Cfg::kEmptyArrivals);
     }
     cutlass::arch::fence_barrier_init();
@@ -578,10 +639,15 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   if (threadIdx.x < 128) {
     cutlass::arch::warpgroup_reg_dealloc<Cfg::kProducerRegs>();
     if (threadIdx.x == 0) {
-      cute::prefetch_tma_descriptor(&tmap_a);
-      cute::prefetch_tma_descriptor(&tmap_a_group);
+      if (!direct) {
+        cute::prefetch_tma_descriptor(&tmap_a);
+        cute::prefetch_tma_descriptor(&tmap_a_group);
+      }
       cute::prefetch_tma_descriptor(&tmap_b);
       produce<Cfg>(args, &tmap_a, &tmap_a_group, &tmap_b, smem);
+    } else if (direct && threadIdx.x / 32 == 1) {
+      if (threadIdx.x == 32) cute::prefetch_tma_descriptor(&tmap_x_rows);
+      produce_direct_rows<Cfg>(args, &tmap_x_rows, smem, static_cast<int>(threadIdx.x) % 32);
     }
   } else {
     cutlass::arch::warpgroup_reg_alloc<Cfg::kConsumerRegs>();
@@ -590,7 +656,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   if constexpr (Cfg::kCluster > 1) cluster_sync_unaligned();  // the peer may still arrive on this CTA's barriers
 }
 
-// Host side: GEMM1 first gathers x into a_sorted; then one persistent CTA per SM (at most one per tile).
+// Host side: GEMM1 given a_sorted first gathers x into it; then one persistent CTA per SM (at most one per tile).
 // Never synchronises; bad arguments throw (pybind11 turns std::invalid_argument into ValueError).
 template <typename T, Act A, GemmMode Mode, int BM, int BN, int BK, int Stages, int ClusterM>
 void launch(const MoeGemmArgs& args, cudaStream_t stream) {
@@ -604,21 +670,29 @@ void launch(const MoeGemmArgs& args, cudaStream_t stream) {
   const int64_t n_blocks = (args.n + BN - 1) / BN;
   if (m_blocks <= 0 || n_blocks <= 0 || args.num_slots <= 0 || args.k <= 0) return;
   const int sms = sm_count();
-  const void* a = args.a;  // GEMM2: inter [m_pad_max, K]
-  if constexpr (Mode == GemmMode::gemm1) {
-    if (args.a_sorted == nullptr || args.slot_rows == nullptr) {
-      throw std::invalid_argument("moe_gemm sm90ws: a_sorted, slot_rows: expected [m_pad_max, K] and [num_slots] "
-                                  "scratch tensors for GEMM1, got None");
-    }
-    launch_gather(args.a, args.sorted_ids, args.num_padded, args.slot_rows, args.slot_rows_filled, args.a_sorted,
-                  args.m_pad_max, args.num_slots, args.topk, args.k, sms * 8, stream);
-    a = args.a_sorted;
-  }
   constexpr CUtensorMapDataType kDtype =
       std::is_same_v<T, __nv_bfloat16> ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
+  // A: GEMM2's inter, GEMM1's gathered copy of x, or (GEMM1 without a_sorted: direct rows) x itself, row by row.
+  CUtensorMap tmap_a{}, tmap_a_group{}, tmap_x_rows{};
+  const void* a = args.a;
+  if constexpr (Mode == GemmMode::gemm1) {
+    if (args.a_sorted == nullptr) {
+      tmap_x_rows = make_tma_map_2d(args.a, kDtype, args.num_slots / args.topk, args.k, 1);
+      a = nullptr;
+    } else if (args.slot_rows == nullptr) {
+      throw std::invalid_argument("moe_gemm sm90ws: slot_rows: expected a [num_slots] int32 tensor with a_sorted "
+                                  "(GEMM1 gathers x through it), got None");
+    } else {
+      launch_gather(args.a, args.sorted_ids, args.num_padded, args.slot_rows, args.slot_rows_filled, args.a_sorted,
+                    args.m_pad_max, args.num_slots, args.topk, args.k, sms * 8, stream);
+      a = args.a_sorted;
+    }
+  }
+  if (a != nullptr) {
+    tmap_a = make_tma_map_2d(a, kDtype, args.m_pad_max, args.k, BM);
+    tmap_a_group = make_tma_map_2d(a, kDtype, args.m_pad_max, args.k, Cfg::kBoxRowsA);
+  }
   const int64_t b_rows = static_cast<int64_t>(args.num_experts) * args.n * Cfg::kHalves;
-  const CUtensorMap tmap_a = make_tma_map_2d(a, kDtype, args.m_pad_max, args.k, BM);
-  const CUtensorMap tmap_a_group = make_tma_map_2d(a, kDtype, args.m_pad_max, args.k, Cfg::kBoxRowsA);
   const CUtensorMap tmap_b = make_tma_map_2d(args.b, kDtype, b_rows, args.k, Cfg::kBoxRowsB);
   // One cluster per unit at most, and at most one CTA per SM (clusters that do not fit wait: no CTA waits on
   // another cluster, so this never deadlocks).
@@ -628,7 +702,7 @@ void launch(const MoeGemmArgs& args, cudaStream_t stream) {
   set_max_dynamic_smem_once<&moe_gemm_sm90ws_kernel<Cfg>>(Cfg::kSmemBytes);
   const dim3 grid(static_cast<unsigned>((clusters > 0 ? clusters : 1) * Cfg::kCluster));
   launch_pdl(moe_gemm_sm90ws_kernel<Cfg>, {grid, Cfg::kThreads, Cfg::kSmemBytes, Cfg::kCluster}, stream, tmap_a,
-             tmap_a_group, tmap_b, args);
+             tmap_a_group, tmap_x_rows, tmap_b, args);
 }
 
 }  // namespace jitmoe::moe::sm90ws
