@@ -1,7 +1,8 @@
 """Tile sweep of the persistent SM90 grouped GEMM ('sm90ws') on the model shapes of bench_fused_moe.py: each
-GEMM of the layer alone (GEMM1 with the gather pre-pass and SwiGLU, GEMM2 with the routing-weight scatter), for
-every variant given, with its achieved TFLOP/s on the real rows. It decides the tiles of moe_gemm's heuristic
-(block_n, stages, cluster size); the layer-level numbers come from bench_fused_moe.py.
+GEMM of the layer alone (GEMM1 with the gather pre-pass, which the pipeline skips at few rows per expert:
+moe_gemm.gathers_a, and SwiGLU; GEMM2 with the routing-weight scatter), for every variant given, with its achieved
+TFLOP/s on the real rows. It decides the tiles of moe_gemm's heuristic (block_n, stages, cluster size); the
+layer-level numbers come from bench_fused_moe.py.
 
     python benchmarks/sweep_sm90ws.py [--shapes qwen3,deepseek-v3] [--tokens 1024,4096] [--out DIR]
 
