@@ -6,6 +6,7 @@
 
 #include <cstdint>
 
+#include "common/launch.cuh"
 #include "common/pdl.cuh"
 #include "permute/moe_align.cuh"
 #include "permute/moe_align_multi.cuh"
@@ -36,10 +37,7 @@ int multi_cta_count_warps(int num_experts, int smem_limit) {
 
 // Dynamic shared memory the device allows one block next to an align kernel's static shared memory.
 int dynamic_smem_limit() {
-  int device = 0, smem_limit = 0;
-  cudaGetDevice(&device);
-  cudaDeviceGetAttribute(&smem_limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
-  return smem_limit - kStaticSmemAllowance;
+  return jitmoe::device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>(0) - kStaticSmemAllowance;
 }
 
 template <typename Kernel>
@@ -81,10 +79,7 @@ template <typename T, int VEC>
 void launch_combine_vec(const T* src, const int32_t* topk_ids, T* dst, int num_tokens, int topk, int hidden,
                         int expert_offset, int num_experts, unsigned blocks, unsigned threads, cudaStream_t stream) {
   namespace pm = jitmoe::permute;
-  int device = 0, sms = 0;
-  cudaGetDevice(&device);
-  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-  const auto kernel = blocks <= static_cast<unsigned>(kCombineBatchedBlocksPerSm * sms)
+  const auto kernel = blocks <= static_cast<unsigned>(kCombineBatchedBlocksPerSm * jitmoe::sm_count())
                           ? pm::moe_combine_kernel<T, VEC, pm::kCombineBatch>
                           : pm::moe_combine_kernel<T, VEC, 1>;
   jitmoe::launch_pdl(kernel, {blocks, threads}, stream, src, topk_ids, dst, num_tokens, topk, hidden, expert_offset,

@@ -1,4 +1,4 @@
-// Host helpers of the sm90ws kernel: 2-D TMA descriptors and the cached SM count.
+// Host helpers of the sm90ws kernel: 2-D TMA descriptors.
 //
 // The descriptors are encoded with the driver's cuTensorMapEncodeTiled, fetched once through the runtime's
 // cudaGetDriverEntryPoint so the extension links only cudart (no -lcuda). Each map views a row-major [rows, cols]
@@ -9,7 +9,6 @@
 #include <cuda.h>  // CUtensorMap and its enums only (header types; nothing here links libcuda)
 #include <cuda_runtime_api.h>
 
-#include <atomic>
 #include <cstdint>
 #include <stdexcept>
 #include <string>
@@ -56,20 +55,6 @@ inline CUtensorMap make_tma_map_2d(const void* base, CUtensorMapDataType dtype, 
                              std::to_string(box_rows) + ", 64]");
   }
   return map;
-}
-
-// Multiprocessors of the current device, queried once per device.
-inline int sm_count() {
-  constexpr int kMaxDevices = 64;
-  static std::atomic<int> cached[kMaxDevices] = {};
-  int device = 0;
-  if (cudaGetDevice(&device) != cudaSuccess) return 1;
-  std::atomic<int>* slot = device < kMaxDevices ? &cached[device] : nullptr;
-  if (slot != nullptr && slot->load(std::memory_order_relaxed) > 0) return slot->load(std::memory_order_relaxed);
-  int sms = 0;
-  if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || sms <= 0) return 1;
-  if (slot != nullptr) slot->store(sms, std::memory_order_relaxed);
-  return sms;
 }
 
 }  // namespace jitmoe::moe::sm90ws
