@@ -1,6 +1,7 @@
 // Expert Choice launcher for ${dtype} logits (rendered per spec; the binding is the only file that touches torch).
 #include <cuda_runtime.h>
 
+#include "common/launch.cuh"
 #include "expert_choice/expert_choice.cuh"
 #include "expert_choice/expert_choice_plan.h"
 
@@ -98,11 +99,10 @@ const char* expert_choice_launch(const void* logits,      // [T, E]
                                  int32_t* ids,            // [T, top_k] or [E, capacity]
                                  int32_t* counts,         // [E]
                                  cudaStream_t stream) {
-  int device = 0, num_sms = 0, smem_optin = 0;
-  if (cudaGetDevice(&device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess)
-    return "could not query the device";
+  // Cached per device (common/launch.cuh): eager calls do not query the driver each time.
+  const int num_sms = jitmoe::device_attribute<cudaDevAttrMultiProcessorCount>(0);
+  const int smem_optin = jitmoe::device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>(0);
+  if (num_sms == 0 || smem_optin == 0) return "could not query the device";
   ec::Plan plan = ec::make_plan(T, static_cast<int>(E), capacity, static_cast<int>(top_k), static_cast<int>(sizeof(In)),
                                 expert_major, tokens_softmax, static_cast<int>(path), num_sms,
                                 static_cast<size_t>(smem_optin));
