@@ -446,14 +446,20 @@ __device__ __forceinline__ unsigned transpose_bits32(unsigned x) {
   return x;
 }
 
-// Warp c < ceil(E / 32) turns experts [32c, 32c + 32) of the tile's pick bits (a word per expert, a bit per token)
-// into a word per token: token_masks[i * kMaskPitch + c], bit j set when expert 32c + j picked token i of the tile.
+// Thread 32c + l's pick word of a tile: expert 32c + l's bits (a bit per token), 0 past E. Loaded a tile ahead, so
+// that the load is in flight while the block routes the tile before it.
 template <typename In>
-__device__ __forceinline__ void load_token_masks(const Params<In>& p, int tile, unsigned* token_masks) {
-  const int c = warp_id(), e = 32 * c + lane_id();
-  if (32 * c >= p.E) return;
-  const unsigned expert_word = e < p.E ? __ldcg(p.pick_bits + static_cast<size_t>(tile) * p.E + e) : 0u;
-  token_masks[lane_id() * kMaskPitch + c] = transpose_bits32(expert_word);
+__device__ __forceinline__ unsigned load_pick_word(const Params<In>& p, int tile) {
+  const int e = threadIdx.x;
+  return e < p.E ? __ldcg(p.pick_bits + static_cast<size_t>(tile) * p.E + e) : 0u;
+}
+
+// Warp c < ceil(E / 32) turns experts [32c, 32c + 32) of the tile's pick words into a word per token:
+// token_masks[i * kMaskPitch + c], bit j set when expert 32c + j picked token i of the tile.
+__device__ __forceinline__ void store_token_masks(int E, unsigned pick_word, unsigned* token_masks) {
+  const int c = warp_id();
+  if (32 * c >= E) return;
+  token_masks[lane_id() * kMaskPitch + c] = transpose_bits32(pick_word);
 }
 
 // Routes token t (token i of the tile) from its mask words: lane c holds experts [32c, 32c + 32); the picks are
@@ -468,6 +474,8 @@ __device__ bool route_token_from_masks(const Params<In>& p, const FinalizerSmem&
   float* out_weights = p.weights + static_cast<size_t>(t) * k;  // [k]
   int n = 0;
   if (token_is_real(p.token_mask, t)) {
+    // The row statistics first: their loads are in flight while the picks are listed.
+    const float mx = __ldcg(p.row_max + t), rcp = __ldcg(p.row_rcp + t);
     unsigned mask = 32 * lane < p.E ? masks[lane] : 0u;
     const unsigned count = __popc(mask);
     const unsigned incl = warp_inclusive_scan_u32(count);
@@ -480,7 +488,7 @@ __device__ bool route_token_from_masks(const Params<In>& p, const FinalizerSmem&
     if (lane < n) {
       e = picks[lane].y;
       const float logit = to_float(__ldg(p.logits + static_cast<size_t>(t) * p.E + e));
-      score = __float_as_uint(score_of(logit, __ldcg(p.row_max + t), __ldcg(p.row_rcp + t)));
+      score = __float_as_uint(score_of(logit, mx, rcp));
     }
     int rank = 0;
     for (int j = 0; j < n; ++j) {
@@ -528,6 +536,7 @@ __global__ void __launch_bounds__(kBlock, 1) finalize_kernel(Params<In> p) {
   if (threadIdx.x == 0) sc->n_list = 0;
   load_finalizer_state(p, ec_smem, nullptr);
   const int tiles = p.key_pitch / kKeyTileTokens;
+  unsigned pick_word = static_cast<int>(blockIdx.x) < tiles ? load_pick_word(p, blockIdx.x) : 0u;
   for (int tile = blockIdx.x;; tile += gridDim.x) {  // uniform over the block
     const bool more = tile < tiles;
     if (more) {
@@ -535,8 +544,9 @@ __global__ void __launch_bounds__(kBlock, 1) finalize_kernel(Params<In> p) {
       unsigned* token_masks = s.queue + kRowQueue;  // [kWarps, kMaskPitch]
       const uintptr_t picks_at = (reinterpret_cast<uintptr_t>(token_masks + kWarps * kMaskPitch) + 7) & ~uintptr_t{7};
       uint2* picks = reinterpret_cast<uint2*>(picks_at) + 32 * warp_id();  // [32] this warp's token
-      load_token_masks(p, tile, token_masks);
+      store_token_masks(p.E, pick_word, token_masks);
       __syncthreads();
+      if (tile + static_cast<int>(gridDim.x) < tiles) pick_word = load_pick_word(p, tile + gridDim.x);
       const int t = kKeyTileTokens * tile + warp_id();
       if (t < p.T && !route_token_from_masks(p, s, token_masks + warp_id() * kMaskPitch, picks, t) &&
           lane_id() == 0)
