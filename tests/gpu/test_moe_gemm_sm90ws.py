@@ -140,12 +140,27 @@ def test_gemm1_swiglu_shapes(shape, dtype, bias, direct):
 
 @pytest.mark.parametrize("cluster_m", [1, 2])
 def test_gemm1_tile_orders(cluster_m):
-    """GEMM1 walks its units N fastest when a row of N blocks fits half the clusters, else in raster groups of 8 M
+    """GEMM1 walks its units N fastest when a row of N blocks fits half the clusters, else in raster groups of M
     blocks: an N of 8 blocks and one of more blocks than any GPU's clusters / 2 take the two orders."""
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     wide = 128 * (sms // (2 * cluster_m) + 2)  # block_n 128: more N blocks than half the clusters
     for inter_size in (8 * 128, wide + 40):
         check_gemm1(700, 8, 2, 136, inter_size, "Swiglu", torch.bfloat16, cluster_m=cluster_m)
+
+
+@pytest.mark.parametrize("cluster_m", [1, 2])
+def test_raster_groups_follow_expert_boundaries(cluster_m):
+    """Raster groups start at 8 M blocks and grow, up to 16, until an expert starts: with experts of 0 to 17 blocks
+    the groups are 16 (cut at the cap inside the first expert), 8 (ended where an expert starts) and 5 (the last
+    blocks); with clusters of two, 8, 4 and 3 M groups. Through GEMM1 in raster order (more N blocks than half the
+    clusters) and through GEMM2. (2937 slots: the single-CTA moe_align; see the session-21 README for a GEMM1 hang
+    with 6795 slots at top-1 that predates this order.)"""
+    counts = [2100, 100, 300, 0, 129, 1, 17, 33, 257]
+    ids = counted_ids(counts)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    wide = 128 * (sms // (2 * cluster_m) + 2)
+    check_gemm1(ids.shape[0], len(counts), 1, 136, wide + 40, "Swiglu", torch.bfloat16, cluster_m=cluster_m, ids=ids)
+    check_gemm2(ids.shape[0], len(counts), 1, 264, 136, torch.bfloat16, GEMM2_WIDE, cluster_m=cluster_m, ids=ids)
 
 
 @pytest.mark.parametrize("shape", [(1000, 8, 4, 264, 136), (300, 64, 8, 1032, 392), (40, 256, 8, 136, 520)])

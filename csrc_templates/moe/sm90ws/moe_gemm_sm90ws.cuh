@@ -126,15 +126,21 @@ struct Config : Sm90GemmTraits<T, A, Mode, BM, BN, BK, Stages, 2> {
 // The static tile order shared by the producer and the consumers of every CTA of a cluster. The work units are
 // (M group, N block) pairs, an M group being kCluster neighbouring M blocks; CTA r of a cluster computes the tile
 // of M block group * kCluster + r. Every CTA of a cluster walks the same units, and every role skips exactly the
-// units where no CTA of the cluster has a used block.
+// units where no CTA of the cluster has a used block. Each role walks its units in increasing order and keeps its
+// place in the raster (coords is stateful), so raster groups may have data-dependent sizes.
 template <class Cfg>
 struct TileScheduler {
-  int rows_used;  // rows of the sorted order in use: min(num_padded, m_pad_max)
-  int m_blocks;   // M blocks that exist: ceil(rows_used / BM)
-  int m_groups;   // ceil(m_blocks / kCluster)
-  int n_blocks;
-  int num_units;
-  int raster_groups;  // M groups per raster group
+  // Raster groups span kRasterMinGroups M groups (kRasterGroup M blocks) and grow, up to twice that, until the next
+  // M group starts with a new expert: an expert whose blocks straddle two raster groups is streamed from HBM once
+  // per group (its weight tiles are read at different times), a cost that a fixed group size pays at nearly every
+  // boundary once expert sizes are not multiples of it.
+  static constexpr int kRasterMinGroups = Cfg::kRasterGroup / Cfg::kCluster;
+  static constexpr int kRasterMaxGroups = 2 * kRasterMinGroups;
+
+  int m_blocks;   // M blocks that exist: ceil(min(num_padded, m_pad_max) / BM)
+  // The raster group holding the last unit walked: M groups [group_first, group_first + group_size), i.e. units
+  // [group_first * n_blocks, (group_first + group_size) * n_blocks).
+  int group_first = 0, group_size = 0;
 
   // GEMM1 (K = hidden: a long A block, read once per N block) with few N blocks (at most half the clusters:
   // DeepSeek-V3, Qwen3, OLMoE) takes one M group per raster group, i.e. N fastest: the clusters that share an A block
@@ -142,29 +148,58 @@ struct TileScheduler {
   // blocks). Measured on the H100, GEMM1 alone (cluster 2) against raster groups of 8 M blocks: DeepSeek-V3 T=16384
   // 17.0 -> 14.5 ms, T=4096 8.93 -> 8.58; Qwen3 T=1024 0.414 -> 0.397; held-out shapes Qwen3-235B T=4096 2.08 ->
   // 1.92, DeepSeek-V2-Lite and Qwen2-57B -1 to -5% (one +2%). With many N blocks (Mixtral: 112) the window would cover
-  // one M group and an expert's blocks would re-read its weights, so those keep 8; so does GEMM2 (N fastest was up to
-  // 30% slower there). Raster groups of 32 M blocks looked better for Mixtral once and were 14-35% slower on re-run.
-  __device__ __forceinline__ explicit TileScheduler(const MoeGemmArgs& args) {
-    rows_used = max(0, min(*args.num_padded, args.m_pad_max));
+  // one M group and an expert's blocks would re-read its weights, so those keep raster groups; so does GEMM2 (N
+  // fastest was up to 30% slower there). Fixed raster groups of 32 M blocks looked better for Mixtral once and were
+  // 14-35% slower on re-run (their A blocks no longer stay in L2 across a wave).
+  __device__ __forceinline__ TileScheduler(const MoeGemmArgs& args) {
+    const int rows_used = max(0, min(*args.num_padded, args.m_pad_max));
     m_blocks = (rows_used + Cfg::kBlockM - 1) / Cfg::kBlockM;
-    m_groups = (m_blocks + Cfg::kCluster - 1) / Cfg::kCluster;
-    n_blocks = (args.n + Cfg::kBlockN - 1) / Cfg::kBlockN;
-    num_units = m_groups * n_blocks;
-    const int clusters = static_cast<int>(gridDim.x) / Cfg::kCluster;
-    const bool n_fastest = !Cfg::kGemm2 && 2 * n_blocks <= clusters;
-    raster_groups = n_fastest ? 1 : Cfg::kRasterGroup / Cfg::kCluster;
+    group_size = raster_group_size(args, 0);
   }
 
-  // Unit u -> (M group, N block): raster groups of raster_groups M groups, M fastest inside a group, then N, so the
-  // clusters running at the same time read the same weight tiles and a bounded set of A blocks.
-  __device__ __forceinline__ void coords(int u, int& m_group, int& n_block) const {
-    const int per_raster = raster_groups * n_blocks;
-    const int raster = u / per_raster;
-    const int first = raster * raster_groups;
-    const int groups_here = min(raster_groups, m_groups - first);
-    const int local = u - raster * per_raster;
-    m_group = first + local % groups_here;
-    n_block = local / groups_here;
+  // These two are recomputed from the arguments and gridDim when needed rather than kept: the direct-rows warp (40
+  // registers after setmaxnreg) has none to spare.
+  static __device__ __forceinline__ int n_blocks(const MoeGemmArgs& args) {
+    return (args.n + Cfg::kBlockN - 1) / Cfg::kBlockN;
+  }
+  static __device__ __forceinline__ bool n_fastest(const MoeGemmArgs& args) {
+    return !Cfg::kGemm2 && 2 * n_blocks(args) <= static_cast<int>(gridDim.x) / Cfg::kCluster;
+  }
+
+  // Whether M block m (0 < m < m_blocks) is the first block of its expert.
+  __device__ __forceinline__ bool starts_expert(const MoeGemmArgs& args, int m) const {
+    return args.block_expert[m] != args.block_expert[m - 1];
+  }
+
+  // M groups of the raster group that starts at M group g. The candidate boundaries are loaded together (one
+  // round trip: the walk runs on the producer thread's critical path).
+  __device__ __forceinline__ int raster_group_size(const MoeGemmArgs& args, int g) const {
+    const int m_groups = (m_blocks + Cfg::kCluster - 1) / Cfg::kCluster;
+    if (n_fastest(args)) return min(1, m_groups - g);
+    const int base = min(kRasterMinGroups, m_groups - g);
+    unsigned clean = 0;  // bit i: M group g + base + i does not exist or starts with a new expert
+    CUTE_UNROLL
+    for (int i = 0; i < kRasterMaxGroups - kRasterMinGroups; ++i) {
+      const int m = (g + base + i) * Cfg::kCluster;
+      clean |= (m >= m_blocks || starts_expert(args, m) ? 1u : 0u) << i;
+    }
+    return base + __ffs(clean | (1u << (kRasterMaxGroups - kRasterMinGroups))) - 1;
+  }
+
+  // Unit u -> (M group, N block), M fastest inside a raster group, then N, so the clusters running at the same time
+  // read the same weight tiles and a bounded set of A blocks; false once u is past the last unit. u must not
+  // decrease from one call to the next. (No unit count is kept: see n_blocks.)
+  __device__ __forceinline__ bool coords(const MoeGemmArgs& args, int u, int& m_group, int& n_block) {
+    const int n = n_blocks(args);
+    while (u >= (group_first + group_size) * n) {
+      if (group_size == 0) return false;  // the last raster group is behind
+      group_first += group_size;
+      group_size = raster_group_size(args, group_first);
+    }
+    const int local = u - group_first * n;
+    m_group = group_first + local % group_size;
+    n_block = local / group_size;
+    return true;
   }
 
   // The local expert of M block m, or -1 when the block is unused or does not exist.
@@ -284,13 +319,12 @@ __device__ __forceinline__ void produce_direct_rows(const MoeGemmArgs& args, con
   using cutlass::arch::ClusterTransactionBarrier;
   constexpr uint64_t kHint = static_cast<uint64_t>(cute::TMA::CacheHintSm90::EVICT_NORMAL);
   constexpr int kPerLane = Cfg::kBlockM / 32;
-  const TileScheduler<Cfg> sched(args);
+  TileScheduler<Cfg> sched(args);
   const ClusterCoord cluster = cluster_coord<Cfg>();
   const int k_tiles = (args.k + Cfg::kBlockK - 1) / Cfg::kBlockK;
   RingState<Cfg::kStages> ring;
-  for (int u = cluster.id; u < sched.num_units; u += cluster.count) {
-    int m_group, n_block;
-    sched.coords(u, m_group, n_block);
+  int m_group, n_block;
+  for (int u = cluster.id; sched.coords(args, u, m_group, n_block); u += cluster.count) {
     const UnitRole role = unit_role<Cfg>(args, sched, m_group, cluster.rank);
     if (role.skip) continue;
     int token[kPerLane];  // x row of block row lane + 32 j, -1 for padding
@@ -332,15 +366,14 @@ __device__ __forceinline__ void produce(const MoeGemmArgs& args, const CUtensorM
   using cutlass::arch::ClusterTransactionBarrier;
   constexpr uint64_t kHint = static_cast<uint64_t>(cute::TMA::CacheHintSm90::EVICT_NORMAL);
   constexpr uint16_t kClusterMask = (1u << Cfg::kCluster) - 1;
-  const TileScheduler<Cfg> sched(args);
+  TileScheduler<Cfg> sched(args);
   const ClusterCoord cluster = cluster_coord<Cfg>();
   const int k_tiles = (args.k + Cfg::kBlockK - 1) / Cfg::kBlockK;
   const int n_b = args.n * Cfg::kHalves;
   const bool direct = uses_direct_rows<Cfg>(args);  // A comes from produce_direct_rows
   RingState<Cfg::kStages> ring;
-  for (int u = cluster.id; u < sched.num_units; u += cluster.count) {
-    int m_group, n_block;
-    sched.coords(u, m_group, n_block);
+  int m_group, n_block;
+  for (int u = cluster.id; sched.coords(args, u, m_group, n_block); u += cluster.count) {
     const int groups = direct ? 0 : a_row_groups<Cfg>(args, sched, m_group * Cfg::kCluster + cluster.rank);
     const UnitRole role = unit_role<Cfg>(args, sched, m_group, cluster.rank);
     if (role.skip) continue;
@@ -540,13 +573,12 @@ __device__ __forceinline__ void consume(const MoeGemmArgs& args, const SmemPlan<
   Tensor tCrB = wg_mma.make_fragment_B(wg_mma.partition_B(sB));     // (MMA,MMA_N,MMA_K,S)
   auto acc = partition_fragment_C(mma, Shape<Int<Cfg::kBlockM>, Int<Cfg::kRowsB>>{});
 
-  const TileScheduler<Cfg> sched(args);
+  TileScheduler<Cfg> sched(args);
   const ClusterCoord cluster = cluster_coord<Cfg>();
   const int k_tiles = (args.k + Cfg::kBlockK - 1) / Cfg::kBlockK;
   RingState<S> ring;
-  for (int u = cluster.id; u < sched.num_units; u += cluster.count) {
-    int m_group, n_block;
-    sched.coords(u, m_group, n_block);
+  int m_group, n_block;
+  for (int u = cluster.id; sched.coords(args, u, m_group, n_block); u += cluster.count) {
     const UnitRole role = unit_role<Cfg>(args, sched, m_group, cluster.rank);
     if (role.skip) continue;
     const int e = role.expert;
