@@ -153,14 +153,22 @@ def test_raster_groups_follow_expert_boundaries(cluster_m):
     """Raster groups start at 8 M blocks and grow, up to 16, until an expert starts: with experts of 0 to 17 blocks
     the groups are 16 (cut at the cap inside the first expert), 8 (ended where an expert starts) and 5 (the last
     blocks); with clusters of two, 8, 4 and 3 M groups. Through GEMM1 in raster order (more N blocks than half the
-    clusters) and through GEMM2. (2937 slots: the single-CTA moe_align; see the session-21 README for a GEMM1 hang
-    with 6795 slots at top-1 that predates this order.)"""
+    clusters) and through GEMM2."""
     counts = [2100, 100, 300, 0, 129, 1, 17, 33, 257]
     ids = counted_ids(counts)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     wide = 128 * (sms // (2 * cluster_m) + 2)
     check_gemm1(ids.shape[0], len(counts), 1, 136, wide + 40, "Swiglu", torch.bfloat16, cluster_m=cluster_m, ids=ids)
     check_gemm2(ids.shape[0], len(counts), 1, 264, 136, torch.bfloat16, GEMM2_WIDE, cluster_m=cluster_m, ids=ids)
+
+
+def test_gather_of_rows_shorter_than_a_warp():
+    """The gather with fewer 16-byte chunks per row of x than lanes (hidden 136: 17 chunks; 72: 9) over many
+    tokens: every lane must reach the warp's shuffles. Lanes without a chunk once skipped them, and this routing
+    (6795 slots at top-1) hung the warp on every H100 run."""
+    ids = counted_ids([700, 1, 1030, 260, 129, 1500, 0, 385, 640, 17, 2100, 33])
+    for hidden in (136, 72):
+        check_gemm1(ids.shape[0], 12, 1, hidden, 264, "Swiglu", torch.bfloat16, ids=ids)
 
 
 @pytest.mark.parametrize("shape", [(1000, 8, 4, 264, 136), (300, 64, 8, 1032, 392), (40, 256, 8, 136, 520)])

@@ -57,7 +57,10 @@ __global__ void __launch_bounds__(kGatherThreads) gather_token_rows_kernel(
       if (row < 0 || row >= rows || sorted_ids[row] != s) row = -1;
       const unsigned targets = __ballot_sync(0xffffffffu, row >= 0);
       if (targets == 0) continue;  // warp-uniform
-      for (int c0 = lane; c0 < chunks_per_row; c0 += 32 * kGatherChunks) {
+      // The trip count is the warp's, not the lane's: every lane must reach the __shfl_sync below, also when a row
+      // has fewer than 32 chunks (K < 256; lanes without a chunk there once skipped the loop and the warp hung).
+      for (int base = 0; base < chunks_per_row; base += 32 * kGatherChunks) {
+        const int c0 = base + lane;
         uint4 v[kGatherChunks];
 #pragma unroll
         for (int u = 0; u < kGatherChunks; ++u) {
