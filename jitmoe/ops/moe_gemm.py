@@ -84,7 +84,11 @@ _SMEM_LIMIT_DEFAULT = 101376
 _SM80_TIERS = ((24.0, 16), (96.0, 64), (float("inf"), 128))
 _SM90_TIERS = ((96.0, 64), (float("inf"), 128))
 _TIERS = {"sm80": _SM80_TIERS, "sm90": _SM90_TIERS, "sm90ws": ((float("inf"), 128),)}
-# (kernel, block_m) -> (block_n, block_k, stages before fitting the arch's shared memory).
+# (kernel, block_m) -> (block_n, block_k, stages before fitting the arch's shared memory). sm90ws stage counts are
+# measured, not maximal (H100, benchmarks/results/h100-2026-11-24-session22/): gated GEMM1 at 3 stages instead of 4
+# was 6-14% slower on six of seven rows (DeepSeek-V3 T = 4096 5% faster); the wide GEMM2 tile below fits 3, and a
+# fourth (its epilogue staged in two passes to make room) was 5-30% slower where weights dominate, in sessions 15
+# and 22 alike.
 _TILES = {("sm80", 16): (64, 64, 4), ("sm80", 64): (128, 32, 4), ("sm80", 128): (128, 32, 4),
           ("sm90", 64): (128, 64, 4), ("sm90", 128): (128, 64, 4), ("sm90ws", 128): (128, 64, 4)}
 # Wider block_n for GEMMs with one B half (GEMM2, non-gated GEMM1): a gated tile already reads 2 x block_n rows of
