@@ -239,6 +239,13 @@ def test_gemm2_shapes(shape, dtype, tile):
     check_gemm2(*shape, dtype, tile)
 
 
+@pytest.mark.parametrize("tile", [GEMM2_WIDE, GEMM2_NARROW], ids=["bn256", "bn128"])
+def test_gemm2_in_clusters_of_two(tile):
+    """Both GEMM2 tiles multicasting the weight tile to clusters of two (autotune candidates)."""
+    for shape in [(600, 1, 1, 200, 520), (1000, 8, 4, 136, 264), (700, 64, 8, 264, 136)]:
+        check_gemm2(*shape, torch.bfloat16, tile, cluster_m=2)
+
+
 @pytest.mark.parametrize("bias, slot_weights", [(False, True), (True, False)])
 def test_gemm2_bias_and_weight_options(bias, slot_weights):
     check_gemm2(500, 8, 2, 328, 200, torch.bfloat16, GEMM2_WIDE, bias=bias, slot_weights=slot_weights)
