@@ -27,9 +27,9 @@ DEFAULT_TOKENS = (256, 1024, 4096, 16384)
 
 
 def module(mode: str, block_n: int, stages: int, cluster_m: int):
-    params = {"kernel": "sm90ws", "dtype": "bf16", "act": "Swiglu" if mode == "gemm1" else "Identity",
-              "mode": mode, "block_m": BLOCK_M, "block_n": block_n, "block_k": 64, "stages": stages,
-              "cluster_m": cluster_m}
+    params = {"kernel": "sm90ws", "dtype": "bf16", "operand": "bf16",
+              "act": "Swiglu" if mode == "gemm1" else "Identity", "mode": mode, "block_m": BLOCK_M,
+              "block_n": block_n, "block_k": 64, "stages": stages, "cluster_m": cluster_m}
     return load_module(KernelSpec.create("moe_gemm", "moe", ("sm90ws/gemm.cu", "moe_gemm_binding.cpp"), params,
                                          ("90a",), cutlass=True))
 
@@ -47,9 +47,11 @@ def gemm_call(mode: str, mod, shape, x, ids, fc1, fc2, routing, bufs):
     T, k = ids.shape
     if mode == "gemm1":
         return lambda: mod.run(x, fc1, None, bufs["inter"], sorted_ids, block_expert, num_padded, None, None, None,
-                               None, T * k, k, shape.I, shape.H, None, bufs["a_sorted"], bufs["slot_rows"], False, 1)
+                               None, T * k, k, shape.I, shape.H, None, bufs["a_sorted"], bufs["slot_rows"], False, 1,
+                               None, None)
     return lambda: mod.run(bufs["inter"], fc2, None, bufs["out"], sorted_ids, block_expert, num_padded,
-                           bufs["weights"], None, None, None, T * k, 1, shape.H, shape.I, None, None, None, False, 1)
+                           bufs["weights"], None, None, None, T * k, 1, shape.H, shape.I, None, None, None, False, 1,
+                           None, None)
 
 
 def sweep_row(shape, T: int, variants, device) -> list[dict]:

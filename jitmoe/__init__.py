@@ -19,7 +19,7 @@ _PUBLIC = {
 }
 _FAMILY_OF = {name: family for family, names in _PUBLIC.items() for name in names}
 _FAMILIES = tuple(_PUBLIC)
-_SUBMODULES = ("jit", "ops", "nn", "reference", "testing", "env", "cli", "demo")
+_SUBMODULES = ("jit", "ops", "nn", "quant", "reference", "testing", "env", "cli", "demo")
 
 
 def _family(name: str):

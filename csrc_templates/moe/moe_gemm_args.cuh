@@ -5,6 +5,8 @@
 // row. Every BLOCK_M consecutive rows belong to one local expert, block_expert[p / BLOCK_M] (-1: unused block).
 //   GEMM1 (gather):  inter[p, :]      = act( x[s / topk, :] @ fc1[e]^T + b1[e] )           for real rows
 //   GEMM2 (scatter): out_slots[s, :]  = w[s] * ( inter[p, :] @ fc2[e]^T + b2[e] )           for real rows
+// With FP8 operands (x, fc1, inter, fc2 in e4m3; sm90ws only) the products are scaled by acc_scale[e] before the
+// bias, and GEMM1 rounds act(...) * out_scale to e4m3 (jitmoe/quant.py has the FlashInfer scales they come from).
 // Padding rows are never written by GEMM2; GEMM1 may write anything into them (GEMM2 ignores them).
 //
 // Split-K (k_splits > 1; kernels that support it): the K range is cut into k_splits slices of whole BLOCK_K tiles;
@@ -32,6 +34,11 @@ struct MoeGemmArgs {
   const float* act_alpha;       // [E] SwigluBias alpha, or nullptr (1)
   const float* act_beta;        // [E] SwigluBias beta, or nullptr (0)
   const float* act_limit;       // [E] SwigluBias/SwigluStep limit, or nullptr (inf; 7 for SwigluStep)
+  const float* acc_scale;       // FP8 operands (sm90ws): [E] per-expert multiplier of the accumulator (the
+                                // dequantization, before bias and activation); nullptr otherwise
+  const float* out_scale;       // GEMM1 with FP8 operands: multiplier of act(...) before its e4m3 rounding (GEMM2's
+                                // input quantization), [1] or [E] (out_scale_stride 0 or 1); nullptr otherwise
+  int out_scale_stride;
   float* partials;              // split-K scratch (see above), or nullptr when k_splits == 1
   void* a_sorted;               // GEMM1 on kernels that load A in sorted order with TMA: [m_pad_max, K] scratch the
                                 // launch fills with x[sorted_ids[p] / topk] first, or nullptr: sm90ws then loads

@@ -10,6 +10,9 @@ CUDA graphs see a single opaque call. On CUDA:
 and for a few tokens (``moe_decode.use_decode``) the decode path: one weight-streaming launch per GEMM, GEMM2
 summing each token's choices itself.
 
+FP8 per-tensor (FlashInfer's mode: e4m3 input and weights, four ``quant_scales``; jitmoe.quant) runs the same
+pipeline on sm_90a with e4m3 GEMMs, GEMM1 writing GEMM2's input in e4m3; no decode path or split-K there.
+
 Everything is deterministic: no float atomics anywhere, so ``use_fused_finalize`` True and False give bitwise
 repeatable (and identical) results. Out-of-range expert ids contribute zero on CUDA (no device check: that would
 need a host sync); the CPU path, which runs the fp32 reference, raises ValueError for them.
@@ -24,6 +27,7 @@ from typing import Optional
 
 import torch
 
+from .. import quant as _quant
 from ..jit.arch import device_archs
 from ..reference import moe as _ref
 from . import moe_autotune as _autotune
@@ -36,6 +40,7 @@ from ._validate import check_int, check_tensor
 __all__ = ["cutlass_fused_moe", "ActivationType", "autotune"]
 
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16)
+FP8 = _quant.FP8_DTYPE  # FP8 per-tensor mode: input and both weights in e4m3
 _SWIGLU_PARAMS = {"SwigluBias": ("swiglu_alpha", "swiglu_beta", "swiglu_limit"), "SwigluStep": ("swiglu_limit",)}
 
 
@@ -122,6 +127,7 @@ class MoeConfig:
     topk: int
     num_local_experts: int
     activation: ActivationType  # effective: Swiglu with swiglu_* parameters is SwigluBias
+    dtype: torch.dtype = torch.bfloat16  # the output's (and biases') type: the input's, or FP8's output_dtype
     ep_size: int = 1
     ep_rank: int = 0
     tp_size: int = 1
@@ -155,6 +161,11 @@ class MoeTensors:
     swiglu_beta: Optional[torch.Tensor] = None
     swiglu_limit: Optional[torch.Tensor] = None
     output: Optional[torch.Tensor] = None
+    fp8: Optional[_quant.Fp8Scales] = None  # FP8 per-tensor mode: the parsed quant_scales
+
+    @property
+    def is_fp8(self) -> bool:
+        return self.x.dtype == FP8
 
 
 # -- unsupported modes -----------------------------------------------------------------------------------------------
@@ -167,13 +178,14 @@ _UNSUPPORTED_FLAGS = {
     "use_wfp4afp8_humming": "Humming MXFP4-weight x FP8-activation",
 }
 _UNSUPPORTED_DTYPES = {
-    torch.float8_e4m3fn: "FP8 (e4m3)", torch.float8_e5m2: "FP8 (e5m2)", torch.uint8: "packed FP4/INT4 (uint8: NVFP4,"
-    " MXFP4, W4A16, W4A8)", torch.int64: "packed FP4 (int64: NVFP4/MXFP4)", torch.int8: "INT8 weight-only quantization",
+    torch.float8_e5m2: "FP8 (e5m2)", torch.uint8: "packed FP4/INT4 (uint8: NVFP4, MXFP4, W4A16, W4A8)",
+    torch.int64: "packed FP4 (int64: NVFP4/MXFP4)", torch.int8: "INT8 weight-only quantization",
 }
 
 
 def _not_implemented(what: str) -> NotImplementedError:
-    return NotImplementedError(f"cutlass_fused_moe: {what} is not implemented in jitmoe (bf16/fp16 only so far)")
+    return NotImplementedError(f"cutlass_fused_moe: {what} is not implemented in jitmoe (bf16/fp16, and FP8 "
+                               "per-tensor with e4m3 input and weights)")
 
 
 def _reject_unsupported(*, quant_scales, input_sf, cluster_size, enable_alltoall, ep_size, situ_beta,
@@ -182,9 +194,13 @@ def _reject_unsupported(*, quant_scales, input_sf, cluster_size, enable_alltoall
     for flag, description in _UNSUPPORTED_FLAGS.items():
         if flags.get(flag):
             raise _not_implemented(f"{flag}=True ({description})")
-    if quant_scales is not None and len(quant_scales) > 0:
-        raise _not_implemented(f"quant_scales with {len(quant_scales)} tensors (FP8/NVFP4/MXFP4/W4A8/INT8 modes);"
-                               " pass None or []")
+    fp8 = [name for name, t in tensors.items() if isinstance(t, torch.Tensor) and t.dtype == FP8]
+    if fp8 and len(fp8) != len(tensors):
+        raise _not_implemented(f"{', '.join(fp8)} in float8_e4m3fn with {', '.join(n for n in tensors if n not in fp8)}"
+                               " in other dtypes (FP8 per-tensor needs all three in e4m3)")
+    if not fp8 and quant_scales is not None and len(quant_scales) > 0:
+        raise _not_implemented(f"quant_scales with {len(quant_scales)} tensors for a 16-bit input (NVFP4/MXFP4/W4A8/"
+                               "INT8 modes); pass None or [] (FP8 per-tensor takes an e4m3 input)")
     if input_sf is not None:
         raise _not_implemented("input_sf (NVFP4/MXFP8 input scale factors)")
     if cluster_size != 1:
@@ -224,15 +240,25 @@ def _check_parallel(tp_size, tp_rank, ep_size, ep_rank, cluster_rank) -> None:
     check_int("cluster_rank", cluster_rank, low=0, high=0)
 
 
-def _check_input(t: MoeTensors, output_dtype) -> None:
-    check_tensor("input", t.x, ndim=2, dtypes=SUPPORTED_DTYPES)
+def _check_input(t: MoeTensors, output_dtype) -> torch.dtype:
+    """The input and output_dtype; returns the layer's (output's) dtype."""
+    check_tensor("input", t.x, ndim=2, dtypes=(*SUPPORTED_DTYPES, FP8))
     if not isinstance(output_dtype, torch.dtype):
         raise TypeError(f"output_dtype: expected a torch.dtype, got {type(output_dtype).__name__}")
-    if output_dtype != t.x.dtype:
+    if t.is_fp8 and output_dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"output_dtype: expected bfloat16/float16 with an FP8 input, got {output_dtype}")
+    if not t.is_fp8 and output_dtype != t.x.dtype:
         raise TypeError(f"output_dtype: expected {t.x.dtype} (the input's dtype: unquantized runs store in it), "
                         f"got {output_dtype}")
-    if t.x.shape[1] % 8:
-        raise ValueError(f"input: expected a hidden size that is a multiple of 8, got {t.x.shape[1]}")
+    _check_row_multiple("input: expected a hidden size", t.x.shape[1], t)
+    return output_dtype
+
+
+def _check_row_multiple(what: str, size: int, t: MoeTensors) -> None:
+    """Rows are moved in 16-byte vectors: 8 elements of 16 bits, 16 of FP8 (FlashInfer's own alignment rule)."""
+    multiple = 16 if t.is_fp8 else 8
+    if size % multiple:
+        raise ValueError(f"{what} that is a multiple of {multiple}, got {size}")
 
 
 def _check_weights(t: MoeTensors, gated: bool) -> tuple[int, int]:
@@ -244,8 +270,7 @@ def _check_weights(t: MoeTensors, gated: bool) -> tuple[int, int]:
     if hidden != x.shape[1] or num_local < 1:
         raise ValueError(f"fc2_expert_weights: expected shape [E_l >= 1, {x.shape[1]} (hidden), I], "
                          f"got {tuple(t.fc2.shape)}")
-    if inter % 8:
-        raise ValueError(f"fc2_expert_weights: expected an intermediate size that is a multiple of 8, got {inter}")
+    _check_row_multiple("fc2_expert_weights: expected an intermediate size", inter, t)
     rows = 2 * inter if gated else inter
     if tuple(t.fc1.shape) != (num_local, rows, hidden):
         layout = "[E_l, 2I (up; gate), H]" if gated else "[E_l, I, H] (non-gated)"
@@ -273,8 +298,8 @@ def _check_routing(t: MoeTensors, num_experts: int) -> int:
     return topk
 
 
-def _check_biases(t: MoeTensors, num_local: int, fc1_rows: int) -> None:
-    """Both biases or neither: fc1 [E_l, fc1 rows], fc2 [E_l, H], in the input's dtype."""
+def _check_biases(t: MoeTensors, num_local: int, fc1_rows: int, dtype: torch.dtype) -> None:
+    """Both biases or neither: fc1 [E_l, fc1 rows], fc2 [E_l, H], in the layer's dtype."""
     if (t.fc1_bias is None) != (t.fc2_bias is None):
         given, missing = (("fc1", "fc2") if t.fc2_bias is None else ("fc2", "fc1"))
         raise ValueError(f"{missing}_expert_biases: expected a tensor because {given}_expert_biases is given "
@@ -284,7 +309,7 @@ def _check_biases(t: MoeTensors, num_local: int, fc1_rows: int) -> None:
     x = t.x
     for name, bias, width in (("fc1_expert_biases", t.fc1_bias, fc1_rows), ("fc2_expert_biases", t.fc2_bias,
                                                                              x.shape[1])):
-        check_tensor(name, bias, ndim=2, dtypes=(x.dtype,), device=x.device)
+        check_tensor(name, bias, ndim=2, dtypes=(dtype,), device=x.device)
         if tuple(bias.shape) != (num_local, width):
             raise ValueError(f"{name}: expected shape {(num_local, width)}, got {tuple(bias.shape)}")
 
@@ -298,10 +323,10 @@ def _check_per_expert(t: MoeTensors, num_local: int) -> None:
                 raise ValueError(f"{name}: expected {num_local} values (one per local expert), got {value.shape[0]}")
 
 
-def _check_output(t: MoeTensors) -> None:
+def _check_output(t: MoeTensors, dtype: torch.dtype) -> None:
     if t.output is None:
         return
-    check_tensor("output", t.output, ndim=2, dtypes=(t.x.dtype,), device=t.x.device)
+    check_tensor("output", t.output, ndim=2, dtypes=(dtype,), device=t.x.device)
     if t.output.shape != t.x.shape:
         raise ValueError(f"output: expected shape {tuple(t.x.shape)}, got {tuple(t.output.shape)}")
 
@@ -322,21 +347,35 @@ def _check_workspace(workspace_buffer, device) -> None:
         check_tensor("workspace_buffer", workspace_buffer, ndim=1, dtypes=(torch.uint8, torch.int8), device=device)
 
 
-def _plan(t: MoeTensors, *, output_dtype, activation_type, tp_size, tp_rank, ep_size, ep_rank,
+def _check_fp8(t: MoeTensors, quant_scales, num_local: int) -> None:
+    """FP8 per-tensor: parse quant_scales into t.fp8, and on CUDA require the sm_90a kernels."""
+    if not t.is_fp8:
+        return
+    if quant_scales is None:
+        raise ValueError("quant_scales: expected 4 float32 tensors with an FP8 input (fc1_dequant, fc2_quant, "
+                         "fc2_dequant, fc1_input_dequant), got None")
+    t.fp8 = _quant.parse_fp8_quant_scales(quant_scales, num_local, t.x.device)
+    if t.x.is_cuda and _device_arch(t.x.device.index) != "90a":
+        raise _not_implemented(f"FP8 on arch {_device_arch(t.x.device.index)} (its kernels need sm_90a)")
+
+
+def _plan(t: MoeTensors, *, output_dtype, quant_scales, activation_type, tp_size, tp_rank, ep_size, ep_rank,
           cluster_rank) -> MoeConfig:
     """Validate every argument and build the typed config (errors name the FlashInfer argument)."""
     act = _activation(activation_type)
     _check_parallel(tp_size, tp_rank, ep_size, ep_rank, cluster_rank)
-    _check_input(t, output_dtype)
+    dtype = _check_input(t, output_dtype)
     num_local, inter = _check_weights(t, act.is_gated)
     topk = _check_routing(t, num_local * ep_size)
-    _check_biases(t, num_local, t.fc1.shape[1])
+    _check_biases(t, num_local, t.fc1.shape[1], dtype)
     _check_per_expert(t, num_local)
-    _check_output(t)
+    _check_output(t, dtype)
     _check_alignment(t)
+    _check_fp8(t, quant_scales, num_local)
     has_swiglu = any(p is not None for p in (t.swiglu_alpha, t.swiglu_beta, t.swiglu_limit))
     act = ActivationType[_ref.effective_activation(act.name, has_swiglu)]
-    return MoeConfig(t.x.shape[0], t.x.shape[1], inter, topk, num_local, act, ep_size, ep_rank, tp_size, tp_rank)
+    return MoeConfig(t.x.shape[0], t.x.shape[1], inter, topk, num_local, act, dtype, ep_size, ep_rank, tp_size,
+                     tp_rank)
 
 
 # -- the pipeline ----------------------------------------------------------------------------------------------------
@@ -350,54 +389,72 @@ def _device_sms(index: int) -> int:
 
 
 def _gemm_configs(num_slots: int, num_local: int, hidden: int, inter: int, x: torch.Tensor, activation: str,
-                  kernel: str, k_splits: int, workload: Optional[_autotune.Workload] = None):
+                  kernel: str, k_splits: int, workload: Optional[_autotune.Workload] = None,
+                  tile_dtype: Optional[torch.dtype] = None):
     """Configs of GEMM1 (n = I, k = H) and GEMM2 (n = H, k = I), same block_m: the tuned choice for the call's
     problem (stored, or measured now inside ``autotune()``; ``workload`` holds the tensors to measure on) unless
-    a kernel or split is forced, else the heuristic with split-K chosen per GEMM."""
+    a kernel or split is forced, else the heuristic (for ``tile_dtype``, default x's) with split-K chosen per
+    GEMM."""
     device = x.device
     arch, num_sms = _device_arch(device.index), _device_sms(device.index)
     if workload is not None and not (kernel or k_splits):
         tuned = _autotune.choose(workload, arch, num_sms)
         if tuned is not None:
             return tuned
-    common = dict(arch=arch, dtype=x.dtype, kernel=kernel or None, num_sms=num_sms, k_splits=k_splits or None)
+    common = dict(arch=arch, dtype=tile_dtype or x.dtype, kernel=kernel or None, num_sms=num_sms,
+                  k_splits=k_splits or None)
     return (_gemm.select_config(num_slots, num_local, inter, hidden, gated=activation in _gemm.GATED_ACTIVATIONS,
                                 **common),
             _gemm.select_config(num_slots, num_local, hidden, inter, gated=False, **common))
 
 
+def _fp8_gemm_configs(num_slots: int, num_local: int, hidden: int, inter: int, x: torch.Tensor, activation: str,
+                      kernel: str, k_splits: int):
+    """FP8: the heuristic's 16-bit sm90ws tiles in their e4m3 form (no decode path, split-K or autotune for FP8)."""
+    if kernel not in ("", "sm90ws") or k_splits > 1:
+        raise _not_implemented(f"FP8 on a forced kernel {kernel!r} or split-K {k_splits} (FP8 runs on sm90ws only)")
+    cfg1, cfg2 = _gemm_configs(num_slots, num_local, hidden, inter, x, activation, "sm90ws", 1,
+                               tile_dtype=torch.bfloat16)
+    return _gemm.fp8_config(cfg1), _gemm.fp8_config(cfg2)
+
+
 def _run_cuda(output, x, topk_ids, slot_weights, fc1, fc2, fc1_bias, fc2_bias, act_params: dict, activation: str,
-              local_expert_offset: int, kernel: str, k_splits: int) -> None:
+              local_expert_offset: int, kernel: str, k_splits: int,
+              fp8: Optional[_quant.Fp8Scales] = None) -> None:
     """The decode path for a few tokens, else moe_align -> GEMM1 -> GEMM2 -> combine; on the current stream, scratch
-    from the caching allocator."""
+    from the caching allocator. ``fp8``: e4m3 x, fc1 and fc2 with these scales (GEMM1 then writes e4m3)."""
     num_tokens, topk = topk_ids.shape
     num_local, hidden, inter = fc2.shape
     heuristic = not kernel and not k_splits
-    if kernel == DECODE or (heuristic and _decode.use_decode(num_tokens, topk, num_local, hidden, inter)):
+    if fp8 is not None:
+        cfg1, cfg2 = _fp8_gemm_configs(num_tokens * topk, num_local, hidden, inter, x, activation, kernel, k_splits)
+    elif kernel == DECODE or (heuristic and _decode.use_decode(num_tokens, topk, num_local, hidden, inter)):
         _decode.run_decode(output, x, topk_ids, slot_weights, fc1, fc2, fc1_bias, fc2_bias, act_params, activation,
                            local_expert_offset)
         return
-    workload = _autotune.Workload(x, topk_ids, slot_weights, fc1, fc2, fc1_bias, fc2_bias, act_params, activation,
-                                  local_expert_offset)
-    cfg1, cfg2 = _gemm_configs(num_tokens * topk, num_local, hidden, inter, x, activation, kernel, k_splits,
-                               workload)
+    else:
+        workload = _autotune.Workload(x, topk_ids, slot_weights, fc1, fc2, fc1_bias, fc2_bias, act_params,
+                                      activation, local_expert_offset)
+        cfg1, cfg2 = _gemm_configs(num_tokens * topk, num_local, hidden, inter, x, activation, kernel, k_splits,
+                                   workload)
     routing = _permute.empty_align_outputs(num_tokens * topk, num_local, cfg1.block_m, x.device)
     # moe_align also writes the slots' rows that GEMM1's gather needs, sparing it a launch.
     slot_rows = (torch.empty(num_tokens * topk, dtype=torch.int32, device=x.device)
                  if _gemm.gathers_a(cfg1, num_tokens * topk, num_local) else None)
     _permute.align_into(topk_ids, num_local, cfg1.block_m, local_expert_offset, routing, slot_rows=slot_rows)
     sorted_ids, block_expert, num_padded, _ = routing
-    h = torch.empty(sorted_ids.shape[0], inter, dtype=x.dtype, device=x.device)
+    h = torch.empty(sorted_ids.shape[0], inter, dtype=x.dtype, device=x.device)  # FP8: e4m3, GEMM2's input
+    scales1 = dict(acc_scale=fp8.fc1_dequant, out_scale=fp8.fc2_quant) if fp8 is not None else {}
     _gemm.launch_gemm1(x, fc1, sorted_ids, block_expert, num_padded, out=h, topk=topk, activation=activation,
-                       fc1_bias=fc1_bias, config=cfg1, slot_rows=slot_rows, **act_params)
+                       fc1_bias=fc1_bias, config=cfg1, slot_rows=slot_rows, **scales1, **act_params)
     # top-1: each token has one slot, so GEMM2 can write the output rows itself (zeroed: rows without a local
     # expert are never written); otherwise it writes per-slot rows that the combine sums in a fixed order.
     direct = topk == 1 and output.data_ptr() % 16 == 0
-    out_slots = output if direct else torch.empty(num_tokens * topk, hidden, dtype=x.dtype, device=x.device)
+    out_slots = output if direct else torch.empty(num_tokens * topk, hidden, dtype=output.dtype, device=x.device)
     if direct:
         output.zero_()
     _gemm.launch_gemm2(h, fc2, sorted_ids, block_expert, num_padded, slot_weights, out=out_slots, fc2_bias=fc2_bias,
-                       config=cfg2)
+                       config=cfg2, acc_scale=fp8.fc2_dequant if fp8 is not None else None)
     if not direct:
         _permute.combine_into(out_slots, topk_ids, output, num_local, local_expert_offset)
 
@@ -414,25 +471,30 @@ def _fused_moe_op(output: torch.Tensor, x: torch.Tensor, topk_ids: torch.Tensor,
                   fc1: torch.Tensor, fc2: torch.Tensor, fc1_bias: Optional[torch.Tensor],
                   fc2_bias: Optional[torch.Tensor], swiglu_alpha: Optional[torch.Tensor],
                   swiglu_beta: Optional[torch.Tensor], swiglu_limit: Optional[torch.Tensor], activation: str,
-                  ep_size: int, ep_rank: int, kernel: str, k_splits: int) -> None:
-    """output <- fused MoE. fc2_bias arrives already dropped on TP ranks other than 0; slot_weights is [T * k]."""
+                  ep_size: int, ep_rank: int, kernel: str, k_splits: int, fc1_dequant: Optional[torch.Tensor] = None,
+                  fc2_quant: Optional[torch.Tensor] = None, fc2_dequant: Optional[torch.Tensor] = None) -> None:
+    """output <- fused MoE. fc2_bias arrives already dropped on TP ranks other than 0; slot_weights is [T * k].
+    FP8: x, fc1 and fc2 in e4m3 with the three scales of jitmoe.quant.Fp8Scales (None otherwise)."""
     num_local = fc2.shape[0]
     act_params = {name: value for name, value in (("swiglu_alpha", swiglu_alpha), ("swiglu_beta", swiglu_beta),
                                                    ("swiglu_limit", swiglu_limit))
                   if name in _SWIGLU_PARAMS.get(activation, ())}
+    fp8 = _quant.Fp8Scales(fc1_dequant, fc2_quant, fc2_dequant) if fc1_dequant is not None else None
     if x.is_cuda:
         _run_cuda(output, x, topk_ids, slot_weights, fc1, fc2, fc1_bias, fc2_bias, act_params, activation,
-                  ep_rank * num_local, kernel, k_splits)
+                  ep_rank * num_local, kernel, k_splits, fp8)
         return
     _check_ids_in_range(topk_ids, num_local * ep_size)
     output.copy_(_ref.fused_moe_reference(x, topk_ids, slot_weights.view(topk_ids.shape), fc1, fc2,
                                           fc1_expert_biases=fc1_bias, fc2_expert_biases=fc2_bias,
-                                          activation=activation, ep_size=ep_size, ep_rank=ep_rank, **act_params))
+                                          activation=activation, ep_size=ep_size, ep_rank=ep_rank,
+                                          out_dtype=output.dtype, fc1_dequant=fc1_dequant, fc2_quant=fc2_quant,
+                                          fc2_dequant=fc2_dequant, **act_params))
 
 
 @_fused_moe_op.register_fake
 def _(output, x, topk_ids, slot_weights, fc1, fc2, fc1_bias, fc2_bias, swiglu_alpha, swiglu_beta, swiglu_limit,
-      activation, ep_size, ep_rank, kernel, k_splits) -> None:
+      activation, ep_size, ep_rank, kernel, k_splits, fc1_dequant=None, fc2_quant=None, fc2_dequant=None) -> None:
     return None
 
 
@@ -443,9 +505,10 @@ def run_fused_moe(cfg: MoeConfig, t: MoeTensors) -> torch.Tensor:
     slot_weights = (t.scales.reshape(-1) if t.scales is not None
                     else torch.ones(cfg.num_tokens * cfg.topk, dtype=torch.float32, device=t.x.device))
     fc2_bias = t.fc2_bias if cfg.apply_fc2_bias else None
+    fp8 = (t.fp8.fc1_dequant, t.fp8.fc2_quant, t.fp8.fc2_dequant) if t.fp8 is not None else (None, None, None)
     _fused_moe_op(t.output, t.x, t.topk_ids, slot_weights, t.fc1, t.fc2, t.fc1_bias, fc2_bias, t.swiglu_alpha,
                   t.swiglu_beta, t.swiglu_limit, cfg.activation.name, cfg.ep_size, cfg.ep_rank, _forced_kernel,
-                  _forced_split_k)
+                  _forced_split_k, *fp8)
     return t.output
 
 
@@ -466,7 +529,7 @@ def cutlass_fused_moe(input: torch.Tensor, token_selected_experts: torch.Tensor,
                       use_fused_finalize: bool = True, profile_ids: Optional[list] = None,
                       workspace_buffer: Optional[torch.Tensor] = None, *, situ_beta: Optional[torch.Tensor] = None,
                       situ_linear_beta: Optional[torch.Tensor] = None) -> list:
-    """The fused MoE layer, FlashInfer's ``cutlass_fused_moe`` contract (bf16/fp16, unquantized).
+    """The fused MoE layer, FlashInfer's ``cutlass_fused_moe`` contract (bf16/fp16, and FP8 per-tensor).
 
     input [T, H]; token_selected_experts int32 [T, k] (global ids); token_final_scales float32 [T, k] (None: 1);
     fc1_expert_weights [E_l, 2I, H] with the up half first and the gate half second ([E_l, I, H] for non-gated
@@ -475,6 +538,9 @@ def cutlass_fused_moe(input: torch.Tensor, token_selected_experts: torch.Tensor,
     experts are [ep_rank * E_l, (ep_rank + 1) * E_l), rows without one are zero. Returns ``[output]`` (``output``
     itself when given). enable_pdl, tune_max_num_tokens, profile_ids, swizzled_input_sf and workspace_buffer are
     accepted and unused; use_fused_finalize is deterministic either way (jitmoe never reduces with atomics).
+    FP8 per-tensor (sm_90a): input and both weights float8_e4m3fn, output_dtype bf16/fp16 (also the biases' dtype),
+    H and I multiples of 16, quant_scales = [fc1_dequant [E_l], fc2_quant (scalar or [E_l]), fc2_dequant [E_l],
+    fc1_input_dequant (scalar)] as FlashInfer takes them (jitmoe.quant.fp8_quant_scales makes them).
     """
     _reject_unsupported(quant_scales=quant_scales, input_sf=input_sf, cluster_size=cluster_size,
                         enable_alltoall=enable_alltoall, ep_size=ep_size, situ_beta=situ_beta,
@@ -487,9 +553,9 @@ def cutlass_fused_moe(input: torch.Tensor, token_selected_experts: torch.Tensor,
                                  "fc2_expert_weights": fc2_expert_weights})
     t = MoeTensors(input, token_selected_experts, token_final_scales, fc1_expert_weights, fc2_expert_weights,
                    fc1_expert_biases, fc2_expert_biases, swiglu_alpha, swiglu_beta, swiglu_limit, output)
-    cfg = _plan(t, output_dtype=output_dtype, activation_type=activation_type, tp_size=tp_size, tp_rank=tp_rank,
-                ep_size=ep_size, ep_rank=ep_rank, cluster_rank=cluster_rank)
+    cfg = _plan(t, output_dtype=output_dtype, quant_scales=quant_scales, activation_type=activation_type,
+                tp_size=tp_size, tp_rank=tp_rank, ep_size=ep_size, ep_rank=ep_rank, cluster_rank=cluster_rank)
     _check_workspace(workspace_buffer, input.device)
     if t.output is None:
-        t.output = torch.empty(input.shape, dtype=input.dtype, device=input.device)
+        t.output = torch.empty(input.shape, dtype=cfg.dtype, device=input.device)
     return [run_fused_moe(cfg, t)]

@@ -44,6 +44,7 @@ SM90WS_CLUSTER_M = {True: 2, False: 1}
 BLOCK_MS = (16, 32, 64, 128)
 MAX_K_SPLITS = 16
 GEMM_DTYPES = (torch.bfloat16, torch.float16)
+FP8_DTYPE = torch.float8_e4m3fn  # FP8 operands: sm90ws only (fp8_config), scaled per expert (MoeGemmArgs)
 
 # --------------------------------------------------------------------------------------------------------------
 # Tile configs
@@ -303,6 +304,14 @@ def heuristic_tile(kernel: str, block_m: int, arch: str, gated: bool, rows_per_e
                        narrow=rows_per_expert <= _NARROW_MAX_ROWS_PER_EXPERT)
 
 
+def fp8_config(cfg: GemmConfig) -> GemmConfig:
+    """The FP8 form of an sm90ws config: a stage holds BLOCK_K = 128 e4m3 values, the same 128 bytes per row as 64
+    bf16 ones, so the ring, its stage count and the shared memory stay those of the 16-bit tile."""
+    if cfg.kernel != "sm90ws" or cfg.k_splits != 1:
+        raise ValueError(f"config: FP8 runs on the sm90ws kernel without split-K, got {cfg}")
+    return dataclasses.replace(cfg, block_k=128)
+
+
 def default_configs(kernel: str, arch: str, gated: bool = True) -> list[GemmConfig]:
     """Every config select_config can return for ``kernel`` on ``arch`` with one or two (``gated``) B halves
     (what prewarm builds)."""
@@ -326,9 +335,16 @@ def activation_name(activation) -> str:
 
 
 @functools.lru_cache(maxsize=512)
-def gemm_spec(cfg: GemmConfig, dtype: str, mode: str, activation: str, archs: tuple[str, ...]) -> KernelSpec:
-    """The spec of one GEMM: ``mode`` 'gemm1' (with ``activation``) or 'gemm2' (activation must be 'Identity')."""
+def gemm_spec(cfg: GemmConfig, dtype: str, mode: str, activation: str, archs: tuple[str, ...],
+              operand: Optional[str] = None) -> KernelSpec:
+    """The spec of one GEMM: ``mode`` 'gemm1' (with ``activation``) or 'gemm2' (activation must be 'Identity').
+    ``dtype`` is the layer's type (bias, GEMM2's output); ``operand`` 'e4m3' makes A and B FP8 (sm90ws with
+    ``fp8_config``), None keeps them ``dtype``."""
     check_choice("dtype", dtype, ("bf16", "fp16"))
+    if operand is not None:
+        check_choice("operand", operand, ("e4m3",))
+        if cfg.kernel != "sm90ws" or cfg.block_k != 128:
+            raise UnsupportedSpecError(f"moe_gemm: e4m3 operands need the sm90ws kernel with block_k 128, got {cfg}")
     check_choice("mode", mode, ("gemm1", "gemm2"))
     activation = activation_name(activation)
     if mode == "gemm2" and activation != "Identity":
@@ -347,7 +363,8 @@ def gemm_spec(cfg: GemmConfig, dtype: str, mode: str, activation: str, archs: tu
     params = {"kernel": cfg.kernel, "dtype": dtype, "act": activation, "mode": mode, "block_m": cfg.block_m,
               "block_n": cfg.block_n, "block_k": cfg.block_k, "stages": cfg.stages}
     if cfg.kernel == "sm90ws":
-        params["cluster_m"] = cfg.cluster_m
+        params = {"kernel": cfg.kernel, "dtype": dtype, "operand": operand or dtype, **params,
+                  "cluster_m": cfg.cluster_m}
     # The SM80 kernel is plain PTX; only the SM90 ones need the CUTLASS/CuTe headers.
     return KernelSpec.create("moe_gemm", "moe", (f"{cfg.kernel}/gemm.cu", "moe_gemm_binding.cpp"), params, archs,
                              cutlass=cfg.kernel in SM90A_KERNELS)
@@ -478,24 +495,33 @@ def _real_rows(sorted_ids, block_expert, num_padded, num_slots, num_experts, blo
 
 
 def gemm1_reference(x, fc1, sorted_ids, block_expert, num_padded, out, topk, activation, fc1_bias, alpha, beta,
-                    limit, block_m) -> None:
-    """Writes the real rows of ``out`` (inter); padding rows are left as they are."""
+                    limit, block_m, acc_scale=None, out_scale=None) -> None:
+    """Writes the real rows of ``out`` (inter); padding rows are left as they are. FP8 (``acc_scale`` [E],
+    ``out_scale`` [1] or [E]): the product is scaled by acc_scale[e], act(...) * out_scale rounded to e4m3."""
     rows, slots, experts = _real_rows(sorted_ids, block_expert, num_padded, x.shape[0] * topk, fc1.shape[0], block_m)
     for e in experts.unique().tolist():
         sel = experts == e
         h = x[slots[sel] // topk].float() @ fc1[e].float().t()
+        if acc_scale is not None:
+            h = h * acc_scale[e].float()
         if fc1_bias is not None:
             h = h + fc1_bias[e].float()
         y = _ref.apply_activation(activation, h, expert=e, swiglu_alpha=alpha, swiglu_beta=beta, swiglu_limit=limit)
+        if out_scale is not None:
+            y = _ref.round_to_fp8(y * out_scale[e % out_scale.numel()].float())
         out[rows[sel]] = y.to(out.dtype)
 
 
-def gemm2_reference(inter, fc2, sorted_ids, block_expert, num_padded, slot_weights, out, fc2_bias, block_m) -> None:
-    """Writes out[slot] for the real rows; other rows of ``out`` are left as they are."""
+def gemm2_reference(inter, fc2, sorted_ids, block_expert, num_padded, slot_weights, out, fc2_bias, block_m,
+                    acc_scale=None) -> None:
+    """Writes out[slot] for the real rows; other rows of ``out`` are left as they are (FP8: ``acc_scale`` [E]
+    scales the product before the bias)."""
     rows, slots, experts = _real_rows(sorted_ids, block_expert, num_padded, out.shape[0], fc2.shape[0], block_m)
     for e in experts.unique().tolist():
         sel = experts == e
         y = inter[rows[sel]].float() @ fc2[e].float().t()
+        if acc_scale is not None:
+            y = y * acc_scale[e].float()
         if fc2_bias is not None:
             y = y + fc2_bias[e].float()
         if slot_weights is not None:
@@ -532,28 +558,40 @@ def _moe_gemm1_op(x: torch.Tensor, fc1: torch.Tensor, sorted_ids: torch.Tensor, 
                   fc1_bias: Optional[torch.Tensor], swiglu_alpha: Optional[torch.Tensor],
                   swiglu_beta: Optional[torch.Tensor], swiglu_limit: Optional[torch.Tensor],
                   slot_rows: Optional[torch.Tensor], kernel: str, block_m: int, block_n: int, block_k: int,
-                  stages: int, k_splits: int, cluster_m: int) -> None:
+                  stages: int, k_splits: int, cluster_m: int, acc_scale: Optional[torch.Tensor] = None,
+                  out_scale: Optional[torch.Tensor] = None) -> None:
     # slot_rows: every slot's sorted row as moe_align writes it (permute.align_into(..., slot_rows=)), which spares
     # the sm90ws launch its inversion of sorted_ids; None: the launch inverts it itself.
+    # acc_scale / out_scale: FP8 only (x, fc1 and out in e4m3), see gemm1_reference.
     if not x.is_cuda:
         gemm1_reference(x, fc1, sorted_ids, block_expert, num_padded, out, topk, activation, fc1_bias,
-                        swiglu_alpha, swiglu_beta, swiglu_limit, block_m)
+                        swiglu_alpha, swiglu_beta, swiglu_limit, block_m, acc_scale, out_scale)
         return
     _check_aligned(x=x, fc1=fc1, out=out)
     cfg = _config_of(kernel, block_m, block_n, block_k, stages, k_splits, cluster_m)
-    spec = gemm_spec(cfg, DTYPE_TAG[x.dtype], "gemm1", activation, device_archs(x.device))
+    dtype, operand = _spec_types(x, fc1_bias)
+    spec = gemm_spec(cfg, dtype, "gemm1", activation, device_archs(x.device), operand)
     num_slots = x.shape[0] * topk
     filled = slot_rows is not None
     partials, a_sorted, slot_rows = _scratch(cfg, out.shape[0], fc1.shape[1], x, sorted_ids.shape[0], num_slots,
                                              fc1.shape[0], gemm1=True, slot_rows=slot_rows)
     load_module(spec).run(x, fc1, fc1_bias, out, sorted_ids, block_expert, num_padded, None, swiglu_alpha,
                           swiglu_beta, swiglu_limit, num_slots, topk, out.shape[1], x.shape[1], partials,
-                          a_sorted, slot_rows, filled, k_splits)
+                          a_sorted, slot_rows, filled, k_splits, acc_scale, out_scale)
+
+
+def _spec_types(a: torch.Tensor, layer_typed: Optional[torch.Tensor]) -> tuple[str, Optional[str]]:
+    """gemm_spec's (dtype, operand) for A operand ``a``: with FP8 the layer's type is that of ``layer_typed`` (the
+    bias, or GEMM2's output; bf16 when GEMM1 has no bias: its type then never enters the code)."""
+    if a.dtype != FP8_DTYPE:
+        return DTYPE_TAG[a.dtype], None
+    return DTYPE_TAG[layer_typed.dtype if layer_typed is not None else torch.bfloat16], "e4m3"
 
 
 @_moe_gemm1_op.register_fake
 def _(x, fc1, sorted_ids, block_expert, num_padded, out, topk, activation, fc1_bias, swiglu_alpha, swiglu_beta,
-      swiglu_limit, slot_rows, kernel, block_m, block_n, block_k, stages, k_splits, cluster_m) -> None:
+      swiglu_limit, slot_rows, kernel, block_m, block_n, block_k, stages, k_splits, cluster_m, acc_scale=None,
+      out_scale=None) -> None:
     return None
 
 
@@ -561,21 +599,25 @@ def _(x, fc1, sorted_ids, block_expert, num_padded, out, topk, activation, fc1_b
 def _moe_gemm2_op(inter: torch.Tensor, fc2: torch.Tensor, sorted_ids: torch.Tensor, block_expert: torch.Tensor,
                   num_padded: torch.Tensor, slot_weights: Optional[torch.Tensor], out: torch.Tensor,
                   fc2_bias: Optional[torch.Tensor], kernel: str, block_m: int, block_n: int, block_k: int,
-                  stages: int, k_splits: int, cluster_m: int) -> None:
+                  stages: int, k_splits: int, cluster_m: int, acc_scale: Optional[torch.Tensor] = None) -> None:
+    # acc_scale: FP8 only (inter and fc2 in e4m3, out in the layer's type), see gemm2_reference.
     if not inter.is_cuda:
-        gemm2_reference(inter, fc2, sorted_ids, block_expert, num_padded, slot_weights, out, fc2_bias, block_m)
+        gemm2_reference(inter, fc2, sorted_ids, block_expert, num_padded, slot_weights, out, fc2_bias, block_m,
+                        acc_scale)
         return
     _check_aligned(inter=inter, fc2=fc2, out=out)
     cfg = _config_of(kernel, block_m, block_n, block_k, stages, k_splits, cluster_m)
-    spec = gemm_spec(cfg, DTYPE_TAG[inter.dtype], "gemm2", "Identity", device_archs(inter.device))
+    dtype, operand = _spec_types(inter, out)
+    spec = gemm_spec(cfg, dtype, "gemm2", "Identity", device_archs(inter.device), operand)
     partials, _, _ = _scratch(cfg, out.shape[0], out.shape[1], inter, 0, 0, fc2.shape[0], gemm1=False)
     load_module(spec).run(inter, fc2, fc2_bias, out, sorted_ids, block_expert, num_padded, slot_weights, None, None,
-                          None, out.shape[0], 1, out.shape[1], inter.shape[1], partials, None, None, False, k_splits)
+                          None, out.shape[0], 1, out.shape[1], inter.shape[1], partials, None, None, False, k_splits,
+                          acc_scale, None)
 
 
 @_moe_gemm2_op.register_fake
 def _(inter, fc2, sorted_ids, block_expert, num_padded, slot_weights, out, fc2_bias, kernel, block_m, block_n,
-      block_k, stages, k_splits, cluster_m) -> None:
+      block_k, stages, k_splits, cluster_m, acc_scale=None) -> None:
     return None
 
 
@@ -608,13 +650,14 @@ def gathers_a(config: GemmConfig, num_slots: int, num_experts: int) -> bool:
 
 def launch_gemm1(x, fc1, sorted_ids, block_expert, num_padded, *, out, topk, activation: str, fc1_bias,
                  config: GemmConfig, swiglu_alpha=None, swiglu_beta=None, swiglu_limit=None,
-                 slot_rows=None) -> torch.Tensor:
+                 slot_rows=None, acc_scale=None, out_scale=None) -> torch.Tensor:
     """moe_gemm1 without its argument checks (``activation`` a canonical name), for a caller that made every
     argument itself: the fused pipeline, whose own checks already cost its eager call tens of microseconds.
-    ``slot_rows``: int32 [T * k], every slot's sorted row as moe_align wrote it (see ``gathers_a``)."""
+    ``slot_rows``: int32 [T * k], every slot's sorted row as moe_align wrote it (see ``gathers_a``).
+    FP8 (x, fc1 and out e4m3, ``fp8_config``): ``acc_scale`` float32 [E] and ``out_scale`` [1] or [E]."""
     _moe_gemm1_op(x, fc1, sorted_ids, block_expert, num_padded, out, topk, activation, fc1_bias, swiglu_alpha,
                   swiglu_beta, swiglu_limit, slot_rows, config.kernel, config.block_m, config.block_n,
-                  config.block_k, config.stages, config.k_splits, config.cluster_m)
+                  config.block_k, config.stages, config.k_splits, config.cluster_m, acc_scale, out_scale)
     return out
 
 
@@ -631,10 +674,11 @@ def moe_gemm2(inter, fc2, sorted_ids, block_expert, num_padded, slot_weights, *,
 
 
 def launch_gemm2(inter, fc2, sorted_ids, block_expert, num_padded, slot_weights, *, out, fc2_bias,
-                 config: GemmConfig) -> torch.Tensor:
-    """moe_gemm2 without its argument checks (see launch_gemm1)."""
+                 config: GemmConfig, acc_scale=None) -> torch.Tensor:
+    """moe_gemm2 without its argument checks (see launch_gemm1; FP8: inter and fc2 e4m3, ``acc_scale`` [E])."""
     _moe_gemm2_op(inter, fc2, sorted_ids, block_expert, num_padded, slot_weights, out, fc2_bias, config.kernel,
-                  config.block_m, config.block_n, config.block_k, config.stages, config.k_splits, config.cluster_m)
+                  config.block_m, config.block_n, config.block_k, config.stages, config.k_splits, config.cluster_m,
+                  acc_scale)
     return out
 
 

@@ -10,23 +10,27 @@ from jitmoe.jit import KernelSpec, compile_cuda_sources
 from jitmoe.jit.errors import ToolchainError
 
 
-def sm90ws_spec(dtype, act, mode, block_n, stages, cluster_m) -> KernelSpec:
-    params = {"kernel": "sm90ws", "dtype": dtype, "act": act, "mode": mode, "block_m": 128, "block_n": block_n,
-              "block_k": 64, "stages": stages, "cluster_m": cluster_m}
+def sm90ws_spec(dtype, act, mode, block_n, stages, cluster_m, operand=None) -> KernelSpec:
+    params = {"kernel": "sm90ws", "dtype": dtype, "operand": operand or dtype, "act": act, "mode": mode,
+              "block_m": 128, "block_n": block_n, "block_k": 128 if operand == "e4m3" else 64, "stages": stages,
+              "cluster_m": cluster_m}
     return KernelSpec.create("moe_gemm", "moe", ("sm90ws/gemm.cu", "moe_gemm_binding.cpp"), params, ("90a",),
                              cutlass=True)
 
 
-@pytest.mark.parametrize("dtype, act, mode, block_n, stages, cluster_m", [
-    ("bf16", "Swiglu", "gemm1", 128, 4, 1),     # gated: two 64x128 accumulators per consumer warpgroup
-    ("bf16", "Gelu", "gemm1", 256, 3, 1),       # non-gated, widest tile
-    ("fp16", "Identity", "gemm2", 256, 3, 1),   # scatter epilogue with routing weights
-    ("bf16", "Swiglu", "gemm1", 128, 4, 2),     # clusters of two multicasting the weight tile
+@pytest.mark.parametrize("dtype, act, mode, block_n, stages, cluster_m, operand", [
+    ("bf16", "Swiglu", "gemm1", 128, 4, 1, None),     # gated: two 64x128 accumulators per consumer warpgroup
+    ("bf16", "Gelu", "gemm1", 256, 3, 1, None),       # non-gated, widest tile
+    ("fp16", "Identity", "gemm2", 256, 3, 1, None),   # scatter epilogue with routing weights
+    ("bf16", "Swiglu", "gemm1", 128, 4, 2, None),     # clusters of two multicasting the weight tile
+    ("bf16", "Swiglu", "gemm1", 128, 4, 2, "e4m3"),   # FP8: e4m3 wgmma, e4m3 output (GEMM2's input)
+    ("fp16", "Relu2", "gemm1", 64, 6, 1, "e4m3"),     # FP8 output rows of only four 16-byte chunks
+    ("bf16", "Identity", "gemm2", 256, 3, 1, "e4m3"),  # FP8 operands, bf16 output
 ])
 def test_sm90ws_compiles_without_serialized_wgmma_or_spills(sm90_toolchain, tmp_path, dtype, act, mode, block_n,
-                                                            stages, cluster_m):
+                                                            stages, cluster_m, operand):
     try:
-        results = compile_cuda_sources(sm90ws_spec(dtype, act, mode, block_n, stages, cluster_m), tmp_path,
+        results = compile_cuda_sources(sm90ws_spec(dtype, act, mode, block_n, stages, cluster_m, operand), tmp_path,
                                        ptxas_verbose=True)
     except ToolchainError as exc:  # nvcc older than 12.0 cannot target sm_90a
         pytest.skip(str(exc))

@@ -39,11 +39,11 @@ __global__ void __launch_bounds__(kGatherThreads) invert_sorted_ids_kernel(
 
 // One warp per token (grid-stride): its row of x once, to the sorted row of each of its slots.
 __global__ void __launch_bounds__(kGatherThreads) gather_token_rows_kernel(
-    const uint4* __restrict__ x,                // [T, K / 8] 16-byte chunks of the token rows
+    const uint4* __restrict__ x,                // [T, row bytes / 16] 16-byte chunks of the token rows
     const int32_t* __restrict__ sorted_ids,     // [m_pad_max]
     const int32_t* __restrict__ num_padded,     // [1]
     const int32_t* __restrict__ slot_rows,      // [T * topk]
-    uint4* __restrict__ a_sorted,               // [m_pad_max, K / 8]
+    uint4* __restrict__ a_sorted,               // [m_pad_max, row bytes / 16]
     int m_pad_max, int num_tokens, int topk, int chunks_per_row) {
   pdl_start();  // common/pdl.cuh: launched with launch_pdl
   const int rows = sorted_rows_in_use(num_padded, m_pad_max);
@@ -82,8 +82,8 @@ __global__ void __launch_bounds__(kGatherThreads) gather_token_rows_kernel(
 // Both launches (the first only when slot_rows is not filled yet) on `stream`, each over at most `max_blocks`
 // blocks; never synchronises.
 inline void launch_gather(const void* x, const int32_t* sorted_ids, const int32_t* num_padded, int32_t* slot_rows,
-                          bool slot_rows_filled, void* a_sorted, int m_pad_max, int num_slots, int topk, int k,
-                          int max_blocks, cudaStream_t stream) {
+                          bool slot_rows_filled, void* a_sorted, int m_pad_max, int num_slots, int topk,
+                          int row_bytes, int max_blocks, cudaStream_t stream) {
   const auto capped = [max_blocks](int64_t items, int per_block) {
     const int64_t blocks = (items + per_block - 1) / per_block;
     return static_cast<int>(blocks < max_blocks ? blocks : max_blocks);
@@ -96,7 +96,7 @@ inline void launch_gather(const void* x, const int32_t* sorted_ids, const int32_
   }
   launch_pdl(gather_token_rows_kernel, {capped(num_tokens, kGatherThreads / 32), kGatherThreads}, stream,
              static_cast<const uint4*>(x), sorted_ids, num_padded, slot_rows, static_cast<uint4*>(a_sorted),
-             m_pad_max, num_tokens, topk, k / 8);
+             m_pad_max, num_tokens, topk, row_bytes / 16);
 }
 
 }  // namespace jitmoe::moe::sm90ws

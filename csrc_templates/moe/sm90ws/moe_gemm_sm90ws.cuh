@@ -34,6 +34,10 @@
 // own 16 rows, and leaves as 16-byte row chunks: GEMM1 to inter[p] (the padding rows of a 16-row group that holds a
 // real row too: GEMM2 ignores them), GEMM2 scattered to out_slots[slot] (real rows only); columns >= N are never
 // written. Row groups of padding only are neither loaded (A) nor stored.
+//
+// FP8 (Operand = e4m3): A and B are e4m3, a stage holds [rows, 128] of them (the same bytes as [rows, 64] of
+// bf16), the wgmma is the e4m3 one (K = 32 per instruction), and the epilogue first scales the accumulator by
+// acc_scale[e]; GEMM1 writes inter in e4m3 (act(...) * out_scale, saturated), which is GEMM2's A.
 #pragma once
 #include <cuda.h>
 #include <cuda_runtime.h>
@@ -65,10 +69,16 @@ namespace jitmoe::moe::sm90ws {
 using moe::GemmMode;
 
 // Everything a specialization fixes at compile time, the shared-memory plan, and the invariants.
-template <typename T, Act A, GemmMode Mode, int BM, int BN, int BK, int Stages, int ClusterM>
-struct Config : Sm90GemmTraits<T, A, Mode, BM, BN, BK, Stages, 2> {
-  using Traits = Sm90GemmTraits<T, A, Mode, BM, BN, BK, Stages, 2>;  // two consumer warpgroups
+template <typename T, typename Operand, Act A, GemmMode Mode, int BM, int BN, int BK, int Stages, int ClusterM>
+struct Config : Sm90GemmTraits<T, A, Mode, BM, BN, BK, Stages, 2, Operand> {
+  using Traits = Sm90GemmTraits<T, A, Mode, BM, BN, BK, Stages, 2, Operand>;  // two consumer warpgroups
   static constexpr int kBlockM = BM, kBlockN = BN, kBlockK = BK, kStages = Stages;
+  static constexpr bool kFp8 = std::is_same_v<Operand, __nv_fp8_e4m3>;
+  static constexpr int kOp = sizeof(Operand);  // bytes per A / B element
+  // What the epilogue stores: GEMM1 writes GEMM2's A operand (inter), GEMM2 the layer's type.
+  using Out = std::conditional_t<Traits::kGemm2, T, Operand>;
+  static constexpr int kChunkElems = 16 / static_cast<int>(sizeof(Out));  // elements of one 16-byte store
+  static constexpr int kRowChunks = BN / kChunkElems;                      // 16-byte chunks of a staged row
 
   static constexpr int kConsumerWarpGroups = Traits::kMmaWarpGroups;
   // B as the wgmma sees it: both halves of a stage stacked, [kHalves * BN, BK] (up rows first), one wgmma of
@@ -94,12 +104,13 @@ struct Config : Sm90GemmTraits<T, A, Mode, BM, BN, BK, Stages, 2> {
   // A block whose upper half is padding loads A in boxes of 16 rows, only those of its row groups that hold a real
   // slot (see a_row_groups): an expert's last block is mostly padding when it has few rows (Qwen3 T = 256: 16 real
   // rows of 128), and its padding rows would otherwise cost as much DRAM traffic as they hold bytes (ncu: 914 MB
-  // read for 805 MB of weights). Other blocks take one [BM, 64] box.
+  // read for 805 MB of weights). Other blocks take one [BM, BK] box.
   static constexpr int kBoxRowsA = 16;
   static constexpr int kRowGroups = BM / kBoxRowsA;
 
   static_assert(BM == 128, "BLOCK_M must be 128 (two consumer warpgroups of 64 rows)");
-  static_assert(BK == 64, "BLOCK_K must be 64 (one 128-byte swizzle row per TMA box row)");
+  static_assert(BK * kOp == 128, "BLOCK_K: one 128-byte swizzle row per TMA box row (64 bf16/fp16 or 128 fp8)");
+  static_assert(kRowChunks % 2 == 0, "a warp's 16 staged rows are whole 32-lane steps of 16-byte chunks");
   static_assert(BN % 64 == 0 && BN <= 256, "BLOCK_N: 64, 128, 192 or 256 (TMA box <= 256 rows; the staging swizzle "
                                            "permutes groups of 8 16-byte chunks)");
   static_assert(Stages >= 2, "the ring needs at least two stages to overlap loads and wgmma");
@@ -107,12 +118,12 @@ struct Config : Sm90GemmTraits<T, A, Mode, BM, BN, BK, Stages, 2> {
   static_assert(kRasterGroup % kCluster == 0 && kBoxRowsB % 8 == 0, "a B box is whole 8-row swizzle atoms");
 
   // Shared memory: [A stages | B stages x halves | staging tile | full barriers | empty barriers].
-  static constexpr int kBytesStageA = BM * BK * 2;
-  static constexpr int kBytesStageB = BN * BK * 2;
-  static constexpr int kBytesBoxA = kBoxRowsA * BK * 2;
-  static constexpr int kBytesRowA = BK * 2;                   // one direct row (GEMM1 without a_sorted)
+  static constexpr int kBytesStageA = BM * BK * kOp;
+  static constexpr int kBytesStageB = BN * BK * kOp;
+  static constexpr int kBytesBoxA = kBoxRowsA * BK * kOp;
+  static constexpr int kBytesRowA = BK * kOp;                 // one direct row (GEMM1 without a_sorted)
   static constexpr int kTxBytesB = Traits::kHalves * kBytesStageB;  // per stage; A adds kBytesBoxA per row group
-  static constexpr int kBytesStaging = BM * BN * 2;
+  static constexpr int kBytesStaging = BM * BN * static_cast<int>(sizeof(Out));
   static constexpr int kOffsetStaging = Traits::kBytesPipe;
   static constexpr int kOffsetBarriers = Traits::kBytesPipe + kBytesStaging;
   static constexpr int kSwizzleAlign = 1024;                  // the 128-byte swizzle repeats every 1 KiB
@@ -265,14 +276,14 @@ struct SmemPlan {
   using Elem = typename Cfg::Elem;
   Elem* a;                          // [Stages][BM, BK] swizzled (SmemLayoutA)
   Elem* b;                          // [Stages][halves * BN, BK] swizzled (Config::SmemLayoutB)
-  typename Cfg::Element* staging;   // [BM, BN] epilogue tile, 16-byte chunks XOR-swizzled by row % 8
+  typename Cfg::Out* staging;       // [BM, BN] epilogue tile, 16-byte chunks XOR-swizzled by row % 8
   uint64_t* full;                   // [Stages] TMA landed (transaction count)
   uint64_t* empty;                  // [Stages] every consumer warp retired its wgmma on the stage
 
   __device__ __forceinline__ explicit SmemPlan(uint8_t* base) {
     a = reinterpret_cast<Elem*>(base);
-    b = reinterpret_cast<Elem*>(base + Cfg::kElemsA * 2);
-    staging = reinterpret_cast<typename Cfg::Element*>(base + Cfg::kOffsetStaging);
+    b = reinterpret_cast<Elem*>(base + Cfg::kElemsA * Cfg::kOp);
+    staging = reinterpret_cast<typename Cfg::Out*>(base + Cfg::kOffsetStaging);
     full = reinterpret_cast<uint64_t*>(base + Cfg::kOffsetBarriers);
     empty = full + Cfg::kStages;
   }
@@ -280,7 +291,7 @@ struct SmemPlan {
 
 __device__ __forceinline__ bool is_real_slot(int s, int num_slots) { return s >= 0 && s < num_slots; }
 
-// Row groups of kBoxRowsA rows that the producer loads for M block m_block: all of them (one [BM, 64] box) unless
+// Row groups of kBoxRowsA rows that the producer loads for M block m_block: all of them (one [BM, BK] box) unless
 // the block's upper half is padding, else the groups of its lower half that hold a real slot (an expert's rows come
 // first and its padding after, so those are the first groups). Few boxes only: on the H100 a block loaded as up
 // to 8 small boxes made DeepSeek-V3's GEMM1 at T = 16384 (a partial last block per expert) 25% slower. The loads
@@ -301,9 +312,9 @@ __device__ __forceinline__ int a_row_groups(const MoeGemmArgs& args, const TileS
 }
 
 // GEMM1 "direct rows": the launch got no a_sorted (few rows per expert), so there is no gather launch and no sorted
-// copy of x. Each real row of a block is loaded by its own [1, 64] TMA box from its token's row of x into the row's
+// copy of x. Each real row of a block is loaded by its own [1, BK] TMA box from its token's row of x into the row's
 // place in the stage. The 128-byte swizzle permutes 16-byte chunks by shared-memory address bits (bits 4-6 XOR bits
-// 7-9), so a one-row box at row r of a 1 KiB-aligned stage lands exactly as row r of a [BM, 64] box would.
+// 7-9), so a one-row box at row r of a 1 KiB-aligned stage lands exactly as row r of a [BM, BK] box would.
 template <class Cfg>
 __device__ __forceinline__ bool uses_direct_rows(const MoeGemmArgs& args) {
   return !Cfg::kGemm2 && args.a_sorted == nullptr;
@@ -354,8 +365,8 @@ __device__ __forceinline__ void produce_direct_rows(const MoeGemmArgs& args, con
 }
 
 // Producer (one thread): for every unit of this cluster, every k-tile: wait until the stage is empty in every CTA
-// of the cluster, announce its bytes, issue the TMA boxes of A (one [BM, 64] box, or one [16, 64] box per row group
-// that a_row_groups picks: the others' rows never reach a kept output) and of each B half [BN, 64]. A shared B
+// of the cluster, announce its bytes, issue the TMA boxes of A (one [BM, BK] box, or one [16, BK] box per row group
+// that a_row_groups picks: the others' rows never reach a kept output) and of each B half [BN, BK]. A shared B
 // tile is loaded as kCluster boxes, one per CTA, each multicast to the whole cluster; otherwise this CTA loads all
 // of its B boxes itself. A CTA without a tile in the unit only arrives, so its ring stays in step.
 template <class Cfg>
@@ -437,28 +448,34 @@ __device__ __forceinline__ bool upper_half_is_padding(const MoeGemmArgs& args, i
   return !is_real_slot(args.sorted_ids[m0 + 64], args.num_slots);
 }
 
-// Element offset of (m, n) in the staging tile: 16-byte chunk n / 8 of row m moves to chunk (n / 8) ^ (m % 8), so
-// the 8 rows a warp's accumulator store touches hit 8 different bank groups.
+// Element offset of (m, n) in the staging tile: 16-byte chunk c = n / kChunkElems of row m moves to chunk
+// c ^ (m % 8) (m % 4 for rows of only 4 chunks), so the 8 rows a warp's accumulator store touches hit different
+// bank groups.
 template <class Cfg>
 __device__ __forceinline__ int staging_offset(int m, int n) {
-  return m * Cfg::kBlockN + ((((n >> 3) ^ (m & 7)) << 3) | (n & 7));
+  constexpr int kC = Cfg::kChunkElems;
+  constexpr int kRows = Cfg::kRowChunks < 8 ? Cfg::kRowChunks : 8;
+  return m * Cfg::kBlockN + (((n / kC) ^ (m & (kRows - 1))) * kC | (n % kC));
 }
 
-__device__ __forceinline__ uint32_t pack2(__nv_bfloat16 lo, __nv_bfloat16 hi) {
-  __nv_bfloat162 v(lo, hi);
-  return *reinterpret_cast<uint32_t*>(&v);
+// Two neighbouring output elements (columns n, n + 1), converted and stored with one shared-memory store.
+__device__ __forceinline__ void store_pair(__nv_bfloat16* dst, float lo, float hi) {
+  *reinterpret_cast<__nv_bfloat162*>(dst) = __floats2bfloat162_rn(lo, hi);
 }
-__device__ __forceinline__ uint32_t pack2(__half lo, __half hi) {
-  __half2 v(lo, hi);
-  return *reinterpret_cast<uint32_t*>(&v);
+__device__ __forceinline__ void store_pair(__half* dst, float lo, float hi) {
+  *reinterpret_cast<__half2*>(dst) = __floats2half2_rn(lo, hi);
+}
+__device__ __forceinline__ void store_pair(__nv_fp8_e4m3* dst, float lo, float hi) {  // saturating, like from_float
+  *reinterpret_cast<__nv_fp8x2_storage_t*>(dst) =
+      __nv_cvt_float2_to_fp8x2(make_float2(lo, hi), __NV_SATFINITE, __NV_E4M3);
 }
 
-// fp32 epilogue math of this thread's accumulator elements, written as T pairs into its warp's staging rows.
+// fp32 epilogue math of this thread's accumulator elements, written as Out pairs into its warp's staging rows.
 // A gated accumulator is [BM, 2 BN]: wgmma's C layout walks a thread's columns in groups of 8 along N, so its
 // elements of columns [0, BN) (up) come first and the gate of element i is element i + half.
 template <class Cfg, class Acc>
 __device__ __forceinline__ void epilogue_to_staging(const MoeGemmArgs& args, const Acc& acc,
-                                                    typename Cfg::Element* staging, int consumer_tid, int row_slot,
+                                                    typename Cfg::Out* staging, int consumer_tid, int row_slot,
                                                     int n0, int e) {
   using namespace cute;
   using T = typename Cfg::Element;
@@ -472,6 +489,12 @@ __device__ __forceinline__ void epilogue_to_staging(const MoeGemmArgs& args, con
   const int64_t bias_row = static_cast<int64_t>(e) * args.n * Cfg::kHalves;
   ActParams params;
   if constexpr (!Cfg::kGemm2) params = load_act_params<Cfg::kAct>(args, e);
+  // FP8: the accumulator's dequantization, and (GEMM1) the quantization scale of GEMM2's input.
+  float acc_scale = 1.f, out_scale = 1.f;
+  if constexpr (Cfg::kFp8) {
+    acc_scale = args.acc_scale[e];
+    if constexpr (!Cfg::kGemm2) out_scale = args.out_scale[e * args.out_scale_stride];
+  }
   // wgmma's C layout gives a thread two rows, m_lo and m_lo + 8 (rows 16 w + lane / 4 and + 8 of its
   // warpgroup); GEMM2 needs their routing weights (1 for padding rows, which are never stored).
   const int m_lo = get<0>(tCcC(0));
@@ -494,18 +517,18 @@ __device__ __forceinline__ void epilogue_to_staging(const MoeGemmArgs& args, con
     float v[2];
     CUTE_UNROLL
     for (int j = 0; j < 2; ++j) {
-      const float up = acc(i + j) + (has_bias ? to_float(bias[bias_row + col + j]) : 0.f);
+      const float up = acc(i + j) * acc_scale + (has_bias ? to_float(bias[bias_row + col + j]) : 0.f);
       if constexpr (Cfg::kGemm2) {
         v[j] = up * (m == m_lo ? scale_lo : scale_hi);
       } else if constexpr (Cfg::kGated) {
-        const float gate = acc(kHalf + i + j) + (has_bias ? to_float(bias[bias_row + args.n + col + j]) : 0.f);
-        v[j] = apply_act<Cfg::kAct>(up, gate, params);
+        const float gate =
+            acc(kHalf + i + j) * acc_scale + (has_bias ? to_float(bias[bias_row + args.n + col + j]) : 0.f);
+        v[j] = apply_act<Cfg::kAct>(up, gate, params) * out_scale;
       } else {
-        v[j] = apply_act<Cfg::kAct>(up, 0.f, params);
+        v[j] = apply_act<Cfg::kAct>(up, 0.f, params) * out_scale;
       }
     }
-    *reinterpret_cast<uint32_t*>(staging + staging_offset<Cfg>(m, n)) =
-        pack2(from_float<T>(v[0]), from_float<T>(v[1]));
+    store_pair(staging + staging_offset<Cfg>(m, n), v[0], v[1]);
   }
 }
 
@@ -513,23 +536,22 @@ __device__ __forceinline__ void epilogue_to_staging(const MoeGemmArgs& args, con
 // back to back. GEMM1 writes inter[p] for each of the 16 rows (padding rows included: GEMM2 ignores them);
 // GEMM2 scatters real rows to out_slots[slot] and skips padding. Columns >= N are never written.
 template <class Cfg>
-__device__ __forceinline__ void store_warp_rows(const MoeGemmArgs& args, const typename Cfg::Element* staging,
+__device__ __forceinline__ void store_warp_rows(const MoeGemmArgs& args, const typename Cfg::Out* staging,
                                                 int row0, int lane, int row_slot, int m0, int n0) {
-  using T = typename Cfg::Element;
-  constexpr int kChunksN = Cfg::kBlockN / 8;
-  static_assert(kChunksN % 2 == 0, "a warp's 16 rows are whole 32-lane steps");
-  T* out = static_cast<T*>(args.out);  // GEMM1: [m_pad_max, N]; GEMM2: [num_slots, N]
+  constexpr int kChunksN = Cfg::kRowChunks;
+  constexpr int kC = Cfg::kChunkElems;
+  auto* out = static_cast<typename Cfg::Out*>(args.out);  // GEMM1: [m_pad_max, N]; GEMM2: [num_slots, N]
   CUTE_UNROLL
   for (int i = 0; i < kChunksN / 2; ++i) {
     const int c = lane + 32 * i;
     const int r = c / kChunksN;
     const int chunk = c % kChunksN;
-    const int col = n0 + chunk * 8;
+    const int col = n0 + chunk * kC;
     const int s = __shfl_sync(0xffffffffu, row_slot, r);
     int64_t out_row = m0 + row0 + r;
     if constexpr (Cfg::kGemm2) out_row = s;
     if (col >= args.n || (Cfg::kGemm2 && !is_real_slot(s, args.num_slots))) continue;
-    const uint4 v = *reinterpret_cast<const uint4*>(staging + staging_offset<Cfg>(row0 + r, chunk * 8));
+    const uint4 v = *reinterpret_cast<const uint4*>(staging + staging_offset<Cfg>(row0 + r, chunk * kC));
     *reinterpret_cast<uint4*>(out + out_row * args.n + col) = v;
   }
 }
@@ -637,10 +659,10 @@ __device__ __forceinline__ void consume(const MoeGemmArgs& args, const SmemPlan<
 // GEMM1 with direct rows leaves tmap_a and tmap_a_group unused (zeros); the other launches leave tmap_x_rows unused.
 template <class Cfg>
 __global__ void __launch_bounds__(Cfg::kThreads, 1)
-    moe_gemm_sm90ws_kernel(const __grid_constant__ CUtensorMap tmap_a,        // A [m_pad_max, K], box [BM, 64]
-                           const __grid_constant__ CUtensorMap tmap_a_group,  // the same A, box [16, 64]
-                           const __grid_constant__ CUtensorMap tmap_x_rows,   // GEMM1's x [T, K], box [1, 64]
-                           const __grid_constant__ CUtensorMap tmap_b,  // B [E * n_b, K], box [BN, 64]
+    moe_gemm_sm90ws_kernel(const __grid_constant__ CUtensorMap tmap_a,        // A [m_pad_max, K], box [BM, BK]
+                           const __grid_constant__ CUtensorMap tmap_a_group,  // the same A, box [16, BK]
+                           const __grid_constant__ CUtensorMap tmap_x_rows,   // GEMM1's x [T, K], box [1, BK]
+                           const __grid_constant__ CUtensorMap tmap_b,  // B [E * n_b, K], box [BN, BK]
                            const __grid_constant__ MoeGemmArgs args) {
   extern __shared__ uint8_t smem_raw[];
   // Aligned by an offset on smem_raw, not by rounding an integer: the compiler then still knows every pointer
@@ -690,10 +712,13 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
 
 // Host side: GEMM1 given a_sorted first gathers x into it; then one persistent CTA per SM (at most one per tile).
 // Never synchronises; bad arguments throw (pybind11 turns std::invalid_argument into ValueError).
-template <typename T, Act A, GemmMode Mode, int BM, int BN, int BK, int Stages, int ClusterM>
+template <typename T, typename Operand, Act A, GemmMode Mode, int BM, int BN, int BK, int Stages, int ClusterM>
 void launch(const MoeGemmArgs& args, cudaStream_t stream) {
   static_assert(Mode == GemmMode::gemm1 || A == Act::Identity, "GEMM2 is rendered with act=Identity");
-  using Cfg = Config<T, A, Mode, BM, BN, BK, Stages, ClusterM>;
+  using Cfg = Config<T, Operand, A, Mode, BM, BN, BK, Stages, ClusterM>;
+  if (Cfg::kFp8 && (args.acc_scale == nullptr || (Mode == GemmMode::gemm1 && args.out_scale == nullptr))) {
+    throw std::invalid_argument("moe_gemm sm90ws: FP8 needs acc_scale (and out_scale for GEMM1), got nullptr");
+  }
   if (args.k_splits > 1) {
     throw std::invalid_argument("moe_gemm sm90ws: k_splits: expected 1 (this kernel does not split K), got " +
                                 std::to_string(args.k_splits));
@@ -702,30 +727,29 @@ void launch(const MoeGemmArgs& args, cudaStream_t stream) {
   const int64_t n_blocks = (args.n + BN - 1) / BN;
   if (m_blocks <= 0 || n_blocks <= 0 || args.num_slots <= 0 || args.k <= 0) return;
   const int sms = sm_count();
-  constexpr CUtensorMapDataType kDtype =
-      std::is_same_v<T, __nv_bfloat16> ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
+  constexpr CUtensorMapDataType kDtype = tma_dtype<Operand>();
   // A: GEMM2's inter, GEMM1's gathered copy of x, or (GEMM1 without a_sorted: direct rows) x itself, row by row.
   CUtensorMap tmap_a{}, tmap_a_group{}, tmap_x_rows{};
   const void* a = args.a;
   if constexpr (Mode == GemmMode::gemm1) {
     if (args.a_sorted == nullptr) {
-      tmap_x_rows = make_tma_map_2d(args.a, kDtype, args.num_slots / args.topk, args.k, 1);
+      tmap_x_rows = make_tma_map_2d(args.a, kDtype, Cfg::kOp, args.num_slots / args.topk, args.k, 1);
       a = nullptr;
     } else if (args.slot_rows == nullptr) {
       throw std::invalid_argument("moe_gemm sm90ws: slot_rows: expected a [num_slots] int32 tensor with a_sorted "
                                   "(GEMM1 gathers x through it), got None");
     } else {
       launch_gather(args.a, args.sorted_ids, args.num_padded, args.slot_rows, args.slot_rows_filled, args.a_sorted,
-                    args.m_pad_max, args.num_slots, args.topk, args.k, sms * 8, stream);
+                    args.m_pad_max, args.num_slots, args.topk, args.k * Cfg::kOp, sms * 8, stream);
       a = args.a_sorted;
     }
   }
   if (a != nullptr) {
-    tmap_a = make_tma_map_2d(a, kDtype, args.m_pad_max, args.k, BM);
-    tmap_a_group = make_tma_map_2d(a, kDtype, args.m_pad_max, args.k, Cfg::kBoxRowsA);
+    tmap_a = make_tma_map_2d(a, kDtype, Cfg::kOp, args.m_pad_max, args.k, BM);
+    tmap_a_group = make_tma_map_2d(a, kDtype, Cfg::kOp, args.m_pad_max, args.k, Cfg::kBoxRowsA);
   }
   const int64_t b_rows = static_cast<int64_t>(args.num_experts) * args.n * Cfg::kHalves;
-  const CUtensorMap tmap_b = make_tma_map_2d(args.b, kDtype, b_rows, args.k, Cfg::kBoxRowsB);
+  const CUtensorMap tmap_b = make_tma_map_2d(args.b, kDtype, Cfg::kOp, b_rows, args.k, Cfg::kBoxRowsB);
   // One cluster per unit at most, and at most one CTA per SM (clusters that do not fit wait: no CTA waits on
   // another cluster, so this never deadlocks).
   const int64_t units = (m_blocks + Cfg::kCluster - 1) / Cfg::kCluster * n_blocks;

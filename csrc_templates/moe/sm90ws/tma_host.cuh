@@ -2,14 +2,16 @@
 //
 // The descriptors are encoded with the driver's cuTensorMapEncodeTiled, fetched once through the runtime's
 // cudaGetDriverEntryPoint so the extension links only cudart (no -lcuda). Each map views a row-major [rows, cols]
-// matrix of 16-bit elements (cols contiguous) and loads boxes of [box_rows, 64] elements into shared memory with
-// the 128-byte swizzle that CuTe's K-major SW128 GMMA layout expects; out-of-range rows and columns of a box are
-// zero-filled by the hardware. Errors surface as C++ exceptions, which pybind11 turns into Python exceptions.
+// matrix of 16-bit or 8-bit elements (cols contiguous) and loads boxes of [box_rows, 128 bytes] into shared memory
+// with the 128-byte swizzle that CuTe's K-major SW128 GMMA layout expects; out-of-range rows and columns of a box
+// are zero-filled by the hardware. Errors surface as C++ exceptions, which pybind11 turns into Python exceptions.
 #pragma once
 #include <cuda.h>  // CUtensorMap and its enums only (header types; nothing here links libcuda)
+#include <cuda_fp16.h>
 #include <cuda_runtime_api.h>
 
 #include <cstdint>
+#include <type_traits>
 #include <stdexcept>
 #include <string>
 
@@ -38,13 +40,22 @@ inline EncodeTiledFn encode_tiled_fn() {
   return fn;
 }
 
-// A [rows, cols] row-major matrix of 16-bit elements at `base`, loaded in [box_rows, 64]-element boxes.
-inline CUtensorMap make_tma_map_2d(const void* base, CUtensorMapDataType dtype, int64_t rows, int64_t cols,
-                                   int box_rows) {
+// The TMA element type of a kernel element type.
+template <typename E>
+constexpr CUtensorMapDataType tma_dtype() {
+  if constexpr (sizeof(E) == 1) return CU_TENSOR_MAP_DATA_TYPE_UINT8;  // FP8: TMA only moves the bytes
+  else if constexpr (std::is_same_v<E, __half>) return CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
+  else return CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
+}
+
+// A [rows, cols] row-major matrix of elem_bytes-byte elements at `base`, loaded in boxes of [box_rows, 128 bytes].
+inline CUtensorMap make_tma_map_2d(const void* base, CUtensorMapDataType dtype, int elem_bytes, int64_t rows,
+                                   int64_t cols, int box_rows) {
   CUtensorMap map{};
   const cuuint64_t dims[2] = {static_cast<cuuint64_t>(cols), static_cast<cuuint64_t>(rows)};
-  const cuuint64_t row_stride_bytes[1] = {static_cast<cuuint64_t>(cols) * 2};
-  const cuuint32_t box[2] = {64, static_cast<cuuint32_t>(box_rows)};  // 64 x 2 bytes = one 128-byte swizzle row
+  const cuuint64_t row_stride_bytes[1] = {static_cast<cuuint64_t>(cols) * elem_bytes};
+  // One 128-byte swizzle row per box row.
+  const cuuint32_t box[2] = {static_cast<cuuint32_t>(128 / elem_bytes), static_cast<cuuint32_t>(box_rows)};
   const cuuint32_t elem_strides[2] = {1, 1};
   const CUresult res = encode_tiled_fn()(&map, dtype, 2, const_cast<void*>(base), dims, row_stride_bytes, box,
                                          elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
@@ -52,7 +63,7 @@ inline CUtensorMap make_tma_map_2d(const void* base, CUtensorMapDataType dtype, 
   if (res != CUDA_SUCCESS) {
     throw std::runtime_error("moe_gemm sm90ws: cuTensorMapEncodeTiled failed (CUresult " + std::to_string(res) +
                              ") for a [" + std::to_string(rows) + ", " + std::to_string(cols) + "] matrix, box [" +
-                             std::to_string(box_rows) + ", 64]");
+                             std::to_string(box_rows) + ", " + std::to_string(128 / elem_bytes) + "]");
   }
   return map;
 }

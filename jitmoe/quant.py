@@ -1,0 +1,101 @@
+"""FP8 (e4m3) per-tensor quantization for ``cutlass_fused_moe``: helpers that make FlashInfer's inputs, and the
+parsing of its four-tensor ``quant_scales``.
+
+FlashInfer's FP8 mode takes an e4m3 input, e4m3 weights and
+
+    quant_scales = [fc1_dequant [E_l], fc2_quant (0-D, [1] or [E_l]), fc2_dequant [E_l], fc1_input_dequant (0-D)]
+
+with fc1_dequant = w1_scale * input_scale, fc2_quant = 1 / act2_scale, fc2_dequant = w2_scale * act2_scale and
+fc1_input_dequant = input_scale (a tensor's real value is its e4m3 value times its scale). The layer computes
+``h = (x_q @ w1_q[e]^T) * fc1_dequant[e] + b1[e]``, ``a_q = e4m3(act(h) * fc2_quant)`` (saturating, round to
+nearest even) and ``y = (a_q @ w2_q[e]^T) * fc2_dequant[e] + b2[e]``; fc1_input_dequant is already part of
+fc1_dequant and is only checked.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from .ops._validate import check_tensor
+from .reference.moe import round_to_fp8
+
+__all__ = ["FP8_DTYPE", "FP8_MAX", "quantize_fp8", "quantize_fp8_per_expert", "fp8_quant_scales", "Fp8Scales",
+           "parse_fp8_quant_scales"]
+
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = 448.0  # the largest finite e4m3 value
+
+
+def quantize_fp8(t: torch.Tensor, scale: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q, scale): ``t`` as e4m3 with one fp32 scale (default amax / 448), so that ``q.float() * scale ~ t``.
+    Values beyond the range saturate to +-448 (torch's own cast would make them NaN)."""
+    check_tensor("t", t, dtypes=(torch.float32, torch.bfloat16, torch.float16), contiguous=False)
+    if scale is None:
+        scale = (t.detach().abs().amax().float() / FP8_MAX).clamp(min=torch.finfo(torch.float32).tiny)
+    else:
+        check_tensor("scale", scale, dtypes=(torch.float32,), contiguous=False)
+        if scale.numel() != 1:
+            raise ValueError(f"scale: expected one value, got shape {tuple(scale.shape)}")
+    scale = scale.reshape(()).to(t.device)
+    return round_to_fp8(t.float() / scale), scale
+
+
+def quantize_fp8_per_expert(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q [E, ...] e4m3, scales float32 [E]): one scale per expert (leading dim), amax / 448 each. One expert at a
+    time, so the fp32 temporaries stay the size of one expert (DeepSeek-V3's fc1 is 15 GB in bf16)."""
+    check_tensor("w", w, dtypes=(torch.float32, torch.bfloat16, torch.float16), contiguous=False)
+    if w.dim() < 2:
+        raise ValueError(f"w: expected a tensor with a leading expert dim, got shape {tuple(w.shape)}")
+    q = torch.empty(w.shape, dtype=FP8_DTYPE, device=w.device)
+    scales = torch.empty(w.shape[0], dtype=torch.float32, device=w.device)
+    for e in range(w.shape[0]):
+        expert = w[e].detach().float()
+        scales[e] = (expert.abs().amax() / FP8_MAX).clamp(min=torch.finfo(torch.float32).tiny)
+        q[e] = round_to_fp8(expert / scales[e])
+    return q, scales
+
+
+def fp8_quant_scales(w1_scales: torch.Tensor, w2_scales: torch.Tensor, input_scale: torch.Tensor,
+                     act2_scale: torch.Tensor) -> list[torch.Tensor]:
+    """FlashInfer's four-tensor ``quant_scales`` from the weight scales [E_l], the input's scale and the scale of
+    GEMM2's input (the activation, e.g. its calibrated amax / 448)."""
+    input_scale = input_scale.float().reshape(())
+    act2_scale = act2_scale.float().reshape(())
+    return [(w1_scales.float() * input_scale).contiguous(), (1.0 / act2_scale).reshape(()),
+            (w2_scales.float() * act2_scale).contiguous(), input_scale]
+
+
+@dataclass(frozen=True)
+class Fp8Scales:
+    """The parsed ``quant_scales``: what the kernels use, as contiguous fp32 1-D tensors."""
+
+    fc1_dequant: torch.Tensor  # [E_l]
+    fc2_quant: torch.Tensor    # [1] (one for all experts) or [E_l]
+    fc2_dequant: torch.Tensor  # [E_l]
+
+
+def _scale_tensor(name: str, t, device, lengths: tuple[int, ...]) -> torch.Tensor:
+    check_tensor(name, t, dtypes=(torch.float32,), device=device)
+    if t.dim() > 1 or t.numel() not in lengths:
+        shapes = " or ".join("a scalar (0-D or [1])" if n == 1 else f"[{n}]" for n in lengths)
+        raise ValueError(f"{name}: expected {shapes}, got shape {tuple(t.shape)}")
+    return t.reshape(-1)
+
+
+def parse_fp8_quant_scales(quant_scales, num_local: int, device) -> Fp8Scales:
+    """Validate FlashInfer's FP8 per-tensor ``quant_scales`` (see the module doc) for ``num_local`` experts."""
+    if not isinstance(quant_scales, (list, tuple)):
+        raise TypeError(f"quant_scales: expected a list of 4 float32 tensors (FP8 per-tensor), got "
+                        f"{type(quant_scales).__name__}")
+    if len(quant_scales) != 4:
+        raise ValueError("quant_scales: expected 4 tensors for FP8 per-tensor (fc1_dequant, fc2_quant, fc2_dequant, "
+                         f"fc1_input_dequant), got {len(quant_scales)}")
+    fc1_dequant, fc2_quant, fc2_dequant, fc1_input_dequant = quant_scales
+    per_expert = (num_local,)
+    scales = Fp8Scales(_scale_tensor("quant_scales[0] (fc1_dequant)", fc1_dequant, device, per_expert),
+                       _scale_tensor("quant_scales[1] (fc2_quant)", fc2_quant, device, tuple({1, num_local})),
+                       _scale_tensor("quant_scales[2] (fc2_dequant)", fc2_dequant, device, per_expert))
+    _scale_tensor("quant_scales[3] (fc1_input_dequant)", fc1_input_dequant, device, (1,))
+    return scales
