@@ -692,12 +692,23 @@ def _prewarm_specs(dtypes, topks, archs) -> list[KernelSpec]:
     for arch in dict.fromkeys(normalize_arch(a) for a in archs):
         for kernel in kernels_for_arch(arch):
             for dtype in (d for d in dtypes if d in ("bf16", "fp16")):
-                for act in ACTIVATIONS:
-                    specs += [gemm_spec(cfg, dtype, "gemm1", act, (arch,))
-                              for cfg in default_configs(kernel, arch, gated=act in GATED_ACTIVATIONS)]
-                specs += [gemm_spec(cfg, dtype, "gemm2", "Identity", (arch,))
-                          for cfg in default_configs(kernel, arch, gated=False)]
+                specs += _layer_specs(kernel, arch, dtype)
+        if "fp8" in dtypes and "sm90ws" in kernels_for_arch(arch):
+            # FP8 with bf16 output and no bias (the layer type then only types GEMM2's output); fp16 outputs and
+            # biases build on first use.
+            specs += _layer_specs("sm90ws", arch, "bf16", operand="e4m3")
     return specs
+
+
+def _layer_specs(kernel: str, arch: str, dtype: str, operand: Optional[str] = None) -> list[KernelSpec]:
+    """GEMM1 for every activation and GEMM2, at every default config of ``kernel``."""
+    form = fp8_config if operand else (lambda cfg: cfg)
+    specs = []
+    for act in ACTIVATIONS:
+        specs += [gemm_spec(form(cfg), dtype, "gemm1", act, (arch,), operand)
+                  for cfg in default_configs(kernel, arch, gated=act in GATED_ACTIVATIONS)]
+    return specs + [gemm_spec(form(cfg), dtype, "gemm2", "Identity", (arch,), operand)
+                    for cfg in default_configs(kernel, arch, gated=False)]
 
 
 PREWARM = {"fused_moe": _prewarm_specs}

@@ -35,6 +35,13 @@ def test_prewarm_dry_run_lists_specs_keys_and_paths(cache, capsys):
     assert any("sm90a" in ln for ln in lines) and any("sm80" in ln for ln in lines)
 
 
+def test_prewarm_fp8_lists_the_e4m3_fused_moe_gemms_for_sm90a_only(cache, capsys):
+    assert main(["prewarm", "--op", "fused_moe", "--dtype", "fp8", "--arch", "80,90a", "--dry-run"]) == 0
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if "to build" in ln]
+    assert lines and all("moe_gemm_sm90ws_bf16_e4m3_" in ln and "sm90a" in ln for ln in lines)
+    assert any("Swiglu_gemm1" in ln for ln in lines) and any("Identity_gemm2" in ln for ln in lines)
+
+
 def test_prewarm_rejects_unknown_ops_and_dtypes(cache, capsys):
     assert main(["prewarm", "--op", "nope", "--arch", "90a", "--dry-run"]) == 2
     assert "unknown" in capsys.readouterr().err

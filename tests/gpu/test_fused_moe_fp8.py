@@ -77,7 +77,7 @@ def test_matches_fp8_reference(T, E, k, H, I, dtype):
 
 
 @pytest.mark.parametrize("act", ["Swiglu", "Geglu", "Relu2", "Gelu", "Identity"])
-@pytest.mark.parametrize("T", [8, 1500])  # narrow (64-column) tiles with few rows per expert, wide ones with many
+@pytest.mark.parametrize("T", [8, 1500])  # narrow (6-stage) tiles with few rows per expert, wide ones with many
 def test_activations_and_biases(act, T):
     p = make_fp8_problem(T, 16, 2, 512, 256, act=act, bias=True)
     assert rel_error(run(p), reference(p)) <= TOL
