@@ -77,7 +77,8 @@ struct Config : Sm90GemmTraits<T, A, Mode, BM, BN, BK, Stages, 2, Operand> {
   static constexpr int kOp = sizeof(Operand);  // bytes per A / B element
   // What the epilogue stores: GEMM1 writes GEMM2's A operand (inter), GEMM2 the layer's type.
   using Out = std::conditional_t<Traits::kGemm2, T, Operand>;
-  static constexpr int kChunkElems = 16 / static_cast<int>(sizeof(Out));  // elements of one 16-byte store
+  static constexpr int kChunkShift = sizeof(Out) == 1 ? 4 : 3;  // log2 of the elements in one 16-byte store
+  static constexpr int kChunkElems = 1 << kChunkShift;
   static constexpr int kRowChunks = BN / kChunkElems;                      // 16-byte chunks of a staged row
 
   static constexpr int kConsumerWarpGroups = Traits::kMmaWarpGroups;
@@ -453,9 +454,9 @@ __device__ __forceinline__ bool upper_half_is_padding(const MoeGemmArgs& args, i
 // bank groups.
 template <class Cfg>
 __device__ __forceinline__ int staging_offset(int m, int n) {
-  constexpr int kC = Cfg::kChunkElems;
+  constexpr int kShift = Cfg::kChunkShift;  // shifts and masks, not / and %: n is a signed int
   constexpr int kRows = Cfg::kRowChunks < 8 ? Cfg::kRowChunks : 8;
-  return m * Cfg::kBlockN + (((n / kC) ^ (m & (kRows - 1))) * kC | (n % kC));
+  return m * Cfg::kBlockN + ((((n >> kShift) ^ (m & (kRows - 1))) << kShift) | (n & (Cfg::kChunkElems - 1)));
 }
 
 // Two neighbouring output elements (columns n, n + 1), converted and stored with one shared-memory store.
