@@ -466,7 +466,7 @@ __device__ __forceinline__ void store_pair(__nv_bfloat16* dst, float lo, float h
 __device__ __forceinline__ void store_pair(__half* dst, float lo, float hi) {
   *reinterpret_cast<__half2*>(dst) = __floats2half2_rn(lo, hi);
 }
-__device__ __forceinline__ void store_pair(__nv_fp8_e4m3* dst, float lo, float hi) {  // saturating, like from_float
+__device__ __forceinline__ void store_pair(__nv_fp8_e4m3* dst, float lo, float hi) {  // saturating at +-448
   *reinterpret_cast<__nv_fp8x2_storage_t*>(dst) =
       __nv_cvt_float2_to_fp8x2(make_float2(lo, hi), __NV_SATFINITE, __NV_E4M3);
 }
