@@ -19,13 +19,10 @@ from typing import Optional
 import torch
 
 from .ops._validate import check_tensor
-from .reference.moe import round_to_fp8
+from .reference.moe import FP8_DTYPE, FP8_MAX, round_to_fp8
 
 __all__ = ["FP8_DTYPE", "FP8_MAX", "quantize_fp8", "quantize_fp8_per_expert", "fp8_quant_scales", "Fp8Scales",
            "parse_fp8_quant_scales"]
-
-FP8_DTYPE = torch.float8_e4m3fn
-FP8_MAX = 448.0  # the largest finite e4m3 value
 
 
 def quantize_fp8(t: torch.Tensor, scale: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -355,8 +355,9 @@ def _check_fp8(t: MoeTensors, quant_scales, num_local: int) -> None:
         raise ValueError("quant_scales: expected 4 float32 tensors with an FP8 input (fc1_dequant, fc2_quant, "
                          "fc2_dequant, fc1_input_dequant), got None")
     t.fp8 = _quant.parse_fp8_quant_scales(quant_scales, num_local, t.x.device)
-    if t.x.is_cuda and _device_arch(t.x.device.index) != "90a":
-        raise _not_implemented(f"FP8 on arch {_device_arch(t.x.device.index)} (its kernels need sm_90a)")
+    arch = _device_arch(t.x.device.index) if t.x.is_cuda else "90a"
+    if arch != "90a":
+        raise _not_implemented(f"FP8 on arch {arch} (its kernels need sm_90a)")
 
 
 def _plan(t: MoeTensors, *, output_dtype, quant_scales, activation_type, tp_size, tp_rank, ep_size, ep_rank,

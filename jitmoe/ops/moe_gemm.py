@@ -44,7 +44,6 @@ SM90WS_CLUSTER_M = {True: 2, False: 1}
 BLOCK_MS = (16, 32, 64, 128)
 MAX_K_SPLITS = 16
 GEMM_DTYPES = (torch.bfloat16, torch.float16)
-FP8_DTYPE = torch.float8_e4m3fn  # FP8 operands: sm90ws only (fp8_config), scaled per expert (MoeGemmArgs)
 
 # --------------------------------------------------------------------------------------------------------------
 # Tile configs
@@ -583,7 +582,7 @@ def _moe_gemm1_op(x: torch.Tensor, fc1: torch.Tensor, sorted_ids: torch.Tensor, 
 def _spec_types(a: torch.Tensor, layer_typed: Optional[torch.Tensor]) -> tuple[str, Optional[str]]:
     """gemm_spec's (dtype, operand) for A operand ``a``: with FP8 the layer's type is that of ``layer_typed`` (the
     bias, or GEMM2's output; bf16 when GEMM1 has no bias: its type then never enters the code)."""
-    if a.dtype != FP8_DTYPE:
+    if a.dtype != _ref.FP8_DTYPE:  # FP8 operands: sm90ws only (fp8_config), scaled per expert (MoeGemmArgs)
         return DTYPE_TAG[a.dtype], None
     return DTYPE_TAG[layer_typed.dtype if layer_typed is not None else torch.bfloat16], "e4m3"
 

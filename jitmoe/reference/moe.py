@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 __all__ = ["GATED_ACTIVATIONS", "ACTIVATION_NAMES", "effective_activation", "apply_activation",
            "fused_moe_reference", "moe_align_bound", "moe_align_reference", "moe_combine_reference",
-           "slot_rows_reference", "round_to_fp8"]
+           "slot_rows_reference", "FP8_DTYPE", "FP8_MAX", "round_to_fp8"]
 
 ACTIVATION_NAMES = ("Gelu", "Relu", "Silu", "Swiglu", "Geglu", "SwigluBias", "Relu2", "SwigluStep", "GegluTanh",
                     "Identity", "Situ")
@@ -24,6 +24,8 @@ GATED_ACTIVATIONS = frozenset({"Swiglu", "Geglu", "SwigluBias", "SwigluStep", "G
 SWIGLU_STEP_DEFAULT_LIMIT = 7.0
 SITU_DEFAULT_BETA = 4.0
 SITU_DEFAULT_LINEAR_BETA = 25.0
+FP8_DTYPE = torch.float8_e4m3fn  # FP8 per-tensor mode (jitmoe.quant): input, weights and GEMM2's input
+FP8_MAX = 448.0  # the largest finite e4m3 value
 
 
 def effective_activation(name: str, has_swiglu_params: bool) -> str:
@@ -116,7 +118,7 @@ def fused_moe_reference(input: torch.Tensor, token_selected_experts: torch.Tenso
 
 def round_to_fp8(t: torch.Tensor) -> torch.Tensor:
     """fp32 -> e4m3 as the kernels round GEMM2's input: nearest even, saturating to +-448 (cvt.satfinite)."""
-    return t.clamp(-448.0, 448.0).to(torch.float8_e4m3fn)
+    return t.clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
 
 
 def moe_align_bound(num_slots: int, num_local_experts: int, block_m: int) -> int:
