@@ -8,11 +8,15 @@ cutlass_fused_moe in bf16 and in FP8 (weights rotated among copies, or the L2 fl
 error against the fp32 layer of the unquantized weights. No peer runs FP8 MoE on this machine, so there is no
 peer column.
 
-    python benchmarks/bench_fused_moe_fp8.py [--shapes mixtral,qwen3] [--tokens 16,4096] [--out DIR]
+With ``--paths`` each row also times the FP8 layer forced onto the decode path and onto the grouped sm90ws GEMMs
+(where the heuristic's switch between them should sit).
+
+    python benchmarks/bench_fused_moe_fp8.py [--shapes mixtral,qwen3] [--tokens 16,4096] [--paths] [--out DIR]
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 from dataclasses import asdict
 
 import torch
@@ -56,6 +60,18 @@ def quantized_sets(shape, T: int, weights: list, device) -> tuple[list, list, to
     return bf16_sets, fp8_sets, ref
 
 
+def fp8_moe(out: torch.Tensor, contexts: tuple = ()):
+    """The FP8 layer writing bf16 into ``out``, inside ``contexts`` (a forced path)."""
+    op = common.jitmoe_attr("cutlass_fused_moe")
+
+    def run(x, ids, scales, w13, w2, quant_scales):
+        with contextlib.ExitStack() as stack:
+            for make in contexts:
+                stack.enter_context(make())
+            return op(x, ids, scales, w13, w2, torch.bfloat16, quant_scales, output=out)[0]
+    return run
+
+
 def measure_row(name, shape, T: int, weights: list, ctx: dict) -> dict:
     device = ctx["device"]
     bf16_sets, fp8_sets, ref = quantized_sets(shape, T, weights, device)
@@ -63,11 +79,10 @@ def measure_row(name, shape, T: int, weights: list, ctx: dict) -> dict:
     nbytes = distinct * 3 * shape.H * shape.I + T * shape.H * (1 + 2)
     floor, bound = common.floor_ms(nbytes, bf.moe_flops(T, shape.k, shape.H, shape.I),
                                    {"copy_TBps": ctx["ceilings"]["copy_TBps"], "bf16_TFLOPs": ctx["fp8_TFLOPs"]})
-    op = common.jitmoe_attr("cutlass_fused_moe")
     out = torch.empty(T, shape.H, device=device, dtype=torch.bfloat16)
-    impls = {"jitmoe_bf16": (bf.jitmoe_moe(out), bf16_sets),
-             "jitmoe_fp8": (lambda x, ids, s, w1, w2, qs: op(x, ids, s, w1, w2, torch.bfloat16, qs, output=out)[0],
-                            fp8_sets)}
+    impls = {"jitmoe_bf16": (bf.jitmoe_moe(out), bf16_sets), "jitmoe_fp8": (fp8_moe(out), fp8_sets)}
+    for path in ctx["paths"]:
+        impls[f"jitmoe_fp8_{path}"] = (fp8_moe(out, bf.kernel_contexts(path)), fp8_sets)
     row = {"shape": name, **asdict(shape), "T": T, "copies": len(weights), "distinct_experts": distinct,
            "fp8_floor_ms": floor, "bound": bound, "impls": {}}
     for impl, (fn, sets) in impls.items():
@@ -80,7 +95,12 @@ def measure_row(name, shape, T: int, weights: list, ctx: dict) -> dict:
     return row
 
 
-def print_report(rows: list[dict]) -> None:
+def print_report(rows: list[dict], paths: tuple) -> None:
+    if paths:
+        print(common.markdown_table(("shape", "T", "fp8 (heuristic) ms", *(f"fp8 {p} ms" for p in paths)),
+                                    [(r["shape"], r["T"], f"{r['best_ms']['jitmoe_fp8']:.4g}",
+                                      *(f"{r['best_ms'].get(f'jitmoe_fp8_{p}') or 0:.4g}" for p in paths))
+                                     for r in rows]))
     print(common.markdown_table(
         ("shape", "T", "bound", "fp8 floor", "bf16 ms", "fp8 ms", "fp8 floor/time", "fp8 vs bf16", "bf16 err",
          "fp8 err"),
@@ -96,13 +116,14 @@ def main(argv=None) -> dict:
     parser.add_argument("--tokens", default=None, help=f"comma list (default {TOKENS})")
     parser.add_argument("--budget-ms", type=float, default=300.0, help="timed time per implementation and row")
     parser.add_argument("--max-copies", type=int, default=4)
+    parser.add_argument("--paths", action="store_true", help="also time FP8 forced onto decode and onto sm90ws")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     device = common.pick_device("cuda")
     torch.backends.cuda.matmul.allow_tf32 = False
     ceil = common.ceilings(device)
     ctx = {"device": device, "ceilings": ceil, "fp8_TFLOPs": fp8_peak_tflops(device), "budget_ms": args.budget_ms,
-           "max_iters": 50}
+           "max_iters": 50, "paths": ("decode", "sm90ws") if args.paths else ()}
     print(f"device {common.device_name(device)}; copy {ceil['copy_TBps']:.3g} TB/s, bf16 {ceil['bf16_TFLOPs']:.3g}"
           f" TFLOP/s, e4m3 {ctx['fp8_TFLOPs']:.3g} TFLOP/s")
     shapes = bf.resolve_shapes(args.shapes, device)
@@ -119,12 +140,12 @@ def main(argv=None) -> dict:
     fracs = [r.get("fp8_floor_frac") for r in rows]
     payload = {"meta": {**common.environment(device, "bench_fused_moe_fp8", ceil), "fp8_TFLOPs": ctx["fp8_TFLOPs"]},
                "settings": {"tokens": tokens, "shapes": {n: asdict(s) for n, s in shapes.items()},
-                            "budget_ms": args.budget_ms},
+                            "budget_ms": args.budget_ms, "paths": ctx["paths"]},
                "rows": rows, "summary": {"geomean_fp8_floor_frac": common.geomean(fracs),
                                          "geomean_fp8_speedup_vs_bf16": common.geomean(
                                              r.get("fp8_speedup_vs_bf16") for r in rows)}}
     common.write_json(common.result_path("bench_fused_moe_fp8", device, args.out, "json"), payload)
-    print_report(rows)
+    print_report(rows, ctx["paths"])
     print(f"geomean fp8 floor/time {payload['summary']['geomean_fp8_floor_frac']:.4f}, fp8 speedup over bf16 "
           f"{payload['summary']['geomean_fp8_speedup_vs_bf16']:.3f}x")
     return payload

@@ -8,6 +8,11 @@
 // their inter row unwritten, GEMM2 adds nothing for them), so a token without a local expert gets zeros. GEMM2
 // sums a token's choices itself in a fixed order: no sorting, no padding, no per-slot buffer, no atomics.
 //
+// FP8 per-tensor (Op = e4m3: x, both weights and inter in e4m3, out in T): GEMM1 scales its fp32 dot by
+// fc1_dequant[e] before the bias and stores e4m3(act(...) * fc2_quant) (saturating); GEMM2 scales each choice's dot
+// by fc2_dequant[e] before its bias. The products of two e4m3 values are exact in fp32 and so is their sum's
+// rounding per step: unlike the e4m3 wgmma, nothing accumulates in fewer bits than fp32.
+//
 // Each warp owns kCols output columns and streams their weight rows (K contiguous) in 16-byte chunks, lane l taking
 // chunks l, l + 32, ...; it loads the chunks of the vector it multiplies them with (x[t] or an inter row, read by
 // every warp of the grid and so served by L2) in the same round, so nothing is staged and no barrier stands between
@@ -19,6 +24,7 @@
 #pragma once
 #include <cuda_runtime.h>
 #include <cstdint>
+#include <type_traits>
 
 #include "common/dtypes.cuh"
 #include "common/pdl.cuh"
@@ -33,17 +39,22 @@ using moe::ActParams;
 constexpr int kWarps = 4;     // GEMM1
 constexpr int kThreads = 32 * kWarps;
 constexpr int kCols = 4;      // output columns per warp
-constexpr int kChunk = 8;     // elements per 16-byte chunk
 constexpr int kColsPerBlock = kWarps * kCols;
-// H and I are multiples of kChunk (moe_decode.fits_decode), so a warp's kCols columns are all in range or all past
-// the end: warps test their first column only.
-static_assert(kChunk % kCols == 0, "a warp's columns must not straddle the end of a row");
+// Elements of Op per 16-byte chunk. H and I are whole chunks (moe_decode.fits_decode), so a warp's kCols columns
+// are all in range or all past the end: warps test their first column only.
+template <typename Op>
+constexpr int kChunk = 16 / static_cast<int>(sizeof(Op));
+static_assert(kChunk<__nv_bfloat16> % kCols == 0 && kChunk<__nv_fp8_e4m3> % kCols == 0,
+              "a warp's columns must not straddle the end of a row");
+template <typename Op>
+constexpr bool kFp8 = std::is_same_v<Op, __nv_fp8_e4m3>;
 constexpr int kUnroll1 = 2;   // GEMM1 chunk steps in flight together (2 x kCols rows when gated)
 constexpr int kWarps2 = 8;    // GEMM2: column groups x choice warps
 constexpr int kThreads2 = 32 * kWarps2;
 constexpr int kUnroll2 = 2;   // GEMM2 chunk steps in flight together
 // GEMM2 blocks per SM the registers must allow: four (64 registers) put a one-token call's blocks in one wave on the
-// H100; sm_80's code needs 94 (it spills at 80).
+// H100; sm_80's code needs 94 (it spills at 80). The FP8 form spills 56 bytes at 64 (to L1, in a kernel that waits
+// on DRAM; three blocks per SM would cost Qwen3/OLMoE at T = 1 a second wave).
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
 constexpr int kMinBlocks2 = 2;
 #else
@@ -65,14 +76,49 @@ __device__ __forceinline__ int local_expert(const DecodeArgs& a, int s) {
   return d < static_cast<uint32_t>(a.num_experts) ? static_cast<int>(d) : -1;
 }
 
-template <typename T>
-__device__ __forceinline__ float dot8(const uint4& w, const uint4& v) {
-  const T* wp = reinterpret_cast<const T*>(&w);
-  const T* vp = reinterpret_cast<const T*>(&v);
-  float acc = 0.f;
+// Elements 2i, 2i + 1 of a 16-byte chunk of Op values as floats (e4m3 through the hardware's e4m3x2 -> f16x2
+// conversion, which is exact).
+template <typename Op>
+__device__ __forceinline__ float2 pair_to_float2(const uint4& chunk, int i) {
+  if constexpr (kFp8<Op>) {
+    const __half2_raw h =
+        __nv_cvt_fp8x2_to_halfraw2(reinterpret_cast<const __nv_fp8x2_storage_t*>(&chunk)[i], __NV_E4M3);
+    return __half22float2(*reinterpret_cast<const __half2*>(&h));
+  } else {
+    const Op* e = reinterpret_cast<const Op*>(&chunk) + 2 * i;
+    return make_float2(to_float(e[0]), to_float(e[1]));
+  }
+}
+
+// acc[r] += w[r][u] . v for R weight chunks against one vector chunk, each row's products summed in element order
+// before they join acc[r]. Element pair by pair across the rows: a vector pair is converted once and is dead after
+// its R products, and a weight word is dead once its elements are used (the 16-bit GEMM2 fits in 64 registers).
+template <typename Op, int R, int U>
+__device__ __forceinline__ void add_chunk_dots(const uint4 (&w)[R][U], int u, const uint4& v, float (&acc)[R]) {
+  float dot[R] = {};
 #pragma unroll
-  for (int i = 0; i < kChunk; ++i) acc = fmaf(to_float(wp[i]), to_float(vp[i]), acc);
-  return acc;
+  for (int i = 0; i < kChunk<Op> / 2; ++i) {
+    const float2 vf = pair_to_float2<Op>(v, i);
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      const float2 wf = pair_to_float2<Op>(w[r][u], i);
+      dot[r] = fmaf(wf.y, vf.y, fmaf(wf.x, vf.x, dot[r]));
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < R; ++r) acc[r] += dot[r];
+}
+
+// GEMM1's output element: the 16-bit type, or e4m3 rounded to nearest and saturated at +-448 (as sm90ws stores it).
+template <typename Op>
+__device__ __forceinline__ Op to_operand(float v) {
+  if constexpr (kFp8<Op>) {
+    Op q;
+    q.__x = __nv_cvt_float_to_fp8(v, __NV_SATFINITE, __NV_E4M3);
+    return q;
+  } else {
+    return from_float<Op>(v);
+  }
 }
 
 __device__ __forceinline__ float warp_sum(float v) {
@@ -81,8 +127,8 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
-// acc[r] += this lane's share of rows[r] . vec over `chunks` 16-byte chunks (all in global memory).
-template <typename T, int R, int U>
+// acc[r] += this lane's share of rows[r] . vec over `chunks` 16-byte chunks of Op (all in global memory).
+template <typename Op, int R, int U>
 __device__ __forceinline__ void accumulate_rows(const uint4* const (&rows)[R], const uint4* vec, int chunks, int lane,
                                                 float (&acc)[R]) {
   for (int base = lane; base < chunks; base += 32 * U) {
@@ -98,15 +144,14 @@ __device__ __forceinline__ void accumulate_rows(const uint4* const (&rows)[R], c
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       if (base + 32 * u >= chunks) break;
-#pragma unroll
-      for (int r = 0; r < R; ++r) acc[r] += dot8<T>(w[r][u], v[u]);
+      add_chunk_dots<Op>(w, u, v[u], acc);
     }
   }
 }
 
-// grid (ceil(I / kColsPerBlock), T * k): one slot's kColsPerBlock columns of inter.
-template <typename T, Act A>
-__global__ void __launch_bounds__(kThreads) decode_gemm1_kernel(const DecodeArgs a) {
+// grid (ceil(I / kColsPerBlock), T * k): one slot's kColsPerBlock columns of inter (in Op).
+template <typename T, typename Op, Act A>
+__global__ void __launch_bounds__(kThreads) decode_gemm1_kernel(const DecodeArgs a, const DecodeFp8Scales f) {
   constexpr bool kGated = moe::ActTraits<A>::kGated;
   constexpr int kRows = kGated ? 2 * kCols : kCols;
   pdl_start();  // common/pdl.cuh: launched with launch_pdl
@@ -114,13 +159,13 @@ __global__ void __launch_bounds__(kThreads) decode_gemm1_kernel(const DecodeArgs
   const int e = local_expert(a, s);
   if (e < 0) return;  // block-uniform
   const uint4* x =
-      reinterpret_cast<const uint4*>(static_cast<const T*>(a.x) + static_cast<int64_t>(s / a.topk) * a.hidden);
+      reinterpret_cast<const uint4*>(static_cast<const Op*>(a.x) + static_cast<int64_t>(s / a.topk) * a.hidden);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int n0 = blockIdx.x * kColsPerBlock + warp * kCols;
   if (n0 >= a.inter_size) return;  // warp-uniform
   const int n1 = kGated ? 2 * a.inter_size : a.inter_size;
-  const int chunks = a.hidden / kChunk;
-  const T* fc1 = static_cast<const T*>(a.fc1) + static_cast<int64_t>(e) * n1 * a.hidden;
+  const int chunks = a.hidden / kChunk<Op>;
+  const Op* fc1 = static_cast<const Op*>(a.fc1) + static_cast<int64_t>(e) * n1 * a.hidden;
   const uint4* rows[kRows];
 #pragma unroll
   for (int c = 0; c < kCols; ++c) {
@@ -131,28 +176,34 @@ __global__ void __launch_bounds__(kThreads) decode_gemm1_kernel(const DecodeArgs
     }
   }
   float acc[kRows] = {};
-  accumulate_rows<T, kRows, kUnroll1>(rows, x, chunks, lane, acc);
+  accumulate_rows<Op, kRows, kUnroll1>(rows, x, chunks, lane, acc);
 #pragma unroll
   for (int r = 0; r < kRows; ++r) acc[r] = warp_sum(acc[r]);
   if (lane != 0) return;
   const T* bias = a.fc1_bias ? static_cast<const T*>(a.fc1_bias) + static_cast<int64_t>(e) * n1 : nullptr;
   const ActParams params = moe::load_act_params<A>(a.act_alpha, a.act_beta, a.act_limit, e);
-  T* inter = static_cast<T*>(a.inter) + static_cast<int64_t>(s) * a.inter_size;
+  float dequant = 1.f, quant = 1.f;  // FP8: the dot's scale, and the e4m3 output's
+  if constexpr (kFp8<Op>) {
+    dequant = f.fc1_dequant[e];
+    quant = f.fc2_quant[e * f.fc2_quant_stride];
+  }
+  Op* inter = static_cast<Op*>(a.inter) + static_cast<int64_t>(s) * a.inter_size;
 #pragma unroll
   for (int c = 0; c < kCols; ++c) {
     const int n = n0 + c;
-    const float up = acc[c] + (bias ? to_float(bias[n]) : 0.f);
+    const float up = acc[c] * dequant + (bias ? to_float(bias[n]) : 0.f);
     float gate = 0.f;
-    if constexpr (kGated) gate = acc[kCols + c] + (bias ? to_float(bias[a.inter_size + n]) : 0.f);
-    inter[n] = from_float<T>(moe::apply_act<A>(up, gate, params));
+    if constexpr (kGated) gate = acc[kCols + c] * dequant + (bias ? to_float(bias[a.inter_size + n]) : 0.f);
+    inter[n] = to_operand<Op>(moe::apply_act<A>(up, gate, params) * quant);
   }
 }
 
 // grid (ceil(H / gemm2_cols_per_block(k)), T): one token's output columns, in column groups of kCols per warp.
 // Warp q of a group streams the rows of choices q, q + jw, ... and keeps per-lane partial sums; the group's first
 // warp then adds the jw partials in order and reduces over lanes, so the result does not depend on timing.
-template <typename T>
-__global__ void __launch_bounds__(kThreads2, kMinBlocks2) decode_gemm2_kernel(const DecodeArgs a) {
+template <typename T, typename Op>
+__global__ void __launch_bounds__(kThreads2, kMinBlocks2)
+    decode_gemm2_kernel(const DecodeArgs a, const DecodeFp8Scales f) {
   __shared__ float partial[kWarps2][kCols][32];
   __shared__ float bias_partial[kWarps2][kCols];
   pdl_start();  // common/pdl.cuh: launched with launch_pdl
@@ -161,7 +212,7 @@ __global__ void __launch_bounds__(kThreads2, kMinBlocks2) decode_gemm2_kernel(co
   const int jw = choice_warps(a.topk);
   const int group = warp / jw, q = warp % jw;
   const int n0 = blockIdx.x * gemm2_cols_per_block(a.topk) + group * kCols;
-  const int chunks = a.inter_size / kChunk;
+  const int chunks = a.inter_size / kChunk<Op>;
   float acc[kCols] = {};
   float bias_sum[kCols] = {};
   const bool in_range = n0 < a.hidden;  // warp-uniform; the warp still meets the barrier below
@@ -170,18 +221,19 @@ __global__ void __launch_bounds__(kThreads2, kMinBlocks2) decode_gemm2_kernel(co
     const int e = local_expert(a, s);
     if (e < 0) continue;  // warp-uniform
     const float w = a.slot_weights[s];
-    const T* fc2 = static_cast<const T*>(a.fc2) + static_cast<int64_t>(e) * a.hidden * a.inter_size;
+    const float w_dot = kFp8<Op> ? w * f.fc2_dequant[e] : w;  // FP8: the dot's scale joins the routing weight
+    const Op* fc2 = static_cast<const Op*>(a.fc2) + static_cast<int64_t>(e) * a.hidden * a.inter_size;
     const uint4* rows[kCols];
 #pragma unroll
     for (int c = 0; c < kCols; ++c) {
       rows[c] = reinterpret_cast<const uint4*>(fc2 + static_cast<int64_t>(n0 + c) * a.inter_size);
     }
     const uint4* inter =
-        reinterpret_cast<const uint4*>(static_cast<const T*>(a.inter) + static_cast<int64_t>(s) * a.inter_size);
+        reinterpret_cast<const uint4*>(static_cast<const Op*>(a.inter) + static_cast<int64_t>(s) * a.inter_size);
     float part[kCols] = {};
-    accumulate_rows<T, kCols, kUnroll2>(rows, inter, chunks, lane, part);
+    accumulate_rows<Op, kCols, kUnroll2>(rows, inter, chunks, lane, part);
 #pragma unroll
-    for (int c = 0; c < kCols; ++c) acc[c] = fmaf(w, part[c], acc[c]);
+    for (int c = 0; c < kCols; ++c) acc[c] = fmaf(w_dot, part[c], acc[c]);
     if (a.fc2_bias != nullptr) {
       const T* bias = static_cast<const T*>(a.fc2_bias) + static_cast<int64_t>(e) * a.hidden;
 #pragma unroll

@@ -1,4 +1,5 @@
 // Torch binding of the decode path: tensors -> DecodeArgs -> launch. Python (jitmoe/ops/moe_decode.py) validates.
+// The FP8 scales are None for 16-bit operands.
 #include "common/torch_binding.h"
 #include "moe_decode/moe_decode_args.h"
 
@@ -12,7 +13,8 @@ void run(const at::Tensor& x, const at::Tensor& fc1, const std::optional<at::Ten
          const at::Tensor& fc2, const std::optional<at::Tensor>& fc2_bias, const at::Tensor& out,
          const at::Tensor& topk_ids, const at::Tensor& slot_weights, const std::optional<at::Tensor>& act_alpha,
          const std::optional<at::Tensor>& act_beta, const std::optional<at::Tensor>& act_limit,
-         int64_t expert_offset) {
+         int64_t expert_offset, const std::optional<at::Tensor>& fc1_dequant,
+         const std::optional<at::Tensor>& fc2_quant, const std::optional<at::Tensor>& fc2_dequant) {
   const c10::cuda::CUDAGuard guard(x.device());
   jitmoe::moe_decode::DecodeArgs a{};
   a.x = x.data_ptr();
@@ -33,7 +35,12 @@ void run(const at::Tensor& x, const at::Tensor& fc1, const std::optional<at::Ten
   a.inter_size = static_cast<int>(fc2.size(2));
   a.num_experts = static_cast<int>(fc2.size(0));
   a.expert_offset = static_cast<int>(expert_offset);
-  jitmoe::moe_decode::launch_decode(a, jitmoe::current_stream(x));
+  jitmoe::moe_decode::DecodeFp8Scales f{};
+  f.fc1_dequant = ptr_or_null<float>(fc1_dequant);
+  f.fc2_quant = ptr_or_null<float>(fc2_quant);
+  f.fc2_dequant = ptr_or_null<float>(fc2_dequant);
+  f.fc2_quant_stride = fc2_quant.has_value() && fc2_quant->numel() > 1 ? 1 : 0;
+  jitmoe::moe_decode::launch_decode(a, f, jitmoe::current_stream(x));
   JITMOE_CHECK_LAUNCH("moe_decode");
 }
 

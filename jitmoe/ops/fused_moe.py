@@ -11,7 +11,8 @@ and for a few tokens (``moe_decode.use_decode``) the decode path: one weight-str
 summing each token's choices itself.
 
 FP8 per-tensor (FlashInfer's mode: e4m3 input and weights, four ``quant_scales``; jitmoe.quant) runs the same
-pipeline on sm_90a with e4m3 GEMMs, GEMM1 writing GEMM2's input in e4m3; no decode path or split-K there.
+pipeline on sm_90a with e4m3 GEMMs (or the decode path with e4m3 operands), GEMM1 writing GEMM2's input in e4m3;
+no split-K or autotune there.
 
 Everything is deterministic: no float atomics anywhere, so ``use_fused_finalize`` True and False give bitwise
 repeatable (and identical) results. Out-of-range expert ids contribute zero on CUDA (no device check: that would
@@ -411,9 +412,10 @@ def _gemm_configs(num_slots: int, num_local: int, hidden: int, inter: int, x: to
 
 def _fp8_gemm_configs(num_slots: int, num_local: int, hidden: int, inter: int, x: torch.Tensor, activation: str,
                       kernel: str, k_splits: int):
-    """FP8: the heuristic's 16-bit sm90ws tiles in their e4m3 form (no decode path, split-K or autotune for FP8)."""
+    """FP8: the heuristic's 16-bit sm90ws tiles in their e4m3 form (no split-K or autotune for FP8)."""
     if kernel not in ("", "sm90ws") or k_splits > 1:
-        raise _not_implemented(f"FP8 on a forced kernel {kernel!r} or split-K {k_splits} (FP8 runs on sm90ws only)")
+        raise _not_implemented(f"FP8 on a forced kernel {kernel!r} or split-K {k_splits} (FP8 runs on sm90ws and "
+                               "the decode path only)")
     cfg1, cfg2 = _gemm_configs(num_slots, num_local, hidden, inter, x, activation, "sm90ws", 1,
                                tile_dtype=torch.bfloat16)
     return _gemm.fp8_config(cfg1), _gemm.fp8_config(cfg2)
@@ -427,12 +429,14 @@ def _run_cuda(output, x, topk_ids, slot_weights, fc1, fc2, fc1_bias, fc2_bias, a
     num_tokens, topk = topk_ids.shape
     num_local, hidden, inter = fc2.shape
     heuristic = not kernel and not k_splits
+    if kernel == DECODE or (heuristic and _decode.use_decode(num_tokens, topk, num_local, hidden, inter,
+                                                             x.element_size())):
+        fp8_scales = (fp8.fc1_dequant, fp8.fc2_quant, fp8.fc2_dequant) if fp8 is not None else None
+        _decode.run_decode(output, x, topk_ids, slot_weights, fc1, fc2, fc1_bias, fc2_bias, act_params, activation,
+                           local_expert_offset, fp8_scales)
+        return
     if fp8 is not None:
         cfg1, cfg2 = _fp8_gemm_configs(num_tokens * topk, num_local, hidden, inter, x, activation, kernel, k_splits)
-    elif kernel == DECODE or (heuristic and _decode.use_decode(num_tokens, topk, num_local, hidden, inter)):
-        _decode.run_decode(output, x, topk_ids, slot_weights, fc1, fc2, fc1_bias, fc2_bias, act_params, activation,
-                           local_expert_offset)
-        return
     else:
         workload = _autotune.Workload(x, topk_ids, slot_weights, fc1, fc2, fc1_bias, fc2_bias, act_params,
                                       activation, local_expert_offset)

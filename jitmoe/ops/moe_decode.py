@@ -3,7 +3,8 @@ tokens, where a grouped GEMM's tiles would be mostly padding. GEMM1 computes eac
 activated row straight from x; GEMM2 computes each token's output columns and sums its top-k choices itself, in
 order, so there is no moe_align, no padded order, no per-slot output buffer and no combine launch.
 
-``use_decode`` is the pipeline's rule for taking this path; ``run_decode`` launches it.
+``use_decode`` is the pipeline's rule for taking this path; ``run_decode`` launches it. FP8 per-tensor (e4m3 x and
+weights, jitmoe.quant's scales) runs the same kernels with e4m3 operands and an e4m3 inter row (sm_89+).
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from ..jit import KernelSpec, device_archs, load_module
+from ..jit import KernelSpec, device_archs, load_module, normalize_arch
 from ._validate import DTYPE_TAG
 from .moe_gemm import ACTIVATIONS, activation_name
 
@@ -27,43 +28,58 @@ _MAX_TOKENS = 8
 _MAX_GRID_Y = 65535  # GEMM1's grid has one row of blocks per slot
 
 
-def decode_spec(dtype: str, activation: str, archs) -> KernelSpec:
+def decode_spec(dtype: str, activation: str, archs, operand: Optional[str] = None) -> KernelSpec:
+    """``dtype``: the output's (and biases') type; ``operand``: x's, the weights' and inter's ('e4m3' for FP8,
+    None: ``dtype``)."""
+    if operand not in (None, dtype, "e4m3"):
+        raise ValueError(f"operand: expected None, {dtype!r} or 'e4m3', got {operand!r}")
     return KernelSpec.create("moe_decode", "moe_decode", ("moe_decode.cu", "moe_decode_binding.cpp"),
-                             {"dtype": dtype, "act": activation_name(activation)}, archs)
+                             {"dtype": dtype, "operand": operand or dtype, "act": activation_name(activation)},
+                             archs)
 
 
-def fits_decode(num_tokens: int, topk: int, hidden: int, inter: int) -> bool:
-    """Whether the decode kernels can run the shape: the slots fit the grid's y dimension and rows are whole
-    16-byte chunks."""
-    return num_tokens * topk <= _MAX_GRID_Y and hidden % 8 == 0 and inter % 8 == 0
+def fits_decode(num_tokens: int, topk: int, hidden: int, inter: int, elem_bytes: int = 2) -> bool:
+    """Whether the decode kernels can run the shape: the slots fit the grid's y dimension and rows of
+    ``elem_bytes``-byte operands are whole 16-byte chunks."""
+    chunk = 16 // elem_bytes
+    return num_tokens * topk <= _MAX_GRID_Y and hidden % chunk == 0 and inter % chunk == 0
 
 
-def use_decode(num_tokens: int, topk: int, num_experts: int, hidden: int, inter: int) -> bool:
+def use_decode(num_tokens: int, topk: int, num_experts: int, hidden: int, inter: int, elem_bytes: int = 2) -> bool:
     """The pipeline's default: the decode path for a few tokens whose slots rarely share an expert (see above),
     when the shape fits. ``num_experts`` is the number of local experts."""
     few = num_tokens <= _ALWAYS_TOKENS or (num_tokens <= _MAX_TOKENS and 2 * num_tokens * topk <= num_experts)
-    return num_tokens > 0 and few and fits_decode(num_tokens, topk, hidden, inter)
+    return num_tokens > 0 and few and fits_decode(num_tokens, topk, hidden, inter, elem_bytes)
 
 
 def run_decode(output: torch.Tensor, x: torch.Tensor, topk_ids: torch.Tensor, slot_weights: torch.Tensor,
                fc1: torch.Tensor, fc2: torch.Tensor, fc1_bias: Optional[torch.Tensor],
-               fc2_bias: Optional[torch.Tensor], act_params: dict, activation: str, local_expert_offset: int) -> None:
+               fc2_bias: Optional[torch.Tensor], act_params: dict, activation: str, local_expert_offset: int,
+               fp8_scales: Optional[tuple] = None) -> None:
     """output[t] = sum_j w[t, j] * (act(x[t] fc1[e]^T + b1) fc2[e]^T + b2) over the token's local experts, in a
-    fixed order (zeros for tokens without one). Inputs are validated by the caller (cutlass_fused_moe); never syncs."""
+    fixed order (zeros for tokens without one). ``fp8_scales`` (fc1_dequant, fc2_quant, fc2_dequant) with e4m3 x,
+    fc1 and fc2: the FP8 per-tensor layer of jitmoe.quant, inter rounded to e4m3. Inputs are validated by the
+    caller (cutlass_fused_moe); never syncs."""
     num_tokens, topk = topk_ids.shape
-    if not fits_decode(num_tokens, topk, x.shape[1], fc2.shape[2]):
+    if not fits_decode(num_tokens, topk, x.shape[1], fc2.shape[2], x.element_size()):
+        chunk = 16 // x.element_size()
         raise ValueError(f"moe_decode: shape T={num_tokens} k={topk} H={x.shape[1]} I={fc2.shape[2]} does not fit the"
-                         f" decode kernels (T * k <= {_MAX_GRID_Y}, H and I multiples of 8)")
+                         f" decode kernels (T * k <= {_MAX_GRID_Y}, H and I multiples of {chunk})")
     inter = torch.empty(num_tokens * topk, fc2.shape[2], dtype=x.dtype, device=x.device)
-    spec = decode_spec(DTYPE_TAG[x.dtype], activation, device_archs(x.device))
+    operand = "e4m3" if fp8_scales is not None else None
+    spec = decode_spec(DTYPE_TAG[output.dtype], activation, device_archs(x.device), operand)
     load_module(spec).run(x, fc1, fc1_bias, inter, fc2, fc2_bias, output, topk_ids, slot_weights,
                           act_params.get("swiglu_alpha"), act_params.get("swiglu_beta"),
-                          act_params.get("swiglu_limit"), local_expert_offset)
+                          act_params.get("swiglu_limit"), local_expert_offset, *(fp8_scales or (None,) * 3))
 
 
 def _prewarm_specs(dtypes, topks, archs) -> list[KernelSpec]:
     del topks  # top-k is a run-time value
-    return [decode_spec(d, act, tuple(archs)) for d in dtypes if d in ("bf16", "fp16") for act in ACTIVATIONS]
+    specs = [decode_spec(d, act, tuple(archs)) for d in dtypes if d in ("bf16", "fp16") for act in ACTIVATIONS]
+    fp8_archs = tuple(a for a in archs if normalize_arch(a) == "90a")  # where the pipeline runs FP8
+    if "fp8" in dtypes and fp8_archs:  # bf16 output, as moe_gemm prewarms FP8
+        specs += [decode_spec("bf16", act, fp8_archs, "e4m3") for act in ACTIVATIONS]
+    return specs
 
 
 PREWARM = {"fused_moe_decode": _prewarm_specs}

@@ -41,6 +41,15 @@ def test_fits_decode_bounds_the_grid_and_chunks(shape, fits):
         assert dec.use_decode(tokens, topk, 256, hidden, inter) is fits
 
 
+@pytest.mark.parametrize("hidden, inter, fits", [(2048, 768, True), (1040, 272, True), (1032, 768, False),
+                                                 (2048, 776, False)])
+def test_fp8_rows_are_whole_chunks_of_sixteen(hidden, inter, fits):
+    """e4m3 operands: a 16-byte chunk holds 16 of them (the 16-bit kernels' multiple of 8 is not enough)."""
+    assert dec.fits_decode(1, 8, hidden, inter, elem_bytes=1) is fits
+    assert dec.use_decode(1, 8, 128, hidden, inter, elem_bytes=1) is fits
+    assert dec.fits_decode(1, 8, hidden, inter)  # multiples of 8 all
+
+
 def test_run_decode_rejects_shapes_it_cannot_run():
     x = torch.zeros(1, 4096, dtype=torch.bfloat16)
     one = torch.zeros(1, 1, 1, dtype=torch.bfloat16)  # expanded views: the weights are never read
@@ -61,10 +70,22 @@ def test_force_kernel_accepts_the_decode_path():
 
 def test_spec_and_prewarm():
     spec = dec.decode_spec("bf16", "Swiglu", ("90a",))
-    assert dict(spec.params) == {"dtype": "bf16", "act": "Swiglu"}
-    assert spec.readable_name.startswith("moe_decode_bf16_Swiglu")
+    assert dict(spec.params) == {"dtype": "bf16", "operand": "bf16", "act": "Swiglu"}
+    assert spec.readable_name.startswith("moe_decode_bf16_bf16_Swiglu")
     specs = prewarm_registry()["fused_moe_decode"](["bf16", "fp16", "fp32"], [8], ["80", "90a"])
     assert len(specs) == 2 * len(dec.ACTIVATIONS) and all(dict(s.params)["dtype"] != "fp32" for s in specs)
+
+
+def test_fp8_spec_and_prewarm_for_sm90a_only():
+    spec = dec.decode_spec("fp16", "Gelu", ("90a",), "e4m3")
+    assert dict(spec.params) == {"dtype": "fp16", "operand": "e4m3", "act": "Gelu"}
+    assert spec != dec.decode_spec("fp16", "Gelu", ("90a",))
+    specs = prewarm_registry()["fused_moe_decode"](["fp8"], [8], ["80", "90a"])
+    assert len(specs) == len(dec.ACTIVATIONS)
+    assert all(dict(s.params)["operand"] == "e4m3" and tuple(s.archs) == ("90a",) for s in specs)
+    assert prewarm_registry()["fused_moe_decode"](["fp8"], [8], ["80"]) == []
+    with pytest.raises(ValueError, match="operand"):
+        dec.decode_spec("bf16", "Swiglu", ("90a",), "fp16")
 
 
 @pytest.mark.skipif(find_nvcc() is None, reason="nvcc not found")
@@ -77,3 +98,12 @@ def test_template_compiles_without_spills(act, tmp_path, monkeypatch):
     assert "registers" in output, output
     spills = [int(v) for v in re.findall(r"(\d+) bytes spill (?:stores|loads)", output)]
     assert spills and not any(spills), output
+
+
+@pytest.mark.skipif(find_nvcc() is None, reason="nvcc not found")
+def test_fp8_template_compiles_for_sm90a(tmp_path, monkeypatch):
+    """The e4m3 form (its GEMM2 spills a few bytes at the 64-register cap; see moe_decode.cuh's kMinBlocks2)."""
+    monkeypatch.delenv("JITMOE_DEBUG", raising=False)
+    results = compile_cuda_sources(dec.decode_spec("bf16", "Swiglu", ("90a",), "e4m3"), tmp_path, ptxas_verbose=True)
+    output = results[0].output
+    assert output.count("Compiling entry function") == 2 and "registers" in output, output

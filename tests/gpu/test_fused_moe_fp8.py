@@ -6,8 +6,9 @@ import torch
 import jitmoe
 from jitmoe import quant
 from jitmoe.ops import fused_moe as fm
-from jitmoe.ops import moe_gemm, permute
-from jitmoe.reference.moe import GATED_ACTIVATIONS, apply_activation, fused_moe_reference
+from jitmoe.jit import device_archs, load_module
+from jitmoe.ops import moe_decode, moe_gemm, permute
+from jitmoe.reference.moe import GATED_ACTIVATIONS, apply_activation, fused_moe_reference, round_to_fp8
 from jitmoe.testing import poison_, rel_error
 
 pytestmark = pytest.mark.gpu
@@ -155,13 +156,108 @@ def test_two_runs_are_bitwise_equal():
     assert torch.equal(run(p).clone(), run(p))
 
 
-def test_forced_kernels_other_than_sm90ws_are_rejected():
+def test_forced_grouped_kernels_other_than_sm90ws_are_rejected():
     p = make_fp8_problem(4, 8, 2, 128, 128)
-    for kernel in ("sm80", "sm90", fm.DECODE):
+    for kernel in ("sm80", "sm90"):
         with fm.force_kernel(kernel), pytest.raises(NotImplementedError, match="FP8"):
             run(p)
     with fm.force_split_k(2), pytest.raises(NotImplementedError, match="split-K"):
         run(p)
+
+
+# -- the decode path (few tokens): e4m3 weights streamed, dots in fp32 ------------------------------------------------
+# Its dots add exact e4m3 products in fp32, so GEMM2's input rounds as the reference rounds it (up to the rare value
+# that an fp32 summation-order difference moves across a rounding midpoint): the layer is held to the output's own
+# rounding, far below TOL.
+DECODE_TOL = 5e-3
+# (T, E, k, H, I): one token, top-1, Qwen3-like proportions, rows of an odd number of 16-byte chunks (H 1040, I 272).
+DECODE_SHAPES = [(1, 8, 2, 256, 256), (3, 4, 1, 128, 128), (1, 128, 8, 2048, 768), (5, 64, 8, 1040, 272),
+                 (8, 16, 2, 512, 1024)]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("T,E,k,H,I", DECODE_SHAPES)
+def test_decode_path_matches_fp8_reference(T, E, k, H, I, dtype):
+    p = make_fp8_problem(T, E, k, H, I, dtype=dtype, per_expert_quant=True)
+    with fm.force_kernel(fm.DECODE):
+        out = run(p)
+    torch.cuda.synchronize()
+    assert rel_error(out, reference(p)) <= DECODE_TOL
+
+
+@pytest.mark.parametrize("act", ["Swiglu", "Geglu", "Relu2", "Gelu", "Identity"])
+def test_decode_activations_and_biases(act):
+    p = make_fp8_problem(3, 16, 4, 512, 256, act=act, bias=True)
+    with fm.force_kernel(fm.DECODE):
+        assert rel_error(run(p), reference(p)) <= DECODE_TOL
+
+
+def test_decode_saturates_like_the_reference():
+    p = make_fp8_problem(4, 8, 2, 256, 256, act2_scale=0.05 / 448)
+    with fm.force_kernel(fm.DECODE):
+        assert rel_error(run(p), reference(p)) <= DECODE_TOL
+
+
+def test_the_heuristic_takes_the_decode_path_for_one_token():
+    p = make_fp8_problem(1, 64, 8, 512, 256)
+    assert moe_decode.use_decode(1, 8, 64, 512, 256, elem_bytes=1)
+    heuristic = run(p).clone()
+    with fm.force_kernel(fm.DECODE):
+        forced = run(p)
+    assert torch.equal(heuristic, forced)  # the same kernels, deterministic
+
+
+def test_decode_expert_parallel_ranks_sum_to_full():
+    T, E, k = 6, 16, 4
+    p = make_fp8_problem(T, E, k, 256, 256, per_expert_quant=True)
+    with fm.force_kernel(fm.DECODE):
+        full = run(p).float()
+        total = torch.zeros_like(full)
+        for rank in range(4):
+            sl = slice(4 * rank, 4 * rank + 4)
+            local = dict(p, fc1=p["fc1"][sl].contiguous(), fc2=p["fc2"][sl].contiguous(),
+                         scales=[p["scales"][0][sl].contiguous(), p["scales"][1][sl].contiguous(),
+                                 p["scales"][2][sl].contiguous(), p["scales"][3]])
+            total += run(local, ep_size=4, ep_rank=rank).float()
+    assert rel_error(total, full) <= DECODE_TOL
+
+
+def test_decode_gemm1_rounds_exactly_like_the_reference():
+    """The decode GEMM1's e4m3 rows against an fp64 computation of the contract: all equal but for values that
+    land within an fp32 rounding of an e4m3 midpoint."""
+    T, E, k, H, I = 4, 16, 8, 512, 256
+    p = make_fp8_problem(T, E, k, H, I, per_expert_quant=True)
+    ids = p["ids"].reshape(-1).long()
+    inter = torch.zeros(T * k, I, dtype=quant.FP8_DTYPE, device="cuda")
+    out = torch.empty(T, H, dtype=torch.bfloat16, device="cuda")
+    spec = moe_decode.decode_spec("bf16", "Swiglu", device_archs(p["x"].device), "e4m3")
+    load_module(spec).run(p["x"], p["fc1"], None, inter, p["fc2"], None, out, p["ids"],
+                          p["weights"].reshape(-1), None, None, None, 0, *p["scales"][:3])
+    x = p["x"].double()[torch.arange(T * k, device="cuda") // k]
+    h = torch.einsum("sh,snh->sn", x, p["fc1"].double()[ids]) * p["scales"][0].double()[ids, None]
+    want = round_to_fp8((apply_activation("Swiglu", h) * p["scales"][1].double()[ids, None]).float()).float()
+    got = inter.float()
+    assert (got != want).float().mean() < 1e-3
+    assert ((got - want).abs() <= got.abs().maximum(want.abs()) / 8 + 2.0 ** -9).all()  # at most one step
+
+
+def test_decode_graph_replay_with_new_data():
+    p = make_fp8_problem(2, 32, 2, 256, 512, per_expert_quant=True)
+    out = torch.empty(p["x"].shape, dtype=p["dtype"], device="cuda")
+    with fm.force_kernel(fm.DECODE):
+        run(p, out)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            run(p, out)
+    fresh = make_fp8_problem(2, 32, 2, 256, 512, per_expert_quant=True)
+    for name in ("x", "ids", "weights", "fc1", "fc2"):
+        p[name].copy_(fresh[name])
+    for old, new in zip(p["scales"], fresh["scales"]):
+        old.copy_(new)
+    poison_(out)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert rel_error(out, reference(p)) <= DECODE_TOL
 
 
 # -- the two GEMMs alone, against the exact contract ----------------------------------------------------------------
