@@ -25,6 +25,15 @@ def test_use_decode_takes_few_tokens_on_distinct_experts(tokens, topk, experts, 
     assert dec.use_decode(tokens, topk, experts, 2048, 768) is expected
 
 
+@pytest.mark.parametrize("tokens, topk, experts, expected", [
+    (1, 2, 8, True), (2, 8, 64, True), (4, 2, 8, False),         # Mixtral: as in 16 bits
+    (4, 8, 64, True), (4, 8, 256, True), (3, 8, 48, True),       # OLMoE, DeepSeek-V3: slots <= E / 2
+    (8, 8, 128, False), (8, 8, 256, False), (5, 8, 256, False),  # FP8 stops at 4 tokens (its grouped GEMMs win)
+])
+def test_fp8_takes_the_decode_path_up_to_four_tokens(tokens, topk, experts, expected):
+    assert dec.use_decode(tokens, topk, experts, 2048, 768, elem_bytes=1) is expected
+
+
 @pytest.mark.parametrize("shape, fits", [
     ((1, 8, 7168, 2048), True),      # DeepSeek-V3
     ((1, 8, 4096, 14336), True),     # long rows: nothing is staged in shared memory
