@@ -5,6 +5,7 @@ The README documents the same table.
 """
 from __future__ import annotations
 
+import functools
 import os
 import shlex
 
@@ -43,7 +44,12 @@ def cache_dir() -> str:
 
 def cuda_arch_list() -> tuple[str, ...] | None:
     """Archs from JITMOE_CUDA_ARCH_LIST normalised to '80', '90a', ... or None when unset."""
-    raw = os.environ.get("JITMOE_CUDA_ARCH_LIST", "").strip()
+    return _parse_arch_list(os.environ.get("JITMOE_CUDA_ARCH_LIST", ""))
+
+
+@functools.lru_cache(maxsize=64)  # every op call reads the variable; parse each value once
+def _parse_arch_list(raw: str) -> tuple[str, ...] | None:
+    raw = raw.strip()
     if not raw:
         return None
     items = [a for a in raw.replace(",", ";").replace(" ", ";").split(";") if a]

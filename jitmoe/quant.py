@@ -78,7 +78,7 @@ def _scale_tensor(name: str, t, device, lengths: tuple[int, ...]) -> torch.Tenso
     if t.dim() > 1 or t.numel() not in lengths:
         shapes = " or ".join("a scalar (0-D or [1])" if n == 1 else f"[{n}]" for n in lengths)
         raise ValueError(f"{name}: expected {shapes}, got shape {tuple(t.shape)}")
-    return t.reshape(-1)
+    return t if t.dim() == 1 else t.reshape(-1)
 
 
 def parse_fp8_quant_scales(quant_scales, num_local: int, device) -> Fp8Scales:

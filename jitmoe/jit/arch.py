@@ -45,7 +45,10 @@ def device_archs(device=None) -> tuple[str, ...]:
     if forced:
         return tuple(normalize_arch(a) for a in forced)
     import torch
-    index = device if device is None or isinstance(device, int) else torch.device(device).index
+    if isinstance(device, torch.device):  # the ops' case (x.device): no torch.device() round trip
+        index = device.index
+    else:
+        index = device if device is None or isinstance(device, int) else torch.device(device).index
     return _device_arch(torch.cuda.current_device() if index is None else index)
 
 

@@ -8,6 +8,7 @@ weights, jitmoe.quant's scales) runs the same kernels with e4m3 operands and an 
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -32,6 +33,7 @@ _MAX_TOKENS = {2: 8, 1: 4}  # by operand bytes
 _MAX_GRID_Y = 65535  # GEMM1's grid has one row of blocks per slot
 
 
+@functools.lru_cache(maxsize=256)  # every decode call asks; building a spec costs microseconds of host time
 def decode_spec(dtype: str, activation: str, archs, operand: Optional[str] = None) -> KernelSpec:
     """``dtype``: the output's (and biases') type; ``operand``: x's, the weights' and inter's ('e4m3' for FP8,
     None: ``dtype``)."""

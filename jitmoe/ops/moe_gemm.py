@@ -303,6 +303,7 @@ def heuristic_tile(kernel: str, block_m: int, arch: str, gated: bool, rows_per_e
                        narrow=rows_per_expert <= _NARROW_MAX_ROWS_PER_EXPERT)
 
 
+@functools.lru_cache(maxsize=256)  # twice per FP8 call: dataclasses.replace costs several microseconds
 def fp8_config(cfg: GemmConfig) -> GemmConfig:
     """The FP8 form of an sm90ws config: a stage holds BLOCK_K = 128 e4m3 values, the same 128 bytes per row as 64
     bf16 ones, so the ring, its stage count and the shared memory stay those of the 16-bit tile."""

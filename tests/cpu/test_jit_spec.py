@@ -121,6 +121,16 @@ def test_normalize_arch(raw, want):
     assert normalize_arch(raw) == want
 
 
+def test_arch_list_variable_is_read_on_every_call(monkeypatch):
+    """device_archs reads JITMOE_CUDA_ARCH_LIST each time (its parse is cached per value, not the value)."""
+    from jitmoe.jit import device_archs
+    monkeypatch.setenv("JITMOE_CUDA_ARCH_LIST", "8.0;9.0a")
+    assert device_archs(torch.device("cuda", 0)) == ("80", "90a")
+    monkeypatch.setenv("JITMOE_CUDA_ARCH_LIST", "sm_90a")
+    assert device_archs(torch.device("cuda", 0)) == ("90a",)
+    assert device_archs(0) == ("90a",) and device_archs("cuda:0") == ("90a",)
+
+
 def test_normalize_arch_rejects_garbage():
     with pytest.raises(ValueError, match="arch"):
         normalize_arch("hopper")
