@@ -32,7 +32,8 @@ def _parser() -> argparse.ArgumentParser:
     pw = sub.add_parser("prewarm", help="build kernels into the cache ahead of time")
     pw.add_argument("--op", default="all", help="comma list of ops (see --list-ops), or 'all'")
     pw.add_argument("--dtype", default="bf16,fp16",
-                    help="comma list of fp32,bf16,fp16,fp8 (fp8: the FP8 fused-MoE GEMMs with bf16 output, sm_90a)")
+                    help="comma list of fp32,bf16,fp16,fp8 (fp8: the FP8 fused-MoE GEMMs and decode kernels with "
+                         "bf16 output, sm_90a)")
     pw.add_argument("--topk", default="1,2,8", help="comma list of top-k values")
     pw.add_argument("--arch", default=None, help="comma list such as 80,90a (default: this machine's GPUs)")
     pw.add_argument("-j", "--jobs", type=int, default=max(1, (os.cpu_count() or 2) // 2),
