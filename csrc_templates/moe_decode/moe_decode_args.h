@@ -31,7 +31,7 @@ struct DecodeFp8Scales {
   int fc2_quant_stride;
 };
 
-// Both launches on `stream` (moe_decode.cu, rendered per dtype and activation); never synchronises.
+// Both launches on `stream` (moe_decode.cu, rendered per dtype, operand and activation); never synchronises.
 void launch_decode(const DecodeArgs& a, const DecodeFp8Scales& f, cudaStream_t stream);
 
 }  // namespace jitmoe::moe_decode

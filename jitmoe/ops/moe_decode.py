@@ -24,10 +24,11 @@ __all__ = ["decode_spec", "fits_decode", "use_decode", "run_decode"]
 # benchmark shapes (benchmarks/results/h100-2026-11-22-session6/): it won every row with T <= 2, and up to T = 8
 # while slots <= E_local / 2 (Qwen3 T=8 0.21 vs 0.24 ms, DeepSeek-V3 T=8 1.85 vs 1.93), and lost the others
 # (Mixtral T=4 0.93 vs 0.81, OLMoE T=8 0.27 vs 0.25, every T=16).
-# FP8 (e4m3 weights) halves both paths' bytes, and the grouped GEMMs also double their tensor rate: measured the same
-# way (benchmarks/results/h100-2026-11-24-session24/), decode won every row with T <= 2 and Qwen3/OLMoE at T = 4
-# (0.067 vs 0.076, 0.080 vs 0.086 ms), tied DeepSeek-V3 at T = 4 (0.487 vs 0.483) and lost every T = 8 row (DeepSeek-V3
-# 0.954 vs 0.888, Qwen3 0.116 vs 0.112): FP8 stops at 4 tokens.
+# FP8 (e4m3 weights) halves both paths' bytes, and the grouped GEMMs also double their tensor rate. Measured the same
+# way in three runs (benchmarks/results/h100-2026-11-24-session24/), decode won Qwen3/OLMoE at T = 4 (0.067 vs
+# 0.073-0.076, 0.078 vs 0.080-0.086 ms) and tied DeepSeek-V3 there twice (lost 0.486 vs 0.457 once). It won T <= 2
+# but for one Mixtral T = 2 routing whose 4 slots shared experts (0.230 vs 0.206), and lost every T = 8 row
+# (DeepSeek-V3 0.95 vs 0.81-0.89, Qwen3 0.116 vs 0.112): FP8 stops at 4 tokens.
 _ALWAYS_TOKENS = 2
 _MAX_TOKENS = {2: 8, 1: 4}  # by operand bytes
 _MAX_GRID_Y = 65535  # GEMM1's grid has one row of blocks per slot
