@@ -28,9 +28,14 @@ __all__ = ["decode_spec", "fits_decode", "use_decode", "run_decode"]
 # way in three runs (benchmarks/results/h100-2026-11-24-session24/), decode won Qwen3/OLMoE at T = 4 (0.067 vs
 # 0.073-0.076, 0.078 vs 0.080-0.086 ms) and tied DeepSeek-V3 there twice (lost 0.486 vs 0.457 once). It won T <= 2
 # but for one Mixtral T = 2 routing whose 4 slots shared experts (0.230 vs 0.206), and lost every T = 8 row
-# (DeepSeek-V3 0.95 vs 0.81-0.89, Qwen3 0.116 vs 0.112): FP8 stops at 4 tokens.
+# (DeepSeek-V3 0.95 vs 0.81-0.89, Qwen3 0.116 vs 0.112): FP8 stops at 4 tokens. On the held-out shapes the grouped
+# GEMMs won T = 4 for larger experts (Qwen2-57B, H * I = 9.2 Mi: 0.282 vs 0.317 ms; Qwen3-235B, 6.3 Mi: 0.213 vs
+# 0.222), where a launch's fixed cost weighs less against streaming: FP8 takes 3-4 tokens only for experts of at most
+# 4 Mi elements per matrix (Qwen3-30B 1.6 Mi, OLMoE 2.1 Mi), which also sends DeepSeek-V3 (14.7 Mi, a tie) and
+# DeepSeek-V2 (7.9 Mi, 2% slower there) to the grouped GEMMs.
 _ALWAYS_TOKENS = 2
 _MAX_TOKENS = {2: 8, 1: 4}  # by operand bytes
+_FP8_MAX_EXPERT_ELEMS = 1 << 22  # H * I; larger FP8 experts stop at _ALWAYS_TOKENS
 _MAX_GRID_Y = 65535  # GEMM1's grid has one row of blocks per slot
 
 
@@ -55,8 +60,10 @@ def fits_decode(num_tokens: int, topk: int, hidden: int, inter: int, elem_bytes:
 def use_decode(num_tokens: int, topk: int, num_experts: int, hidden: int, inter: int, elem_bytes: int = 2) -> bool:
     """The pipeline's default: the decode path for a few tokens whose slots rarely share an expert (see above),
     when the shape fits. ``num_experts`` is the number of local experts."""
-    few = num_tokens <= _ALWAYS_TOKENS or (num_tokens <= _MAX_TOKENS[elem_bytes] and
-                                           2 * num_tokens * topk <= num_experts)
+    max_tokens = _MAX_TOKENS[elem_bytes]
+    if elem_bytes == 1 and hidden * inter > _FP8_MAX_EXPERT_ELEMS:
+        max_tokens = _ALWAYS_TOKENS
+    few = num_tokens <= _ALWAYS_TOKENS or (num_tokens <= max_tokens and 2 * num_tokens * topk <= num_experts)
     return num_tokens > 0 and few and fits_decode(num_tokens, topk, hidden, inter, elem_bytes)
 
 

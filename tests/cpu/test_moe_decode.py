@@ -27,11 +27,20 @@ def test_use_decode_takes_few_tokens_on_distinct_experts(tokens, topk, experts, 
 
 @pytest.mark.parametrize("tokens, topk, experts, expected", [
     (1, 2, 8, True), (2, 8, 64, True), (4, 2, 8, False),         # Mixtral: as in 16 bits
-    (4, 8, 64, True), (4, 8, 256, True), (3, 8, 48, True),       # OLMoE, DeepSeek-V3: slots <= E / 2
+    (4, 8, 64, True), (4, 8, 256, True), (3, 8, 48, True),       # slots <= E / 2 (experts of 2048 x 768)
     (8, 8, 128, False), (8, 8, 256, False), (5, 8, 256, False),  # FP8 stops at 4 tokens (its grouped GEMMs win)
 ])
 def test_fp8_takes_the_decode_path_up_to_four_tokens(tokens, topk, experts, expected):
     assert dec.use_decode(tokens, topk, experts, 2048, 768, elem_bytes=1) is expected
+
+
+@pytest.mark.parametrize("hidden, inter, expected", [(2048, 768, True), (2048, 2048, True), (4096, 1536, False),
+                                                     (3584, 2560, False), (7168, 2048, False)])
+def test_fp8_takes_three_or_four_tokens_only_for_small_experts(hidden, inter, expected):
+    """Past 2 tokens FP8 decodes only experts of at most 4 Mi elements per matrix (its grouped GEMMs win above)."""
+    assert dec.use_decode(4, 8, 256, hidden, inter, elem_bytes=1) is expected
+    assert dec.use_decode(2, 8, 256, hidden, inter, elem_bytes=1)    # up to 2 tokens: always
+    assert dec.use_decode(4, 8, 256, hidden, inter)                  # 16-bit: no size limit
 
 
 @pytest.mark.parametrize("shape, fits", [
