@@ -10,8 +10,8 @@
 //
 // FP8 per-tensor (Op = e4m3: x, both weights and inter in e4m3, out in T): GEMM1 scales its fp32 dot by
 // fc1_dequant[e] before the bias and stores e4m3(act(...) * fc2_quant) (saturating); GEMM2 scales each choice's dot
-// by fc2_dequant[e] before its bias. The products of two e4m3 values are exact in fp32 and so is their sum's
-// rounding per step: unlike the e4m3 wgmma, nothing accumulates in fewer bits than fp32.
+// by fc2_dequant[e] before its bias. A product of two e4m3 values is exact in fp32 and the sums round in fp32:
+// unlike the e4m3 wgmma, nothing accumulates in fewer bits.
 //
 // Each warp owns kCols output columns and streams their weight rows (K contiguous) in 16-byte chunks, lane l taking
 // chunks l, l + 32, ...; it loads the chunks of the vector it multiplies them with (x[t] or an inter row, read by

@@ -230,7 +230,7 @@ def test_decode_gemm1_rounds_exactly_like_the_reference():
     T, E, k, H, I = 4, 16, 8, 512, 256
     p = make_fp8_problem(T, E, k, H, I, per_expert_quant=True)
     ids = p["ids"].reshape(-1).long()
-    inter = torch.zeros(T * k, I, dtype=quant.FP8_DTYPE, device="cuda")
+    inter = poison_(torch.empty(T * k, I, dtype=quant.FP8_DTYPE, device="cuda"))  # e4m3 NaN
     out = torch.empty(T, H, dtype=torch.bfloat16, device="cuda")
     spec = moe_decode.decode_spec("bf16", "Swiglu", device_archs(p["x"].device), "e4m3")
     load_module(spec).run(p["x"], p["fc1"], None, inter, p["fc2"], None, out, p["ids"],
