@@ -122,11 +122,11 @@ def jitmoe_moe(out: torch.Tensor, extra: dict | None = None, contexts: tuple[Cal
     every call) carry a forced split-K or kernel family."""
     op = common.jitmoe_attr("cutlass_fused_moe")
 
-    def run(x, ids, scales, w13, w2):
+    def run(x, ids, scales, w13, w2, quant_scales=None):  # quant_scales: FP8 sets (bench_fused_moe_fp8)
         with contextlib.ExitStack() as stack:
             for make in contexts:
                 stack.enter_context(make())
-            return op(x, ids, scales, w13, w2, x.dtype, quant_scales=None, output=out, **(extra or {}))[0]
+            return op(x, ids, scales, w13, w2, out.dtype, quant_scales=quant_scales, output=out, **(extra or {}))[0]
     return run
 
 

@@ -16,7 +16,6 @@ With ``--paths`` each row also times the FP8 layer forced onto the decode path a
 from __future__ import annotations
 
 import argparse
-import contextlib
 from dataclasses import asdict
 
 import torch
@@ -60,18 +59,6 @@ def quantized_sets(shape, T: int, weights: list, device) -> tuple[list, list, to
     return bf16_sets, fp8_sets, ref
 
 
-def fp8_moe(out: torch.Tensor, contexts: tuple = ()):
-    """The FP8 layer writing bf16 into ``out``, inside ``contexts`` (a forced path)."""
-    op = common.jitmoe_attr("cutlass_fused_moe")
-
-    def run(x, ids, scales, w13, w2, quant_scales):
-        with contextlib.ExitStack() as stack:
-            for make in contexts:
-                stack.enter_context(make())
-            return op(x, ids, scales, w13, w2, torch.bfloat16, quant_scales, output=out)[0]
-    return run
-
-
 def measure_row(name, shape, T: int, weights: list, ctx: dict) -> dict:
     device = ctx["device"]
     bf16_sets, fp8_sets, ref = quantized_sets(shape, T, weights, device)
@@ -80,9 +67,9 @@ def measure_row(name, shape, T: int, weights: list, ctx: dict) -> dict:
     floor, bound = common.floor_ms(nbytes, bf.moe_flops(T, shape.k, shape.H, shape.I),
                                    {"copy_TBps": ctx["ceilings"]["copy_TBps"], "bf16_TFLOPs": ctx["fp8_TFLOPs"]})
     out = torch.empty(T, shape.H, device=device, dtype=torch.bfloat16)
-    impls = {"jitmoe_bf16": (bf.jitmoe_moe(out), bf16_sets), "jitmoe_fp8": (fp8_moe(out), fp8_sets)}
+    impls = {"jitmoe_bf16": (bf.jitmoe_moe(out), bf16_sets), "jitmoe_fp8": (bf.jitmoe_moe(out), fp8_sets)}
     for path in ctx["paths"]:
-        impls[f"jitmoe_fp8_{path}"] = (fp8_moe(out, bf.kernel_contexts(path)), fp8_sets)
+        impls[f"jitmoe_fp8_{path}"] = (bf.jitmoe_moe(out, contexts=bf.kernel_contexts(path)), fp8_sets)
     row = {"shape": name, **asdict(shape), "T": T, "copies": len(weights), "distinct_experts": distinct,
            "fp8_floor_ms": floor, "bound": bound, "impls": {}}
     for impl, (fn, sets) in impls.items():

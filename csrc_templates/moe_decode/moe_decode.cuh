@@ -109,18 +109,6 @@ __device__ __forceinline__ void add_chunk_dots(const uint4 (&w)[R][U], int u, co
   for (int r = 0; r < R; ++r) acc[r] += dot[r];
 }
 
-// GEMM1's output element: the 16-bit type, or e4m3 rounded to nearest and saturated at +-448 (as sm90ws stores it).
-template <typename Op>
-__device__ __forceinline__ Op to_operand(float v) {
-  if constexpr (kFp8<Op>) {
-    Op q;
-    q.__x = __nv_cvt_float_to_fp8(v, __NV_SATFINITE, __NV_E4M3);
-    return q;
-  } else {
-    return from_float<Op>(v);
-  }
-}
-
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
@@ -194,7 +182,7 @@ __global__ void __launch_bounds__(kThreads) decode_gemm1_kernel(const DecodeArgs
     const float up = acc[c] * dequant + (bias ? to_float(bias[n]) : 0.f);
     float gate = 0.f;
     if constexpr (kGated) gate = acc[kCols + c] * dequant + (bias ? to_float(bias[a.inter_size + n]) : 0.f);
-    inter[n] = to_operand<Op>(moe::apply_act<A>(up, gate, params) * quant);
+    inter[n] = from_float<Op>(moe::apply_act<A>(up, gate, params) * quant);  // e4m3: saturating
   }
 }
 

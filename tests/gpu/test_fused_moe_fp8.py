@@ -256,7 +256,7 @@ def _gemm_problem(T, E, k, H, I):
 @pytest.mark.parametrize("T,E,k,H,I", [(6, 8, 2, 256, 512), (900, 8, 2, 1024, 768), (2000, 64, 4, 512, 256)])
 def test_gemm1_rounds_like_the_reference_up_to_one_e4m3_step(T, E, k, H, I):
     p, cfg1, _, routing = _gemm_problem(T, E, k, H, I)
-    inter = torch.zeros(routing[0].numel(), I, dtype=quant.FP8_DTYPE, device="cuda")
+    inter = poison_(torch.empty(routing[0].numel(), I, dtype=quant.FP8_DTYPE, device="cuda"))  # e4m3 NaN
     moe_gemm.launch_gemm1(p["x"], p["fc1"], *routing, out=inter, topk=k, activation="Swiglu", fc1_bias=None,
                           config=cfg1, acc_scale=p["scales"][0], out_scale=p["scales"][1])
     ref = torch.zeros_like(inter)
