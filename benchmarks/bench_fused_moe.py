@@ -122,7 +122,7 @@ def jitmoe_moe(out: torch.Tensor, extra: dict | None = None, contexts: tuple[Cal
     every call) carry a forced split-K or kernel family."""
     op = common.jitmoe_attr("cutlass_fused_moe")
 
-    def run(x, ids, scales, w13, w2, quant_scales=None):  # quant_scales: FP8 sets (bench_fused_moe_fp8)
+    def run(x, ids, scales, w13, w2, quant_scales=None):  # quant_scales: FP8 and INT8 sets (bench_fused_moe_fp8, _int8)
         with contextlib.ExitStack() as stack:
             for make in contexts:
                 stack.enter_context(make())

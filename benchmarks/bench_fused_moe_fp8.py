@@ -16,7 +16,8 @@ With ``--paths`` each row also times the FP8 layer forced onto the decode path a
 from __future__ import annotations
 
 import argparse
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
+from typing import Callable
 
 import torch
 
@@ -59,60 +60,81 @@ def quantized_sets(shape, T: int, weights: list, device) -> tuple[list, list, to
     return bf16_sets, fp8_sets, ref
 
 
+@dataclass(frozen=True)
+class QuantMode:
+    """One quantized form of the layer, as the shared row/report/main code below measures it."""
+
+    label: str                # 'fp8' | 'int8': row keys jitmoe_<label>, <label>_floor_ms, ...
+    make_sets: Callable       # (shape, T, weights, device) -> (bf16 sets, quantized sets, fp32 reference)
+    input_bytes: int          # the quantized layer's input element (the output is bf16)
+    peak_key: str             # ctx key of the TFLOP/s ceiling its floor uses
+    paths: tuple[str, ...]    # forced paths for --paths
+    extra: dict | None = None  # cutlass_fused_moe kwargs of the quantized calls
+
+
+FP8_MODE = QuantMode("fp8", quantized_sets, 1, "fp8_TFLOPs", ("decode", "sm90ws"))
+
+
 def measure_row(name, shape, T: int, weights: list, ctx: dict) -> dict:
-    device = ctx["device"]
-    bf16_sets, fp8_sets, ref = quantized_sets(shape, T, weights, device)
+    device, mode = ctx["device"], ctx["mode"]
+    label = mode.label
+    bf16_sets, q_sets, ref = mode.make_sets(shape, T, weights, device)
     distinct = sum(s[1].unique().numel() for s in bf16_sets) / len(bf16_sets)
-    nbytes = distinct * 3 * shape.H * shape.I + T * shape.H * (1 + 2)
+    nbytes = distinct * 3 * shape.H * shape.I + T * shape.H * (mode.input_bytes + 2)  # 1-byte weights
     floor, bound = common.floor_ms(nbytes, bf.moe_flops(T, shape.k, shape.H, shape.I),
-                                   {"copy_TBps": ctx["ceilings"]["copy_TBps"], "bf16_TFLOPs": ctx["fp8_TFLOPs"]})
+                                   {"copy_TBps": ctx["ceilings"]["copy_TBps"], "bf16_TFLOPs": ctx[mode.peak_key]})
     out = torch.empty(T, shape.H, device=device, dtype=torch.bfloat16)
-    impls = {"jitmoe_bf16": (bf.jitmoe_moe(out), bf16_sets), "jitmoe_fp8": (bf.jitmoe_moe(out), fp8_sets)}
+    impls = {"jitmoe_bf16": (bf.jitmoe_moe(out), bf16_sets), f"jitmoe_{label}": (bf.jitmoe_moe(out, mode.extra),
+                                                                                  q_sets)}
     for path in ctx["paths"]:
-        impls[f"jitmoe_fp8_{path}"] = (bf.jitmoe_moe(out, contexts=bf.kernel_contexts(path)), fp8_sets)
+        impls[f"jitmoe_{label}_{path}"] = (bf.jitmoe_moe(out, mode.extra, bf.kernel_contexts(path)), q_sets)
     row = {"shape": name, **asdict(shape), "T": T, "copies": len(weights), "distinct_experts": distinct,
-           "fp8_floor_ms": floor, "bound": bound, "impls": {}}
+           f"{label}_floor_ms": floor, "bound": bound, "impls": {}}
     for impl, (fn, sets) in impls.items():
         row["impls"][impl] = bf.time_moe(fn, sets, ctx, graph=T <= bf.GRAPH_MAX_T, ref=ref)
     times = {impl: bf.best_ms(r) for impl, r in row["impls"].items()}
     row["best_ms"] = times
-    if times["jitmoe_fp8"]:
-        row["fp8_floor_frac"] = floor / times["jitmoe_fp8"]
-        row["fp8_speedup_vs_bf16"] = times["jitmoe_bf16"] / times["jitmoe_fp8"] if times["jitmoe_bf16"] else None
+    if times[f"jitmoe_{label}"]:
+        row[f"{label}_floor_frac"] = floor / times[f"jitmoe_{label}"]
+        row[f"{label}_speedup_vs_bf16"] = (times["jitmoe_bf16"] / times[f"jitmoe_{label}"] if times["jitmoe_bf16"]
+                                           else None)
     return row
 
 
-def print_report(rows: list[dict], paths: tuple) -> None:
+def print_report(rows: list[dict], paths: tuple, label: str) -> None:
     if paths:
-        print(common.markdown_table(("shape", "T", "fp8 (heuristic) ms", *(f"fp8 {p} ms" for p in paths)),
-                                    [(r["shape"], r["T"], f"{r['best_ms']['jitmoe_fp8']:.4g}",
-                                      *(f"{r['best_ms'].get(f'jitmoe_fp8_{p}') or 0:.4g}" for p in paths))
+        print(common.markdown_table(("shape", "T", f"{label} (heuristic) ms", *(f"{label} {p} ms" for p in paths)),
+                                    [(r["shape"], r["T"], f"{r['best_ms'][f'jitmoe_{label}']:.4g}",
+                                      *(f"{r['best_ms'].get(f'jitmoe_{label}_{p}') or 0:.4g}" for p in paths))
                                      for r in rows]))
     print(common.markdown_table(
-        ("shape", "T", "bound", "fp8 floor", "bf16 ms", "fp8 ms", "fp8 floor/time", "fp8 vs bf16", "bf16 err",
-         "fp8 err"),
-        [(r["shape"], r["T"], r["bound"], f"{r['fp8_floor_ms']:.4g}", f"{r['best_ms']['jitmoe_bf16']:.4g}",
-          f"{r['best_ms']['jitmoe_fp8']:.4g}", f"{r.get('fp8_floor_frac', 0):.3f}",
-          f"{r.get('fp8_speedup_vs_bf16') or 0:.2f}x", f"{r['impls']['jitmoe_bf16'].get('err', 0):.2e}",
-          f"{r['impls']['jitmoe_fp8'].get('err', 0):.2e}") for r in rows]))
+        ("shape", "T", "bound", f"{label} floor", "bf16 ms", f"{label} ms", f"{label} floor/time",
+         f"{label} vs bf16", "bf16 err", f"{label} err"),
+        [(r["shape"], r["T"], r["bound"], f"{r[f'{label}_floor_ms']:.4g}", f"{r['best_ms']['jitmoe_bf16']:.4g}",
+          f"{r['best_ms'][f'jitmoe_{label}']:.4g}", f"{r.get(f'{label}_floor_frac', 0):.3f}",
+          f"{r.get(f'{label}_speedup_vs_bf16') or 0:.2f}x", f"{r['impls']['jitmoe_bf16'].get('err', 0):.2e}",
+          f"{r['impls'][f'jitmoe_{label}'].get('err', 0):.2e}") for r in rows]))
 
 
-def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def main(argv=None, mode: QuantMode = FP8_MODE, doc: str = __doc__) -> dict:
+    label = mode.label
+    parser = argparse.ArgumentParser(description=doc.split("\n")[0])
     parser.add_argument("--shapes", default=None, help="comma list (default: the DESIGN.md grid)")
     parser.add_argument("--tokens", default=None, help=f"comma list (default {TOKENS})")
     parser.add_argument("--budget-ms", type=float, default=300.0, help="timed time per implementation and row")
     parser.add_argument("--max-copies", type=int, default=4)
-    parser.add_argument("--paths", action="store_true", help="also time FP8 forced onto decode and onto sm90ws")
+    parser.add_argument("--paths", action="store_true", help=f"also time {label} forced onto {' and '.join(mode.paths)}")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     device = common.pick_device("cuda")
     torch.backends.cuda.matmul.allow_tf32 = False
     ceil = common.ceilings(device)
-    ctx = {"device": device, "ceilings": ceil, "fp8_TFLOPs": fp8_peak_tflops(device), "budget_ms": args.budget_ms,
-           "max_iters": 50, "paths": ("decode", "sm90ws") if args.paths else ()}
+    ctx = {"device": device, "ceilings": ceil, "bf16_TFLOPs": ceil["bf16_TFLOPs"], "budget_ms": args.budget_ms,
+           "max_iters": 50, "paths": mode.paths if args.paths else (), "mode": mode}
+    if mode.peak_key == "fp8_TFLOPs":
+        ctx["fp8_TFLOPs"] = fp8_peak_tflops(device)
     print(f"device {common.device_name(device)}; copy {ceil['copy_TBps']:.3g} TB/s, bf16 {ceil['bf16_TFLOPs']:.3g}"
-          f" TFLOP/s, e4m3 {ctx['fp8_TFLOPs']:.3g} TFLOP/s")
+          f" TFLOP/s" + (f", e4m3 {ctx['fp8_TFLOPs']:.3g} TFLOP/s" if "fp8_TFLOPs" in ctx else ""))
     shapes = bf.resolve_shapes(args.shapes, device)
     tokens = common.parse_ints(args.tokens) if args.tokens else TOKENS
     rows = []
@@ -124,17 +146,18 @@ def main(argv=None) -> dict:
                   flush=True)
         del weights
         torch.cuda.empty_cache()
-    fracs = [r.get("fp8_floor_frac") for r in rows]
-    payload = {"meta": {**common.environment(device, "bench_fused_moe_fp8", ceil), "fp8_TFLOPs": ctx["fp8_TFLOPs"]},
+    bench = f"bench_fused_moe_{label}"
+    payload = {"meta": {**common.environment(device, bench, ceil), mode.peak_key: ctx[mode.peak_key]},
                "settings": {"tokens": tokens, "shapes": {n: asdict(s) for n, s in shapes.items()},
                             "budget_ms": args.budget_ms, "paths": ctx["paths"]},
-               "rows": rows, "summary": {"geomean_fp8_floor_frac": common.geomean(fracs),
-                                         "geomean_fp8_speedup_vs_bf16": common.geomean(
-                                             r.get("fp8_speedup_vs_bf16") for r in rows)}}
-    common.write_json(common.result_path("bench_fused_moe_fp8", device, args.out, "json"), payload)
-    print_report(rows, ctx["paths"])
-    print(f"geomean fp8 floor/time {payload['summary']['geomean_fp8_floor_frac']:.4f}, fp8 speedup over bf16 "
-          f"{payload['summary']['geomean_fp8_speedup_vs_bf16']:.3f}x")
+               "rows": rows, "summary": {f"geomean_{label}_floor_frac": common.geomean(
+                   r.get(f"{label}_floor_frac") for r in rows), f"geomean_{label}_speedup_vs_bf16": common.geomean(
+                   r.get(f"{label}_speedup_vs_bf16") for r in rows)}}
+    common.write_json(common.result_path(bench, device, args.out, "json"), payload)
+    print_report(rows, ctx["paths"], label)
+    summary = payload["summary"]
+    print(f"geomean {label} floor/time {summary[f'geomean_{label}_floor_frac']:.4f}, {label} speedup over bf16 "
+          f"{summary[f'geomean_{label}_speedup_vs_bf16']:.3f}x")
     return payload
 
 

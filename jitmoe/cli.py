@@ -32,8 +32,8 @@ def _parser() -> argparse.ArgumentParser:
     pw = sub.add_parser("prewarm", help="build kernels into the cache ahead of time")
     pw.add_argument("--op", default="all", help="comma list of ops (see --list-ops), or 'all'")
     pw.add_argument("--dtype", default="bf16,fp16",
-                    help="comma list of fp32,bf16,fp16,fp8 (fp8: the FP8 fused-MoE GEMMs and decode kernels with "
-                         "bf16 output, sm_90a)")
+                    help="comma list of fp32,bf16,fp16,fp8,int8 (fp8: the FP8 fused-MoE GEMMs and decode kernels "
+                         "with bf16 output, sm_90a; int8: the INT8 weight-only ones with bf16 activations)")
     pw.add_argument("--topk", default="1,2,8", help="comma list of top-k values")
     pw.add_argument("--arch", default=None, help="comma list such as 80,90a (default: this machine's GPUs)")
     pw.add_argument("-j", "--jobs", type=int, default=max(1, (os.cpu_count() or 2) // 2),
@@ -81,9 +81,9 @@ def _prewarm_specs(args) -> list:
     if unknown:
         raise ValueError(f"--op: unknown {unknown}; known: {sorted(registry)}")
     dtypes = _split(args.dtype)
-    bad = [d for d in dtypes if d not in ("fp32", "bf16", "fp16", "fp8")]
+    bad = [d for d in dtypes if d not in ("fp32", "bf16", "fp16", "fp8", "int8")]
     if bad:
-        raise ValueError(f"--dtype: expected fp32/bf16/fp16/fp8, got {bad}")
+        raise ValueError(f"--dtype: expected fp32/bf16/fp16/fp8/int8, got {bad}")
     topks = [int(k) for k in _split(args.topk)]
     if args.arch:
         archs = [normalize_arch(a) for a in _split(args.arch)]

@@ -39,6 +39,9 @@ struct MoeGemmArgs {
   const float* out_scale;       // GEMM1 with FP8 operands: multiplier of act(...) before its e4m3 rounding (GEMM2's
                                 // input quantization), [1] or [E] (out_scale_stride 0 or 1); nullptr otherwise
   int out_scale_stride;
+  const void* w_scale;          // INT8 weight-only (sm80 kernel): [E, n_b] per-output-channel weight scales (fp32
+                                // when w_scale_fp32, else the element type), multiplying the sums before the bias
+  bool w_scale_fp32;
   float* partials;              // split-K scratch (see above), or nullptr when k_splits == 1
   void* a_sorted;               // GEMM1 on kernels that load A in sorted order with TMA: [m_pad_max, K] scratch the
                                 // launch fills with x[sorted_ids[p] / topk] first, or nullptr: sm90ws then loads

@@ -15,7 +15,8 @@ void run(const at::Tensor& a, const at::Tensor& b, const std::optional<at::Tenso
          const std::optional<at::Tensor>& act_beta, const std::optional<at::Tensor>& act_limit, int64_t num_slots,
          int64_t topk, int64_t n, int64_t k, const std::optional<at::Tensor>& partials,
          const std::optional<at::Tensor>& a_sorted, const std::optional<at::Tensor>& slot_rows, bool slot_rows_filled,
-         int64_t k_splits, const std::optional<at::Tensor>& acc_scale, const std::optional<at::Tensor>& out_scale) {
+         int64_t k_splits, const std::optional<at::Tensor>& acc_scale, const std::optional<at::Tensor>& out_scale,
+         const std::optional<at::Tensor>& w_scale) {
   const c10::cuda::CUDAGuard guard(a.device());
   jitmoe::moe::MoeGemmArgs args{};
   args.a = a.data_ptr();
@@ -32,6 +33,8 @@ void run(const at::Tensor& a, const at::Tensor& b, const std::optional<at::Tenso
   args.acc_scale = ptr_or_null<float>(acc_scale);
   args.out_scale = ptr_or_null<float>(out_scale);
   args.out_scale_stride = out_scale.has_value() && out_scale->numel() > 1 ? 1 : 0;
+  args.w_scale = ptr_or_null<void>(w_scale);
+  args.w_scale_fp32 = w_scale.has_value() && w_scale->scalar_type() == at::kFloat;
   args.partials = partials.has_value() ? partials->data_ptr<float>() : nullptr;
   args.a_sorted = a_sorted.has_value() ? a_sorted->data_ptr() : nullptr;
   args.slot_rows = slot_rows.has_value() ? slot_rows->data_ptr<int32_t>() : nullptr;

@@ -8,10 +8,12 @@
 // their inter row unwritten, GEMM2 adds nothing for them), so a token without a local expert gets zeros. GEMM2
 // sums a token's choices itself in a fixed order: no sorting, no padding, no per-slot buffer, no atomics.
 //
-// FP8 per-tensor (Op = e4m3: x, both weights and inter in e4m3, out in T): GEMM1 scales its fp32 dot by
+// FP8 per-tensor (Op = W = e4m3: x, both weights and inter in e4m3, out in T): GEMM1 scales its fp32 dot by
 // fc1_dequant[e] before the bias and stores e4m3(act(...) * fc2_quant) (saturating); GEMM2 scales each choice's dot
 // by fc2_dequant[e] before its bias. A product of two e4m3 values is exact in fp32 and the sums round in fp32:
 // unlike the e4m3 wgmma, nothing accumulates in fewer bits.
+// INT8 weight-only (W = int8_t, Op = T): each output column's dot is scaled by its weight row's scale before the bias.
+// A 16-byte weight chunk then holds 16 values, which meet 32 bytes of the vector.
 //
 // Each warp owns kCols output columns and streams their weight rows (K contiguous) in 16-byte chunks, lane l taking
 // chunks l, l + 32, ...; it loads the chunks of the vector it multiplies them with (x[t] or an inter row, read by
@@ -27,6 +29,7 @@
 #include <type_traits>
 
 #include "common/dtypes.cuh"
+#include "common/int8.cuh"
 #include "common/pdl.cuh"
 #include "moe/activation.cuh"
 #include "moe_decode/moe_decode_args.h"
@@ -48,6 +51,11 @@ static_assert(kChunk<__nv_bfloat16> % kCols == 0 && kChunk<__nv_fp8_e4m3> % kCol
               "a warp's columns must not straddle the end of a row");
 template <typename Op>
 constexpr bool kFp8 = std::is_same_v<Op, __nv_fp8_e4m3>;
+template <typename W>
+constexpr bool kS8 = std::is_same_v<W, int8_t>;
+// 16-byte vector chunks (of Op) that meet one 16-byte weight chunk (of W): 2 for int8 weights against 16-bit x.
+template <typename Op, typename W>
+constexpr int kVecWords = static_cast<int>(sizeof(Op) / sizeof(W));
 constexpr int kUnroll1 = 2;   // GEMM1 chunk steps in flight together (2 x kCols rows when gated)
 constexpr int kWarps2 = 8;    // GEMM2: column groups x choice warps
 constexpr int kThreads2 = 32 * kWarps2;
@@ -77,10 +85,13 @@ __device__ __forceinline__ int local_expert(const DecodeArgs& a, int s) {
 }
 
 // Elements 2i, 2i + 1 of a 16-byte chunk of Op values as floats (e4m3 through the hardware's e4m3x2 -> f16x2
-// conversion, which is exact).
+// conversion, int8 through common/int8.cuh's; both exact).
 template <typename Op>
 __device__ __forceinline__ float2 pair_to_float2(const uint4& chunk, int i) {
-  if constexpr (kFp8<Op>) {
+  if constexpr (kS8<Op>) {
+    const uint32_t biased = reinterpret_cast<const uint32_t*>(&chunk)[i / 2] ^ kS8Bias;
+    return make_float2(s8_biased_to_float(biased, 2 * (i % 2)), s8_biased_to_float(biased, 2 * (i % 2) + 1));
+  } else if constexpr (kFp8<Op>) {
     const __half2_raw h =
         __nv_cvt_fp8x2_to_halfraw2(reinterpret_cast<const __nv_fp8x2_storage_t*>(&chunk)[i], __NV_E4M3);
     return __half22float2(*reinterpret_cast<const __half2*>(&h));
@@ -90,18 +101,21 @@ __device__ __forceinline__ float2 pair_to_float2(const uint4& chunk, int i) {
   }
 }
 
-// acc[r] += w[r][u] . v for R weight chunks against one vector chunk, each row's products summed in element order
-// before they join acc[r]. Element pair by pair across the rows: a vector pair is converted once and is dead after
-// its R products, and a weight word is dead once its elements are used (the 16-bit GEMM2 fits in 64 registers).
-template <typename Op, int R, int U>
-__device__ __forceinline__ void add_chunk_dots(const uint4 (&w)[R][U], int u, const uint4& v, float (&acc)[R]) {
+// acc[r] += w[r][u] . v for R weight chunks (of W) against the vector chunks they meet (of Op), each row's products
+// summed in element order before they join acc[r]. Element pair by pair across the rows: a vector pair is converted
+// once and is dead after its R products, and a weight word is dead once its elements are used (the 16-bit GEMM2
+// fits in 64 registers).
+template <typename Op, typename W, int R, int U>
+__device__ __forceinline__ void add_chunk_dots(const uint4 (&w)[R][U], int u, const uint4 (&v)[kVecWords<Op, W>],
+                                               float (&acc)[R]) {
+  constexpr int kPairsPerVec = kChunk<Op> / 2;
   float dot[R] = {};
 #pragma unroll
-  for (int i = 0; i < kChunk<Op> / 2; ++i) {
-    const float2 vf = pair_to_float2<Op>(v, i);
+  for (int i = 0; i < kChunk<W> / 2; ++i) {
+    const float2 vf = pair_to_float2<Op>(v[i / kPairsPerVec], i % kPairsPerVec);
 #pragma unroll
     for (int r = 0; r < R; ++r) {
-      const float2 wf = pair_to_float2<Op>(w[r][u], i);
+      const float2 wf = pair_to_float2<W>(w[r][u], i);
       dot[r] = fmaf(wf.y, vf.y, fmaf(wf.x, vf.x, dot[r]));
     }
   }
@@ -115,31 +129,33 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
-// acc[r] += this lane's share of rows[r] . vec over `chunks` 16-byte chunks of Op (all in global memory).
-template <typename Op, int R, int U>
+// acc[r] += this lane's share of rows[r] . vec over `chunks` 16-byte chunks of W (all in global memory).
+template <typename Op, typename W, int R, int U>
 __device__ __forceinline__ void accumulate_rows(const uint4* const (&rows)[R], const uint4* vec, int chunks, int lane,
                                                 float (&acc)[R]) {
+  constexpr int kV = kVecWords<Op, W>;
   for (int base = lane; base < chunks; base += 32 * U) {
-    uint4 w[R][U], v[U];
+    uint4 w[R][U], v[U][kV];
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int c = base + 32 * u;
       const bool in = c < chunks;
-      v[u] = in ? __ldg(vec + c) : make_uint4(0, 0, 0, 0);
+#pragma unroll
+      for (int i = 0; i < kV; ++i) v[u][i] = in ? __ldg(vec + c * kV + i) : make_uint4(0, 0, 0, 0);
 #pragma unroll
       for (int r = 0; r < R; ++r) w[r][u] = in ? __ldg(rows[r] + c) : make_uint4(0, 0, 0, 0);
     }
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       if (base + 32 * u >= chunks) break;
-      add_chunk_dots<Op>(w, u, v[u], acc);
+      add_chunk_dots<Op, W>(w, u, v[u], acc);
     }
   }
 }
 
 // grid (ceil(I / kColsPerBlock), T * k): one slot's kColsPerBlock columns of inter (in Op).
-template <typename T, typename Op, Act A>
-__global__ void __launch_bounds__(kThreads) decode_gemm1_kernel(const DecodeArgs a, const DecodeFp8Scales f) {
+template <typename T, typename Op, typename W, Act A>
+__global__ void __launch_bounds__(kThreads) decode_gemm1_kernel(const DecodeArgs a, const DecodeScales f) {
   constexpr bool kGated = moe::ActTraits<A>::kGated;
   constexpr int kRows = kGated ? 2 * kCols : kCols;
   pdl_start();  // common/pdl.cuh: launched with launch_pdl
@@ -152,8 +168,8 @@ __global__ void __launch_bounds__(kThreads) decode_gemm1_kernel(const DecodeArgs
   const int n0 = blockIdx.x * kColsPerBlock + warp * kCols;
   if (n0 >= a.inter_size) return;  // warp-uniform
   const int n1 = kGated ? 2 * a.inter_size : a.inter_size;
-  const int chunks = a.hidden / kChunk<Op>;
-  const Op* fc1 = static_cast<const Op*>(a.fc1) + static_cast<int64_t>(e) * n1 * a.hidden;
+  const int chunks = a.hidden / kChunk<W>;
+  const W* fc1 = static_cast<const W*>(a.fc1) + static_cast<int64_t>(e) * n1 * a.hidden;
   const uint4* rows[kRows];
 #pragma unroll
   for (int c = 0; c < kCols; ++c) {
@@ -164,7 +180,7 @@ __global__ void __launch_bounds__(kThreads) decode_gemm1_kernel(const DecodeArgs
     }
   }
   float acc[kRows] = {};
-  accumulate_rows<Op, kRows, kUnroll1>(rows, x, chunks, lane, acc);
+  accumulate_rows<Op, W, kRows, kUnroll1>(rows, x, chunks, lane, acc);
 #pragma unroll
   for (int r = 0; r < kRows; ++r) acc[r] = warp_sum(acc[r]);
   if (lane != 0) return;
@@ -179,9 +195,16 @@ __global__ void __launch_bounds__(kThreads) decode_gemm1_kernel(const DecodeArgs
 #pragma unroll
   for (int c = 0; c < kCols; ++c) {
     const int n = n0 + c;
-    const float up = acc[c] * dequant + (bias ? to_float(bias[n]) : 0.f);
+    float up_scale = dequant, gate_scale = dequant;  // INT8 weight-only: the rows' own scales
+    if constexpr (kS8<W>) {
+      up_scale = load_scale<T>(f.fc1_wscale, static_cast<int64_t>(e) * n1 + n, f.wscale_fp32);
+      if constexpr (kGated) {
+        gate_scale = load_scale<T>(f.fc1_wscale, static_cast<int64_t>(e) * n1 + a.inter_size + n, f.wscale_fp32);
+      }
+    }
+    const float up = acc[c] * up_scale + (bias ? to_float(bias[n]) : 0.f);
     float gate = 0.f;
-    if constexpr (kGated) gate = acc[kCols + c] * dequant + (bias ? to_float(bias[a.inter_size + n]) : 0.f);
+    if constexpr (kGated) gate = acc[kCols + c] * gate_scale + (bias ? to_float(bias[a.inter_size + n]) : 0.f);
     inter[n] = from_float<Op>(moe::apply_act<A>(up, gate, params) * quant);  // e4m3: saturating
   }
 }
@@ -189,9 +212,9 @@ __global__ void __launch_bounds__(kThreads) decode_gemm1_kernel(const DecodeArgs
 // grid (ceil(H / gemm2_cols_per_block(k)), T): one token's output columns, in column groups of kCols per warp.
 // Warp q of a group streams the rows of choices q, q + jw, ... and keeps per-lane partial sums; the group's first
 // warp then adds the jw partials in order and reduces over lanes, so the result does not depend on timing.
-template <typename T, typename Op>
+template <typename T, typename Op, typename W>
 __global__ void __launch_bounds__(kThreads2, kMinBlocks2)
-    decode_gemm2_kernel(const DecodeArgs a, const DecodeFp8Scales f) {
+    decode_gemm2_kernel(const DecodeArgs a, const DecodeScales f) {
   __shared__ float partial[kWarps2][kCols][32];
   __shared__ float bias_partial[kWarps2][kCols];
   pdl_start();  // common/pdl.cuh: launched with launch_pdl
@@ -200,7 +223,7 @@ __global__ void __launch_bounds__(kThreads2, kMinBlocks2)
   const int jw = choice_warps(a.topk);
   const int group = warp / jw, q = warp % jw;
   const int n0 = blockIdx.x * gemm2_cols_per_block(a.topk) + group * kCols;
-  const int chunks = a.inter_size / kChunk<Op>;
+  const int chunks = a.inter_size / kChunk<W>;
   float acc[kCols] = {};
   float bias_sum[kCols] = {};
   const bool in_range = n0 < a.hidden;  // warp-uniform; the warp still meets the barrier below
@@ -210,7 +233,7 @@ __global__ void __launch_bounds__(kThreads2, kMinBlocks2)
     if (e < 0) continue;  // warp-uniform
     const float w = a.slot_weights[s];
     const float w_dot = kFp8<Op> ? w * f.fc2_dequant[e] : w;  // FP8: the dot's scale joins the routing weight
-    const Op* fc2 = static_cast<const Op*>(a.fc2) + static_cast<int64_t>(e) * a.hidden * a.inter_size;
+    const W* fc2 = static_cast<const W*>(a.fc2) + static_cast<int64_t>(e) * a.hidden * a.inter_size;
     const uint4* rows[kCols];
 #pragma unroll
     for (int c = 0; c < kCols; ++c) {
@@ -219,9 +242,15 @@ __global__ void __launch_bounds__(kThreads2, kMinBlocks2)
     const uint4* inter =
         reinterpret_cast<const uint4*>(static_cast<const Op*>(a.inter) + static_cast<int64_t>(s) * a.inter_size);
     float part[kCols] = {};
-    accumulate_rows<Op, kCols, kUnroll2>(rows, inter, chunks, lane, part);
+    accumulate_rows<Op, W, kCols, kUnroll2>(rows, inter, chunks, lane, part);
 #pragma unroll
-    for (int c = 0; c < kCols; ++c) acc[c] = fmaf(w_dot, part[c], acc[c]);
+    for (int c = 0; c < kCols; ++c) {
+      float scale = w_dot;  // INT8 weight-only: times the row's own scale
+      if constexpr (kS8<W>) {
+        scale *= load_scale<T>(f.fc2_wscale, static_cast<int64_t>(e) * a.hidden + n0 + c, f.wscale_fp32);
+      }
+      acc[c] = fmaf(scale, part[c], acc[c]);
+    }
     if (a.fc2_bias != nullptr) {
       const T* bias = static_cast<const T*>(a.fc2_bias) + static_cast<int64_t>(e) * a.hidden;
 #pragma unroll

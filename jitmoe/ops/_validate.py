@@ -9,6 +9,12 @@ FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 DTYPE_TAG = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
+def float_tags(tags) -> list[str]:
+    """The prewarm dtype tags that name a tensor type (fp32, bf16, fp16); 'fp8' and 'int8' name the fused MoE's
+    quantized modes and build nothing for the routers."""
+    return [t for t in tags if t in DTYPE_TAG.values()]
+
+
 def _names(dtypes: Iterable[torch.dtype]) -> str:
     return "/".join(str(d).replace("torch.", "") for d in dtypes)
 

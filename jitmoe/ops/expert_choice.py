@@ -15,7 +15,7 @@ import torch
 
 from ..jit import KernelSpec, device_archs, load_module
 from ._library import custom_op
-from ._validate import DTYPE_TAG, check_int
+from ._validate import DTYPE_TAG, check_int, float_tags
 
 _ref = importlib.import_module("jitmoe.reference.expert_choice")  # the module, not the function it re-exports
 
@@ -133,7 +133,7 @@ def expert_choice(gating_output: torch.Tensor, top_k: int, capacity_factor: floa
 
 def _prewarm_specs(dtypes, topks, archs) -> list[KernelSpec]:
     del topks  # a run-time value: one module per (logits dtype, arch) serves every top_k
-    return [_spec(dtype, (arch,)) for dtype in dtypes for arch in archs]
+    return [_spec(dtype, (arch,)) for dtype in float_tags(dtypes) for arch in archs]
 
 
 PREWARM = {"expert_choice": _prewarm_specs}

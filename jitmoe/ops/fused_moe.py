@@ -12,7 +12,9 @@ summing each token's choices itself.
 
 FP8 per-tensor (FlashInfer's mode: e4m3 input and weights, four ``quant_scales``; jitmoe.quant) runs the same
 pipeline on sm_90a with e4m3 GEMMs (or the decode path with e4m3 operands), GEMM1 writing GEMM2's input in e4m3;
-no split-K or autotune there.
+no split-K or autotune there. INT8 weight-only (TensorRT-LLM's ``use_int8_woq_per_channel``: 16-bit input, int8
+weights in the usual layouts, per-channel scales; jitmoe.quant) runs the decode path with int8 weight rows, or the
+sm80 grouped GEMMs converting int8 weight tiles to 16 bits in shared memory (any GPU from SM80 on; no autotune).
 
 Everything is deterministic: no float atomics anywhere, so ``use_fused_finalize`` True and False give bitwise
 repeatable (and identical) results. Out-of-range expert ids contribute zero on CUDA (no device check: that would
@@ -163,10 +165,16 @@ class MoeTensors:
     swiglu_limit: Optional[torch.Tensor] = None
     output: Optional[torch.Tensor] = None
     fp8: Optional[_quant.Fp8Scales] = None  # FP8 per-tensor mode: the parsed quant_scales
+    int8_woq: bool = False  # INT8 weight-only per channel (use_int8_woq_per_channel)
+    int8: Optional[_quant.Int8Scales] = None  # ... its parsed quant_scales
 
     @property
     def is_fp8(self) -> bool:
         return self.x.dtype == FP8
+
+    @property
+    def weight_dtype(self) -> torch.dtype:
+        return torch.int8 if self.int8_woq else self.x.dtype
 
 
 # -- unsupported modes -----------------------------------------------------------------------------------------------
@@ -180,28 +188,44 @@ _UNSUPPORTED_FLAGS = {
 }
 _UNSUPPORTED_DTYPES = {
     torch.float8_e5m2: "FP8 (e5m2)", torch.uint8: "packed FP4/INT4 (uint8: NVFP4, MXFP4, W4A16, W4A8)",
-    torch.int64: "packed FP4 (int64: NVFP4/MXFP4)", torch.int8: "INT8 weight-only quantization",
+    torch.int64: "packed FP4 (int64: NVFP4/MXFP4)",
 }
 
 
 def _not_implemented(what: str) -> NotImplementedError:
-    return NotImplementedError(f"cutlass_fused_moe: {what} is not implemented in jitmoe (bf16/fp16, and FP8 "
-                               "per-tensor with e4m3 input and weights)")
+    return NotImplementedError(f"cutlass_fused_moe: {what} is not implemented in jitmoe (bf16/fp16, FP8 per-tensor "
+                               "with e4m3 input and weights, and INT8 weight-only per channel)")
+
+
+def _check_int8_flag(int8_woq, tensors: dict) -> None:
+    """use_int8_woq_per_channel and int8 weights come together (TensorRT-LLM's flag; FlashInfer has none)."""
+    if not isinstance(int8_woq, bool):
+        raise TypeError(f"use_int8_woq_per_channel: expected a bool, got {type(int8_woq).__name__}")
+    for name in ("fc1_expert_weights", "fc2_expert_weights"):
+        t = tensors[name]
+        if isinstance(t, torch.Tensor) and (t.dtype == torch.int8) != int8_woq:
+            if int8_woq:
+                raise TypeError(f"{name}: expected int8 weights with use_int8_woq_per_channel=True, got "
+                                f"{str(t.dtype).replace('torch.', '')}")
+            raise TypeError(f"{name}: int8 weights need use_int8_woq_per_channel=True (INT8 weight-only per channel,"
+                            " with quant_scales = [fc1_scales, fc2_scales])")
 
 
 def _reject_unsupported(*, quant_scales, input_sf, cluster_size, enable_alltoall, ep_size, situ_beta,
-                        situ_linear_beta, flags: dict, tensors: dict) -> None:
+                        situ_linear_beta, flags: dict, tensors: dict, int8_woq: bool = False) -> None:
     """NotImplementedError naming the mode for everything FlashInfer has and jitmoe does not (yet)."""
     for flag, description in _UNSUPPORTED_FLAGS.items():
         if flags.get(flag):
             raise _not_implemented(f"{flag}=True ({description})")
+    _check_int8_flag(int8_woq, tensors)
     fp8 = [name for name, t in tensors.items() if isinstance(t, torch.Tensor) and t.dtype == FP8]
-    if fp8 and len(fp8) != len(tensors):
+    if fp8 and len(fp8) != len(tensors) and not int8_woq:  # INT8 weight-only: the input check names the input
         raise _not_implemented(f"{', '.join(fp8)} in float8_e4m3fn with {', '.join(n for n in tensors if n not in fp8)}"
                                " in other dtypes (FP8 per-tensor needs all three in e4m3)")
-    if not fp8 and quant_scales is not None and len(quant_scales) > 0:
-        raise _not_implemented(f"quant_scales with {len(quant_scales)} tensors for a 16-bit input (NVFP4/MXFP4/W4A8/"
-                               "INT8 modes); pass None or [] (FP8 per-tensor takes an e4m3 input)")
+    if not fp8 and not int8_woq and quant_scales is not None and len(quant_scales) > 0:
+        raise _not_implemented(f"quant_scales with {len(quant_scales)} tensors for a 16-bit input and weights "
+                               "(NVFP4/MXFP4/W4A8 modes); pass None or [] (FP8 per-tensor takes an e4m3 input, INT8 "
+                               "weight-only int8 weights and use_int8_woq_per_channel=True)")
     if input_sf is not None:
         raise _not_implemented("input_sf (NVFP4/MXFP8 input scale factors)")
     if cluster_size != 1:
@@ -243,7 +267,7 @@ def _check_parallel(tp_size, tp_rank, ep_size, ep_rank, cluster_rank) -> None:
 
 def _check_input(t: MoeTensors, output_dtype) -> torch.dtype:
     """The input and output_dtype; returns the layer's (output's) dtype."""
-    check_tensor("input", t.x, ndim=2, dtypes=(*SUPPORTED_DTYPES, FP8))
+    check_tensor("input", t.x, ndim=2, dtypes=SUPPORTED_DTYPES if t.int8_woq else (*SUPPORTED_DTYPES, FP8))
     if not isinstance(output_dtype, torch.dtype):
         raise TypeError(f"output_dtype: expected a torch.dtype, got {type(output_dtype).__name__}")
     if t.is_fp8 and output_dtype not in SUPPORTED_DTYPES:
@@ -256,17 +280,18 @@ def _check_input(t: MoeTensors, output_dtype) -> torch.dtype:
 
 
 def _check_row_multiple(what: str, size: int, t: MoeTensors) -> None:
-    """Rows are moved in 16-byte vectors: 8 elements of 16 bits, 16 of FP8 (FlashInfer's own alignment rule)."""
-    multiple = 16 if t.is_fp8 else 8
+    """Rows are moved in 16-byte vectors: 8 elements of 16 bits, 16 of FP8 or int8 (FlashInfer's own alignment
+    rule)."""
+    multiple = 16 if t.is_fp8 or t.int8_woq else 8
     if size % multiple:
         raise ValueError(f"{what} that is a multiple of {multiple}, got {size}")
 
 
 def _check_weights(t: MoeTensors, gated: bool) -> tuple[int, int]:
-    """fc1 [E_l, 2I or I, H], fc2 [E_l, H, I] in the input's dtype; returns (E_l, I)."""
+    """fc1 [E_l, 2I or I, H], fc2 [E_l, H, I] in the input's dtype (int8 for INT8 weight-only); returns (E_l, I)."""
     x = t.x
-    check_tensor("fc1_expert_weights", t.fc1, ndim=3, dtypes=(x.dtype,), device=x.device)
-    check_tensor("fc2_expert_weights", t.fc2, ndim=3, dtypes=(x.dtype,), device=x.device)
+    check_tensor("fc1_expert_weights", t.fc1, ndim=3, dtypes=(t.weight_dtype,), device=x.device)
+    check_tensor("fc2_expert_weights", t.fc2, ndim=3, dtypes=(t.weight_dtype,), device=x.device)
     num_local, hidden, inter = t.fc2.shape
     if hidden != x.shape[1] or num_local < 1:
         raise ValueError(f"fc2_expert_weights: expected shape [E_l >= 1, {x.shape[1]} (hidden), I], "
@@ -361,6 +386,17 @@ def _check_fp8(t: MoeTensors, quant_scales, num_local: int) -> None:
         raise _not_implemented(f"FP8 on arch {arch} (its kernels need sm_90a)")
 
 
+def _check_int8(t: MoeTensors, quant_scales, num_local: int) -> None:
+    """INT8 weight-only: parse quant_scales into t.int8."""
+    if not t.int8_woq:
+        return
+    if quant_scales is None:
+        raise ValueError("quant_scales: expected 2 tensors with use_int8_woq_per_channel=True (fc1_scales [E_l, fc1 "
+                         "rows], fc2_scales [E_l, H]), got None")
+    t.int8 = _quant.parse_int8_quant_scales(quant_scales, num_local, t.fc1.shape[1], t.x.shape[1], t.x.dtype,
+                                            t.x.device)
+
+
 def _plan(t: MoeTensors, *, output_dtype, quant_scales, activation_type, tp_size, tp_rank, ep_size, ep_rank,
           cluster_rank) -> MoeConfig:
     """Validate every argument and build the typed config (errors name the FlashInfer argument)."""
@@ -374,6 +410,7 @@ def _plan(t: MoeTensors, *, output_dtype, quant_scales, activation_type, tp_size
     _check_output(t, dtype)
     _check_alignment(t)
     _check_fp8(t, quant_scales, num_local)
+    _check_int8(t, quant_scales, num_local)
     has_swiglu = any(p is not None for p in (t.swiglu_alpha, t.swiglu_beta, t.swiglu_limit))
     act = ActivationType[_ref.effective_activation(act.name, has_swiglu)]
     return MoeConfig(t.x.shape[0], t.x.shape[1], inter, topk, num_local, act, dtype, ep_size, ep_rank, tp_size,
@@ -392,11 +429,11 @@ def _device_sms(index: int) -> int:
 
 def _gemm_configs(num_slots: int, num_local: int, hidden: int, inter: int, x: torch.Tensor, activation: str,
                   kernel: str, k_splits: int, workload: Optional[_autotune.Workload] = None,
-                  tile_dtype: Optional[torch.dtype] = None):
+                  tile_dtype: Optional[torch.dtype] = None, weight: Optional[str] = None):
     """Configs of GEMM1 (n = I, k = H) and GEMM2 (n = H, k = I), same block_m: the tuned choice for the call's
     problem (stored, or measured now inside ``autotune()``; ``workload`` holds the tensors to measure on) unless
-    a kernel or split is forced, else the heuristic (for ``tile_dtype``, default x's) with split-K chosen per
-    GEMM."""
+    a kernel or split is forced, else the heuristic (for ``tile_dtype``, default x's, and ``weight``, 's8' for
+    int8 weights) with split-K chosen per GEMM."""
     device = x.device
     arch, num_sms = _device_arch(device.index), _device_sms(device.index)
     if workload is not None and not (kernel or k_splits):
@@ -404,7 +441,7 @@ def _gemm_configs(num_slots: int, num_local: int, hidden: int, inter: int, x: to
         if tuned is not None:
             return tuned
     common = dict(arch=arch, dtype=tile_dtype or x.dtype, kernel=kernel or None, num_sms=num_sms,
-                  k_splits=k_splits or None)
+                  k_splits=k_splits or None, weight=weight)
     return (_gemm.select_config(num_slots, num_local, inter, hidden, gated=activation in _gemm.GATED_ACTIVATIONS,
                                 **common),
             _gemm.select_config(num_slots, num_local, hidden, inter, gated=False, **common))
@@ -422,21 +459,28 @@ def _fp8_gemm_configs(num_slots: int, num_local: int, hidden: int, inter: int, x
 
 
 def _run_cuda(output, x, topk_ids, slot_weights, fc1, fc2, fc1_bias, fc2_bias, act_params: dict, activation: str,
-              local_expert_offset: int, kernel: str, k_splits: int,
-              fp8: Optional[_quant.Fp8Scales] = None) -> None:
+              local_expert_offset: int, kernel: str, k_splits: int, fp8: Optional[_quant.Fp8Scales] = None,
+              int8: Optional[_quant.Int8Scales] = None) -> None:
     """The decode path for a few tokens, else moe_align -> GEMM1 -> GEMM2 -> combine; on the current stream, scratch
-    from the caching allocator. ``fp8``: e4m3 x, fc1 and fc2 with these scales (GEMM1 then writes e4m3)."""
+    from the caching allocator. ``fp8``: e4m3 x, fc1 and fc2 with these scales (GEMM1 then writes e4m3); ``int8``:
+    int8 fc1 and fc2 with these per-channel scales."""
     num_tokens, topk = topk_ids.shape
     num_local, hidden, inter = fc2.shape
     heuristic = not kernel and not k_splits
     if kernel == DECODE or (heuristic and _decode.use_decode(num_tokens, topk, num_local, hidden, inter,
-                                                             x.element_size())):
+                                                             x.element_size(), fc1.element_size())):
         fp8_scales = (fp8.fc1_dequant, fp8.fc2_quant, fp8.fc2_dequant) if fp8 is not None else None
         _decode.run_decode(output, x, topk_ids, slot_weights, fc1, fc2, fc1_bias, fc2_bias, act_params, activation,
-                           local_expert_offset, fp8_scales)
+                           local_expert_offset, fp8_scales, (int8.fc1, int8.fc2) if int8 is not None else None)
         return
     if fp8 is not None:
         cfg1, cfg2 = _fp8_gemm_configs(num_tokens * topk, num_local, hidden, inter, x, activation, kernel, k_splits)
+    elif int8 is not None:
+        if kernel not in ("", "sm80"):
+            raise _not_implemented(f"INT8 weight-only on a forced kernel {kernel!r} (int8 weights run on the sm80 "
+                                   "kernel and the decode path only)")
+        cfg1, cfg2 = _gemm_configs(num_tokens * topk, num_local, hidden, inter, x, activation, kernel, k_splits,
+                                   weight="s8")
     else:
         workload = _autotune.Workload(x, topk_ids, slot_weights, fc1, fc2, fc1_bias, fc2_bias, act_params,
                                       activation, local_expert_offset)
@@ -451,7 +495,8 @@ def _run_cuda(output, x, topk_ids, slot_weights, fc1, fc2, fc1_bias, fc2_bias, a
     h = torch.empty(sorted_ids.shape[0], inter, dtype=x.dtype, device=x.device)  # FP8: e4m3, GEMM2's input
     scales1 = dict(acc_scale=fp8.fc1_dequant, out_scale=fp8.fc2_quant) if fp8 is not None else {}
     _gemm.launch_gemm1(x, fc1, sorted_ids, block_expert, num_padded, out=h, topk=topk, activation=activation,
-                       fc1_bias=fc1_bias, config=cfg1, slot_rows=slot_rows, **scales1, **act_params)
+                       fc1_bias=fc1_bias, config=cfg1, slot_rows=slot_rows, w_scale=int8.fc1 if int8 else None,
+                       **scales1, **act_params)
     # top-1: each token has one slot, so GEMM2 can write the output rows itself (zeroed: rows without a local
     # expert are never written); otherwise it writes per-slot rows that the combine sums in a fixed order.
     direct = topk == 1 and output.data_ptr() % 16 == 0
@@ -459,7 +504,8 @@ def _run_cuda(output, x, topk_ids, slot_weights, fc1, fc2, fc1_bias, fc2_bias, a
     if direct:
         output.zero_()
     _gemm.launch_gemm2(h, fc2, sorted_ids, block_expert, num_padded, slot_weights, out=out_slots, fc2_bias=fc2_bias,
-                       config=cfg2, acc_scale=fp8.fc2_dequant if fp8 is not None else None)
+                       config=cfg2, acc_scale=fp8.fc2_dequant if fp8 is not None else None,
+                       w_scale=int8.fc2 if int8 else None)
     if not direct:
         _permute.combine_into(out_slots, topk_ids, output, num_local, local_expert_offset)
 
@@ -477,29 +523,34 @@ def _fused_moe_op(output: torch.Tensor, x: torch.Tensor, topk_ids: torch.Tensor,
                   fc2_bias: Optional[torch.Tensor], swiglu_alpha: Optional[torch.Tensor],
                   swiglu_beta: Optional[torch.Tensor], swiglu_limit: Optional[torch.Tensor], activation: str,
                   ep_size: int, ep_rank: int, kernel: str, k_splits: int, fc1_dequant: Optional[torch.Tensor] = None,
-                  fc2_quant: Optional[torch.Tensor] = None, fc2_dequant: Optional[torch.Tensor] = None) -> None:
+                  fc2_quant: Optional[torch.Tensor] = None, fc2_dequant: Optional[torch.Tensor] = None,
+                  fc1_wscale: Optional[torch.Tensor] = None, fc2_wscale: Optional[torch.Tensor] = None) -> None:
     """output <- fused MoE. fc2_bias arrives already dropped on TP ranks other than 0; slot_weights is [T * k].
-    FP8: x, fc1 and fc2 in e4m3 with the three scales of jitmoe.quant.Fp8Scales (None otherwise)."""
+    FP8: x, fc1 and fc2 in e4m3 with the three scales of jitmoe.quant.Fp8Scales (None otherwise). INT8 weight-only:
+    int8 fc1 and fc2 with the per-channel scales of jitmoe.quant.Int8Scales (None otherwise)."""
     num_local = fc2.shape[0]
     act_params = {name: value for name, value in (("swiglu_alpha", swiglu_alpha), ("swiglu_beta", swiglu_beta),
                                                    ("swiglu_limit", swiglu_limit))
                   if name in _SWIGLU_PARAMS.get(activation, ())}
     fp8 = _quant.Fp8Scales(fc1_dequant, fc2_quant, fc2_dequant) if fc1_dequant is not None else None
+    int8 = _quant.Int8Scales(fc1_wscale, fc2_wscale) if fc1_wscale is not None else None
     if x.is_cuda:
         _run_cuda(output, x, topk_ids, slot_weights, fc1, fc2, fc1_bias, fc2_bias, act_params, activation,
-                  ep_rank * num_local, kernel, k_splits, fp8)
+                  ep_rank * num_local, kernel, k_splits, fp8, int8)
         return
     _check_ids_in_range(topk_ids, num_local * ep_size)
     output.copy_(_ref.fused_moe_reference(x, topk_ids, slot_weights.view(topk_ids.shape), fc1, fc2,
                                           fc1_expert_biases=fc1_bias, fc2_expert_biases=fc2_bias,
                                           activation=activation, ep_size=ep_size, ep_rank=ep_rank,
                                           out_dtype=output.dtype, fc1_dequant=fc1_dequant, fc2_quant=fc2_quant,
-                                          fc2_dequant=fc2_dequant, **act_params))
+                                          fc2_dequant=fc2_dequant, fc1_weight_scales=fc1_wscale,
+                                          fc2_weight_scales=fc2_wscale, **act_params))
 
 
 @_fused_moe_op.register_fake
 def _(output, x, topk_ids, slot_weights, fc1, fc2, fc1_bias, fc2_bias, swiglu_alpha, swiglu_beta, swiglu_limit,
-      activation, ep_size, ep_rank, kernel, k_splits, fc1_dequant=None, fc2_quant=None, fc2_dequant=None) -> None:
+      activation, ep_size, ep_rank, kernel, k_splits, fc1_dequant=None, fc2_quant=None, fc2_dequant=None,
+      fc1_wscale=None, fc2_wscale=None) -> None:
     return None
 
 
@@ -511,9 +562,10 @@ def run_fused_moe(cfg: MoeConfig, t: MoeTensors) -> torch.Tensor:
                     else torch.ones(cfg.num_tokens * cfg.topk, dtype=torch.float32, device=t.x.device))
     fc2_bias = t.fc2_bias if cfg.apply_fc2_bias else None
     fp8 = (t.fp8.fc1_dequant, t.fp8.fc2_quant, t.fp8.fc2_dequant) if t.fp8 is not None else (None, None, None)
+    int8 = (t.int8.fc1, t.int8.fc2) if t.int8 is not None else (None, None)
     _fused_moe_op(t.output, t.x, t.topk_ids, slot_weights, t.fc1, t.fc2, t.fc1_bias, fc2_bias, t.swiglu_alpha,
                   t.swiglu_beta, t.swiglu_limit, cfg.activation.name, cfg.ep_size, cfg.ep_rank, _forced_kernel,
-                  _forced_split_k, *fp8)
+                  _forced_split_k, *fp8, *int8)
     return t.output
 
 
@@ -533,8 +585,9 @@ def cutlass_fused_moe(input: torch.Tensor, token_selected_experts: torch.Tensor,
                       activation_type: ActivationType = ActivationType.Swiglu, swizzled_input_sf: bool = True,
                       use_fused_finalize: bool = True, profile_ids: Optional[list] = None,
                       workspace_buffer: Optional[torch.Tensor] = None, *, situ_beta: Optional[torch.Tensor] = None,
-                      situ_linear_beta: Optional[torch.Tensor] = None) -> list:
-    """The fused MoE layer, FlashInfer's ``cutlass_fused_moe`` contract (bf16/fp16, and FP8 per-tensor).
+                      situ_linear_beta: Optional[torch.Tensor] = None, use_int8_woq_per_channel: bool = False) -> list:
+    """The fused MoE layer, FlashInfer's ``cutlass_fused_moe`` contract (bf16/fp16, FP8 per-tensor, and INT8
+    weight-only per channel).
 
     input [T, H]; token_selected_experts int32 [T, k] (global ids); token_final_scales float32 [T, k] (None: 1);
     fc1_expert_weights [E_l, 2I, H] with the up half first and the gate half second ([E_l, I, H] for non-gated
@@ -546,6 +599,10 @@ def cutlass_fused_moe(input: torch.Tensor, token_selected_experts: torch.Tensor,
     FP8 per-tensor (sm_90a): input and both weights float8_e4m3fn, output_dtype bf16/fp16 (also the biases' dtype),
     H and I multiples of 16, quant_scales = [fc1_dequant [E_l], fc2_quant (scalar or [E_l]), fc2_dequant [E_l],
     fc1_input_dequant (scalar)] as FlashInfer takes them (jitmoe.quant.fp8_quant_scales makes them).
+    INT8 weight-only per channel (``use_int8_woq_per_channel=True``, keyword only: TensorRT-LLM's flag, which
+    FlashInfer lacks): bf16/fp16 input, int8 weights in the layouts above, H and I multiples of 16, quant_scales =
+    [fc1_scales [E_l, fc1 rows], fc2_scales [E_l, H]] in float32 or the input's dtype, one per weight row
+    (jitmoe.quant.quantize_int8_per_channel makes them).
     """
     _reject_unsupported(quant_scales=quant_scales, input_sf=input_sf, cluster_size=cluster_size,
                         enable_alltoall=enable_alltoall, ep_size=ep_size, situ_beta=situ_beta,
@@ -555,9 +612,11 @@ def cutlass_fused_moe(input: torch.Tensor, token_selected_experts: torch.Tensor,
                                    use_mxfp8_act_scaling=use_mxfp8_act_scaling, min_latency_mode=min_latency_mode,
                                    use_packed_weights=use_packed_weights, use_wfp4afp8_humming=use_wfp4afp8_humming),
                         tensors={"input": input, "fc1_expert_weights": fc1_expert_weights,
-                                 "fc2_expert_weights": fc2_expert_weights})
+                                 "fc2_expert_weights": fc2_expert_weights},
+                        int8_woq=use_int8_woq_per_channel)
     t = MoeTensors(input, token_selected_experts, token_final_scales, fc1_expert_weights, fc2_expert_weights,
-                   fc1_expert_biases, fc2_expert_biases, swiglu_alpha, swiglu_beta, swiglu_limit, output)
+                   fc1_expert_biases, fc2_expert_biases, swiglu_alpha, swiglu_beta, swiglu_limit, output,
+                   int8_woq=use_int8_woq_per_channel)
     cfg = _plan(t, output_dtype=output_dtype, quant_scales=quant_scales, activation_type=activation_type,
                 tp_size=tp_size, tp_rank=tp_rank, ep_size=ep_size, ep_rank=ep_rank, cluster_rank=cluster_rank)
     _check_workspace(workspace_buffer, input.device)

@@ -91,6 +91,9 @@ _TIERS = {"sm80": _SM80_TIERS, "sm90": _SM90_TIERS, "sm90ws": ((float("inf"), 12
 # and 22 alike.
 _TILES = {("sm80", 16): (64, 64, 4), ("sm80", 64): (128, 32, 4), ("sm80", 128): (128, 32, 4),
           ("sm90", 64): (128, 64, 4), ("sm90", 128): (128, 64, 4), ("sm90ws", 128): (128, 64, 4)}
+# int8 weights (sm80 kernel) at block_m 64 and 128: BLOCK_K 64 with 3 stages, where the 16-bit tile has 32 with 4:
+# each k slice costs the int8 mainloop a conversion pass of the B tile besides its barrier, so fewer, longer slices.
+_S8_TILES = {("sm80", 64): (128, 64, 3), ("sm80", 128): (128, 64, 3)}
 # Wider block_n for GEMMs with one B half (GEMM2, non-gated GEMM1): a gated tile already reads 2 x block_n rows of
 # B per stage; with one half, 256 columns keep the shared-memory traffic per MMA the same (sm90ws only: its
 # accumulators allow 64 x 256 per warpgroup).
@@ -129,16 +132,24 @@ def sm80_warps(block_m: int, block_n: int, gated: bool) -> tuple[int, int]:
     return warps_m, warps // warps_m
 
 
-def sm80_smem_bytes(cfg: GemmConfig, gated: bool) -> int:
-    """Static + dynamic shared memory of the SM80 kernel for this tile (mirrors TileConfig::kSmemBytes)."""
+def sm80_smem_bytes(cfg: GemmConfig, gated: bool, s8: bool = False) -> int:
+    """Static + dynamic shared memory of the SM80 kernel for this tile (mirrors TileConfig::kSmemBytes); ``s8``:
+    int8 weights (an int8 B ring plus two 16-bit B tiles)."""
     rows_b = cfg.block_n * (2 if gated else 1)
-    ring = cfg.stages * (cfg.block_m + rows_b) * (cfg.block_k + 8)
-    epilogue = cfg.block_m * (cfg.block_n + 8)
-    return 2 * max(ring, epilogue) + 4 * cfg.block_m
+    tile_a, tile_b16 = 2 * cfg.block_m * (cfg.block_k + 8), 2 * rows_b * (cfg.block_k + 8)
+    if s8:
+        ring = cfg.stages * (tile_a + rows_b * (cfg.block_k + 16)) + 2 * tile_b16
+    else:
+        ring = cfg.stages * (tile_a + tile_b16)
+    epilogue = 2 * cfg.block_m * (cfg.block_n + 8)
+    return max(ring, epilogue) + 4 * cfg.block_m
 
 
-def sm80_tile_problem(cfg: GemmConfig, gated: bool, arch: str) -> str | None:
-    """Why the SM80 kernel cannot run this tile on ``arch`` (its static_asserts plus shared memory), or None."""
+def sm80_tile_problem(cfg: GemmConfig, gated: bool, arch: str, s8: bool = False) -> str | None:
+    """Why the SM80 kernel cannot run this tile on ``arch`` (its static_asserts plus shared memory), or None;
+    ``s8``: with int8 weights."""
+    if s8 and cfg.stages < 3:
+        return f"int8 weights need at least 3 stages, got {cfg.stages}"
     warps_m, warps_n = sm80_warps(cfg.block_m, cfg.block_n, gated)
     warp_m, warp_n = cfg.block_m // warps_m, cfg.block_n // warps_n
     if warp_m % 16 or warp_n % 16 or cfg.block_n % warps_n:
@@ -147,7 +158,7 @@ def sm80_tile_problem(cfg: GemmConfig, gated: bool, arch: str) -> str | None:
     accumulators = (2 if gated else 1) * (warp_m // 16) * (warp_n // 8) * 4
     if accumulators > 128:
         return f"{accumulators} fp32 accumulators per thread (at most 128): shrink block_m or block_n"
-    need, limit = sm80_smem_bytes(cfg, gated), smem_limit(arch)
+    need, limit = sm80_smem_bytes(cfg, gated, s8), smem_limit(arch)
     if need > limit:
         return f"needs {need} bytes of shared memory, sm_{arch} has {limit}: lower stages or block_k"
     return None
@@ -160,26 +171,36 @@ def sm90ws_smem_bytes(cfg: GemmConfig, gated: bool) -> int:
     return 1024 + cfg.stages * (cfg.block_m + rows_b) * cfg.block_k * 2 + cfg.block_m * cfg.block_n * 2 + 16 * cfg.stages
 
 
-def smem_bytes(cfg: GemmConfig, gated: bool) -> int:
-    """Shared memory a config needs on its kernel (the sm90 kernel's plan is bounded by the sm80 formula)."""
-    return sm90ws_smem_bytes(cfg, gated) if cfg.kernel == "sm90ws" else sm80_smem_bytes(cfg, gated)
+def smem_bytes(cfg: GemmConfig, gated: bool, s8: bool = False) -> int:
+    """Shared memory a config needs on its kernel (the sm90 kernel's plan is bounded by the sm80 formula; ``s8``:
+    int8 weights, sm80 only)."""
+    return sm90ws_smem_bytes(cfg, gated) if cfg.kernel == "sm90ws" else sm80_smem_bytes(cfg, gated, s8)
 
 
-def _fit_stages(kernel: str, block_m: int, arch: str, gated: bool = True, narrow: bool = False) -> GemmConfig:
+def _fit_stages(kernel: str, block_m: int, arch: str, gated: bool = True, narrow: bool = False,
+                s8: bool = False) -> GemmConfig:
     """The tier's tile (for one B half: wide where the kernel has one, or its narrow tile when ``narrow``) with the
-    most stages, up to the table's, that fits the arch. Gated (the larger case) is the default, so a gated config
-    also fits every one-half GEMM."""
-    block_n, block_k, stages = _TILES[(kernel, block_m)]
+    most stages, up to the table's, that fits the arch (``s8``: with int8 weights, which need 3). Gated (the larger
+    case) is the default, so a gated config also fits every one-half GEMM."""
+    block_n, block_k, stages = (_S8_TILES if s8 and (kernel, block_m) in _S8_TILES else _TILES)[(kernel, block_m)]
     if not gated and narrow and (kernel, block_m) in _NARROW_TILES:
         block_n, block_k, stages = _NARROW_TILES[(kernel, block_m)]
     elif not gated:
         block_n = _WIDE_BLOCK_N.get((kernel, block_m), block_n)
     cluster_m = SM90WS_CLUSTER_M[gated] if kernel == "sm90ws" else 1
+    top_stages = stages
     while True:
         cfg = GemmConfig(kernel, block_m, block_n, block_k, stages, cluster_m=cluster_m)
-        if stages == 2 or smem_bytes(cfg, gated) <= smem_limit(arch):
+        if smem_bytes(cfg, gated, s8) <= smem_limit(arch):
             return cfg
-        stages -= 1
+        if stages > (3 if s8 else 2):
+            stages -= 1
+        elif s8 and block_n > 64:  # int8's 3 stages and two 16-bit B tiles exceed small SMs (sm_86): smaller tile
+            block_n, stages = block_n // 2, top_stages
+        elif s8 and block_k > 32:
+            block_k, stages = block_k // 2, top_stages
+        else:
+            return cfg
 
 
 @functools.lru_cache(maxsize=None)
@@ -245,7 +266,7 @@ def split_k_for(tiles: int, k: int, block_k: int, num_sms: int) -> int:
 
 def select_config(num_slots: int, num_experts: int, n: int, k: int, arch: str, dtype, *,
                   kernel: str | None = None, kernels=None, num_sms: int | None = None,
-                  k_splits: int | None = None, gated: bool = True) -> GemmConfig:
+                  k_splits: int | None = None, gated: bool = True, weight: str | None = None) -> GemmConfig:
     """Tile config for one grouped GEMM of ``num_slots`` (token, choice) rows over ``num_experts`` local experts,
     ``n`` output columns and reduction length ``k``.
 
@@ -256,17 +277,19 @@ def select_config(num_slots: int, num_experts: int, n: int, k: int, arch: str, d
     Split-K (``split_k_for``) is chosen when ``num_sms`` is given and the GEMM has less than a wave of tiles;
     ``k_splits`` forces a value. ``gated`` says whether B has two halves (GEMM1 with a gated activation); GEMMs
     with one half may get a wider block_n (or, with few rows per expert, a narrower one with more stages).
+    ``weight`` 's8' (int8 weights, INT8 weight-only) runs on the sm80 kernel, the only one that takes them.
     """
     if kernels is not None:
         kernels = tuple(kernels)
-    return _select_config(num_slots, num_experts, n, k, arch, dtype, kernel, kernels, num_sms, k_splits, gated)
+    return _select_config(num_slots, num_experts, n, k, arch, dtype, kernel, kernels, num_sms, k_splits, gated,
+                          weight)
 
 
 # Memoised: a layer asks for the same few configs on every call, and the choice (with its validation) is pure and
 # costs tens of microseconds of host time per call on the H100 machine. Errors are raised, never cached.
 @functools.lru_cache(maxsize=4096, typed=True)
 def _select_config(num_slots, num_experts, n, k, arch, dtype, kernel, kernels, num_sms, k_splits,
-                   gated) -> GemmConfig:
+                   gated, weight) -> GemmConfig:
     check_int("num_slots", num_slots, low=0)
     check_int("num_experts", num_experts, low=1)
     check_int("n", n, low=1)
@@ -282,25 +305,31 @@ def _select_config(num_slots, num_experts, n, k, arch, dtype, kernel, kernels, n
     if k_splits is not None:
         check_int("k_splits", k_splits, low=1, high=MAX_K_SPLITS)
     rows_per_expert = num_slots / num_experts
+    if weight is not None:
+        check_choice("weight", weight, ("s8",))
+        candidates = tuple(c for c in candidates if c == "sm80")
     if kernel is None:
         kernel = _auto_kernel(candidates, k_splits)
     elif kernel not in candidates:
-        raise ValueError(f"kernel: expected one of {candidates} on arch {arch!r}, got {kernel!r}")
+        raise ValueError(f"kernel: expected one of {candidates} on arch {arch!r}"
+                         f"{' with int8 weights' if weight else ''}, got {kernel!r}")
     if kernel not in SPLIT_K_KERNELS:
         if (k_splits or 1) != 1:
             raise ValueError(f"k_splits: the {kernel} kernel does not split K, got {k_splits}")
         k_splits = 1
-    cfg = heuristic_tile(kernel, _block_m(kernel, rows_per_expert), arch, gated, rows_per_expert)
+    cfg = heuristic_tile(kernel, _block_m(kernel, rows_per_expert), arch, gated, rows_per_expert, s8=weight == "s8")
     if k_splits is None:
         tiles = expected_tiles(num_slots, num_experts, n, cfg.block_m, cfg.block_n)
         k_splits = split_k_for(tiles, k, cfg.block_k, num_sms) if num_sms else 1
     return dataclasses.replace(cfg, k_splits=k_splits)
 
 
-def heuristic_tile(kernel: str, block_m: int, arch: str, gated: bool, rows_per_expert: float) -> GemmConfig:
-    """The tile select_config gives ``kernel`` with ``block_m`` at ``rows_per_expert`` (k_splits 1)."""
+def heuristic_tile(kernel: str, block_m: int, arch: str, gated: bool, rows_per_expert: float,
+                   s8: bool = False) -> GemmConfig:
+    """The tile select_config gives ``kernel`` with ``block_m`` at ``rows_per_expert`` (k_splits 1; ``s8``: int8
+    weights)."""
     return _fit_stages(kernel, block_m, normalize_arch(arch), gated,
-                       narrow=rows_per_expert <= _NARROW_MAX_ROWS_PER_EXPERT)
+                       narrow=rows_per_expert <= _NARROW_MAX_ROWS_PER_EXPERT, s8=s8)
 
 
 @functools.lru_cache(maxsize=256)  # twice per FP8 call: dataclasses.replace costs several microseconds
@@ -312,13 +341,13 @@ def fp8_config(cfg: GemmConfig) -> GemmConfig:
     return dataclasses.replace(cfg, block_k=128)
 
 
-def default_configs(kernel: str, arch: str, gated: bool = True) -> list[GemmConfig]:
+def default_configs(kernel: str, arch: str, gated: bool = True, s8: bool = False) -> list[GemmConfig]:
     """Every config select_config can return for ``kernel`` on ``arch`` with one or two (``gated``) B halves
-    (what prewarm builds)."""
+    (``s8``: int8 weights; what prewarm builds)."""
     arch = normalize_arch(arch)
-    configs = [_fit_stages(kernel, bm, arch, gated) for _, bm in _TIERS[kernel]]
+    configs = [_fit_stages(kernel, bm, arch, gated, s8=s8) for _, bm in _TIERS[kernel]]
     if not gated:
-        configs += [_fit_stages(kernel, bm, arch, gated, narrow=True) for _, bm in _TIERS[kernel]
+        configs += [_fit_stages(kernel, bm, arch, gated, narrow=True, s8=s8) for _, bm in _TIERS[kernel]
                     if (kernel, bm) in _NARROW_TILES]
     return configs
 
@@ -336,11 +365,16 @@ def activation_name(activation) -> str:
 
 @functools.lru_cache(maxsize=512)
 def gemm_spec(cfg: GemmConfig, dtype: str, mode: str, activation: str, archs: tuple[str, ...],
-              operand: Optional[str] = None) -> KernelSpec:
+              operand: Optional[str] = None, weight: Optional[str] = None) -> KernelSpec:
     """The spec of one GEMM: ``mode`` 'gemm1' (with ``activation``) or 'gemm2' (activation must be 'Identity').
     ``dtype`` is the layer's type (bias, GEMM2's output); ``operand`` 'e4m3' makes A and B FP8 (sm90ws with
-    ``fp8_config``), None keeps them ``dtype``."""
+    ``fp8_config``), None keeps them ``dtype``; ``weight`` 's8' makes B int8 with per-channel scales (INT8
+    weight-only, sm80 kernel)."""
     check_choice("dtype", dtype, ("bf16", "fp16"))
+    if weight is not None:
+        check_choice("weight", weight, ("s8",))
+        if cfg.kernel != "sm80" or operand is not None:
+            raise UnsupportedSpecError(f"moe_gemm: int8 weights run on the sm80 kernel with 16-bit A, got {cfg}")
     if operand is not None:
         check_choice("operand", operand, ("e4m3",))
         if cfg.kernel != "sm90ws" or cfg.block_k != 128:
@@ -357,7 +391,7 @@ def gemm_spec(cfg: GemmConfig, dtype: str, mode: str, activation: str, archs: tu
         for arch in archs:
             if arch_number(arch) < 80:
                 raise UnsupportedSpecError(f"moe_gemm: the sm80 kernel needs SM80 or newer, got arch {arch!r}")
-            problem = sm80_tile_problem(cfg, gated, arch)
+            problem = sm80_tile_problem(cfg, gated, arch, s8=weight == "s8")
             if problem:
                 raise UnsupportedSpecError(f"moe_gemm: tile {cfg} unsupported: {problem}")
     params = {"kernel": cfg.kernel, "dtype": dtype, "act": activation, "mode": mode, "block_m": cfg.block_m,
@@ -365,6 +399,8 @@ def gemm_spec(cfg: GemmConfig, dtype: str, mode: str, activation: str, archs: tu
     if cfg.kernel == "sm90ws":
         params = {"kernel": cfg.kernel, "dtype": dtype, "operand": operand or dtype, **params,
                   "cluster_m": cfg.cluster_m}
+    elif cfg.kernel == "sm80":
+        params["weight"] = weight or dtype
     # The SM80 kernel is plain PTX; only the SM90 ones need the CUTLASS/CuTe headers.
     return KernelSpec.create("moe_gemm", "moe", (f"{cfg.kernel}/gemm.cu", "moe_gemm_binding.cpp"), params, archs,
                              cutlass=cfg.kernel in SM90A_KERNELS)
@@ -495,13 +531,14 @@ def _real_rows(sorted_ids, block_expert, num_padded, num_slots, num_experts, blo
 
 
 def gemm1_reference(x, fc1, sorted_ids, block_expert, num_padded, out, topk, activation, fc1_bias, alpha, beta,
-                    limit, block_m, acc_scale=None, out_scale=None) -> None:
+                    limit, block_m, acc_scale=None, out_scale=None, w_scale=None) -> None:
     """Writes the real rows of ``out`` (inter); padding rows are left as they are. FP8 (``acc_scale`` [E],
-    ``out_scale`` [1] or [E]): the product is scaled by acc_scale[e], act(...) * out_scale rounded to e4m3."""
+    ``out_scale`` [1] or [E]): the product is scaled by acc_scale[e], act(...) * out_scale rounded to e4m3. INT8
+    weight-only: int8 fc1 with per-row scales ``w_scale`` [E, n_b]."""
     rows, slots, experts = _real_rows(sorted_ids, block_expert, num_padded, x.shape[0] * topk, fc1.shape[0], block_m)
     for e in experts.unique().tolist():
         sel = experts == e
-        h = x[slots[sel] // topk].float() @ fc1[e].float().t()
+        h = x[slots[sel] // topk].float() @ _ref.dequantized(fc1, e, w_scale).t()
         if acc_scale is not None:
             h = h * acc_scale[e].float()
         if fc1_bias is not None:
@@ -513,13 +550,13 @@ def gemm1_reference(x, fc1, sorted_ids, block_expert, num_padded, out, topk, act
 
 
 def gemm2_reference(inter, fc2, sorted_ids, block_expert, num_padded, slot_weights, out, fc2_bias, block_m,
-                    acc_scale=None) -> None:
+                    acc_scale=None, w_scale=None) -> None:
     """Writes out[slot] for the real rows; other rows of ``out`` are left as they are (FP8: ``acc_scale`` [E]
-    scales the product before the bias)."""
+    scales the product before the bias; INT8 weight-only: int8 fc2 with per-row scales ``w_scale`` [E, N])."""
     rows, slots, experts = _real_rows(sorted_ids, block_expert, num_padded, out.shape[0], fc2.shape[0], block_m)
     for e in experts.unique().tolist():
         sel = experts == e
-        y = inter[rows[sel]].float() @ fc2[e].float().t()
+        y = inter[rows[sel]].float() @ _ref.dequantized(fc2, e, w_scale).t()
         if acc_scale is not None:
             y = y * acc_scale[e].float()
         if fc2_bias is not None:
@@ -559,25 +596,31 @@ def _moe_gemm1_op(x: torch.Tensor, fc1: torch.Tensor, sorted_ids: torch.Tensor, 
                   swiglu_beta: Optional[torch.Tensor], swiglu_limit: Optional[torch.Tensor],
                   slot_rows: Optional[torch.Tensor], kernel: str, block_m: int, block_n: int, block_k: int,
                   stages: int, k_splits: int, cluster_m: int, acc_scale: Optional[torch.Tensor] = None,
-                  out_scale: Optional[torch.Tensor] = None) -> None:
+                  out_scale: Optional[torch.Tensor] = None, w_scale: Optional[torch.Tensor] = None) -> None:
     # slot_rows: every slot's sorted row as moe_align writes it (permute.align_into(..., slot_rows=)), which spares
     # the sm90ws launch its inversion of sorted_ids; None: the launch inverts it itself.
-    # acc_scale / out_scale: FP8 only (x, fc1 and out in e4m3), see gemm1_reference.
+    # acc_scale / out_scale: FP8 only (x, fc1 and out in e4m3); w_scale: INT8 weight-only (int8 fc1). See
+    # gemm1_reference.
     if not x.is_cuda:
         gemm1_reference(x, fc1, sorted_ids, block_expert, num_padded, out, topk, activation, fc1_bias,
-                        swiglu_alpha, swiglu_beta, swiglu_limit, block_m, acc_scale, out_scale)
+                        swiglu_alpha, swiglu_beta, swiglu_limit, block_m, acc_scale, out_scale, w_scale)
         return
     _check_aligned(x=x, fc1=fc1, out=out)
     cfg = _config_of(kernel, block_m, block_n, block_k, stages, k_splits, cluster_m)
     dtype, operand = _spec_types(x, fc1_bias)
-    spec = gemm_spec(cfg, dtype, "gemm1", activation, device_archs(x.device), operand)
+    spec = gemm_spec(cfg, dtype, "gemm1", activation, device_archs(x.device), operand, _weight_tag(fc1))
     num_slots = x.shape[0] * topk
     filled = slot_rows is not None
     partials, a_sorted, slot_rows = _scratch(cfg, out.shape[0], fc1.shape[1], x, sorted_ids.shape[0], num_slots,
                                              fc1.shape[0], gemm1=True, slot_rows=slot_rows)
     load_module(spec).run(x, fc1, fc1_bias, out, sorted_ids, block_expert, num_padded, None, swiglu_alpha,
                           swiglu_beta, swiglu_limit, num_slots, topk, out.shape[1], x.shape[1], partials,
-                          a_sorted, slot_rows, filled, k_splits, acc_scale, out_scale)
+                          a_sorted, slot_rows, filled, k_splits, acc_scale, out_scale, w_scale)
+
+
+def _weight_tag(w: torch.Tensor) -> Optional[str]:
+    """gemm_spec's ``weight``: 's8' for int8 weights (INT8 weight-only), else None."""
+    return "s8" if w.dtype == torch.int8 else None
 
 
 def _spec_types(a: torch.Tensor, layer_typed: Optional[torch.Tensor]) -> tuple[str, Optional[str]]:
@@ -591,7 +634,7 @@ def _spec_types(a: torch.Tensor, layer_typed: Optional[torch.Tensor]) -> tuple[s
 @_moe_gemm1_op.register_fake
 def _(x, fc1, sorted_ids, block_expert, num_padded, out, topk, activation, fc1_bias, swiglu_alpha, swiglu_beta,
       swiglu_limit, slot_rows, kernel, block_m, block_n, block_k, stages, k_splits, cluster_m, acc_scale=None,
-      out_scale=None) -> None:
+      out_scale=None, w_scale=None) -> None:
     return None
 
 
@@ -599,25 +642,27 @@ def _(x, fc1, sorted_ids, block_expert, num_padded, out, topk, activation, fc1_b
 def _moe_gemm2_op(inter: torch.Tensor, fc2: torch.Tensor, sorted_ids: torch.Tensor, block_expert: torch.Tensor,
                   num_padded: torch.Tensor, slot_weights: Optional[torch.Tensor], out: torch.Tensor,
                   fc2_bias: Optional[torch.Tensor], kernel: str, block_m: int, block_n: int, block_k: int,
-                  stages: int, k_splits: int, cluster_m: int, acc_scale: Optional[torch.Tensor] = None) -> None:
-    # acc_scale: FP8 only (inter and fc2 in e4m3, out in the layer's type), see gemm2_reference.
+                  stages: int, k_splits: int, cluster_m: int, acc_scale: Optional[torch.Tensor] = None,
+                  w_scale: Optional[torch.Tensor] = None) -> None:
+    # acc_scale: FP8 only (inter and fc2 in e4m3, out in the layer's type); w_scale: INT8 weight-only (int8 fc2).
+    # See gemm2_reference.
     if not inter.is_cuda:
         gemm2_reference(inter, fc2, sorted_ids, block_expert, num_padded, slot_weights, out, fc2_bias, block_m,
-                        acc_scale)
+                        acc_scale, w_scale)
         return
     _check_aligned(inter=inter, fc2=fc2, out=out)
     cfg = _config_of(kernel, block_m, block_n, block_k, stages, k_splits, cluster_m)
     dtype, operand = _spec_types(inter, out)
-    spec = gemm_spec(cfg, dtype, "gemm2", "Identity", device_archs(inter.device), operand)
+    spec = gemm_spec(cfg, dtype, "gemm2", "Identity", device_archs(inter.device), operand, _weight_tag(fc2))
     partials, _, _ = _scratch(cfg, out.shape[0], out.shape[1], inter, 0, 0, fc2.shape[0], gemm1=False)
     load_module(spec).run(inter, fc2, fc2_bias, out, sorted_ids, block_expert, num_padded, slot_weights, None, None,
                           None, out.shape[0], 1, out.shape[1], inter.shape[1], partials, None, None, False, k_splits,
-                          acc_scale, None)
+                          acc_scale, None, w_scale)
 
 
 @_moe_gemm2_op.register_fake
 def _(inter, fc2, sorted_ids, block_expert, num_padded, slot_weights, out, fc2_bias, kernel, block_m, block_n,
-      block_k, stages, k_splits, cluster_m, acc_scale=None) -> None:
+      block_k, stages, k_splits, cluster_m, acc_scale=None, w_scale=None) -> None:
     return None
 
 
@@ -650,14 +695,15 @@ def gathers_a(config: GemmConfig, num_slots: int, num_experts: int) -> bool:
 
 def launch_gemm1(x, fc1, sorted_ids, block_expert, num_padded, *, out, topk, activation: str, fc1_bias,
                  config: GemmConfig, swiglu_alpha=None, swiglu_beta=None, swiglu_limit=None,
-                 slot_rows=None, acc_scale=None, out_scale=None) -> torch.Tensor:
+                 slot_rows=None, acc_scale=None, out_scale=None, w_scale=None) -> torch.Tensor:
     """moe_gemm1 without its argument checks (``activation`` a canonical name), for a caller that made every
     argument itself: the fused pipeline, whose own checks already cost its eager call tens of microseconds.
     ``slot_rows``: int32 [T * k], every slot's sorted row as moe_align wrote it (see ``gathers_a``).
-    FP8 (x, fc1 and out e4m3, ``fp8_config``): ``acc_scale`` float32 [E] and ``out_scale`` [1] or [E]."""
+    FP8 (x, fc1 and out e4m3, ``fp8_config``): ``acc_scale`` float32 [E] and ``out_scale`` [1] or [E]. INT8
+    weight-only (int8 fc1, sm80 kernel): ``w_scale`` [E, n_b], fp32 or x's dtype."""
     _moe_gemm1_op(x, fc1, sorted_ids, block_expert, num_padded, out, topk, activation, fc1_bias, swiglu_alpha,
                   swiglu_beta, swiglu_limit, slot_rows, config.kernel, config.block_m, config.block_n,
-                  config.block_k, config.stages, config.k_splits, config.cluster_m, acc_scale, out_scale)
+                  config.block_k, config.stages, config.k_splits, config.cluster_m, acc_scale, out_scale, w_scale)
     return out
 
 
@@ -674,11 +720,12 @@ def moe_gemm2(inter, fc2, sorted_ids, block_expert, num_padded, slot_weights, *,
 
 
 def launch_gemm2(inter, fc2, sorted_ids, block_expert, num_padded, slot_weights, *, out, fc2_bias,
-                 config: GemmConfig, acc_scale=None) -> torch.Tensor:
-    """moe_gemm2 without its argument checks (see launch_gemm1; FP8: inter and fc2 e4m3, ``acc_scale`` [E])."""
+                 config: GemmConfig, acc_scale=None, w_scale=None) -> torch.Tensor:
+    """moe_gemm2 without its argument checks (see launch_gemm1; FP8: inter and fc2 e4m3, ``acc_scale`` [E]; INT8
+    weight-only: int8 fc2, ``w_scale`` [E, N])."""
     _moe_gemm2_op(inter, fc2, sorted_ids, block_expert, num_padded, slot_weights, out, fc2_bias, config.kernel,
                   config.block_m, config.block_n, config.block_k, config.stages, config.k_splits, config.cluster_m,
-                  acc_scale)
+                  acc_scale, w_scale)
     return out
 
 
@@ -697,18 +744,22 @@ def _prewarm_specs(dtypes, topks, archs) -> list[KernelSpec]:
             # FP8 with bf16 output and no bias (the layer type then only types GEMM2's output); fp16 outputs and
             # biases build on first use.
             specs += _layer_specs("sm90ws", arch, "bf16", operand="e4m3")
+        if "int8" in dtypes and "sm80" in kernels_for_arch(arch):  # INT8 weight-only, bf16 activations
+            specs += _layer_specs("sm80", arch, "bf16", weight="s8")
     return specs
 
 
-def _layer_specs(kernel: str, arch: str, dtype: str, operand: Optional[str] = None) -> list[KernelSpec]:
+def _layer_specs(kernel: str, arch: str, dtype: str, operand: Optional[str] = None,
+                 weight: Optional[str] = None) -> list[KernelSpec]:
     """GEMM1 for every activation and GEMM2, at every default config of ``kernel``."""
     form = fp8_config if operand else (lambda cfg: cfg)
+    s8 = weight == "s8"
     specs = []
     for act in ACTIVATIONS:
-        specs += [gemm_spec(form(cfg), dtype, "gemm1", act, (arch,), operand)
-                  for cfg in default_configs(kernel, arch, gated=act in GATED_ACTIVATIONS)]
-    return specs + [gemm_spec(form(cfg), dtype, "gemm2", "Identity", (arch,), operand)
-                    for cfg in default_configs(kernel, arch, gated=False)]
+        specs += [gemm_spec(form(cfg), dtype, "gemm1", act, (arch,), operand, weight)
+                  for cfg in default_configs(kernel, arch, gated=act in GATED_ACTIVATIONS, s8=s8)]
+    return specs + [gemm_spec(form(cfg), dtype, "gemm2", "Identity", (arch,), operand, weight)
+                    for cfg in default_configs(kernel, arch, gated=False, s8=s8)]
 
 
 PREWARM = {"fused_moe": _prewarm_specs}

@@ -21,7 +21,7 @@ import torch
 from ..jit import KernelSpec, device_archs, load_module
 from ..reference import omni as _ref
 from ._library import custom_op
-from ._validate import DTYPE_TAG, check_int
+from ._validate import DTYPE_TAG, check_int, float_tags
 
 __all__ = ["omni_router", "omni_router_func"]
 
@@ -177,7 +177,7 @@ def omni_router_func(router_logits_x: torch.Tensor, router_logits_y: torch.Tenso
 # -- prewarm --------------------------------------------------------------------------------------------------------
 def _prewarm(dtypes, topks, archs) -> list[KernelSpec]:
     buckets = sorted({topk_bucket(k) for k in topks if 1 <= k <= TOPK_BUCKETS[-1]})
-    return [_spec(d, kb, (a,)) for d in dtypes for kb in buckets for a in archs]
+    return [_spec(d, kb, (a,)) for d in float_tags(dtypes) for kb in buckets for a in archs]
 
 
 PREWARM = {"omni_router": _prewarm}

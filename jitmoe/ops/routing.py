@@ -21,7 +21,7 @@ import torch
 from ..jit import KernelSpec, device_archs, load_module
 from ..reference import routing as _ref
 from ._library import custom_op
-from ._validate import DTYPE_TAG, FLOAT_DTYPES, check_choice, check_int, check_tensor
+from ._validate import DTYPE_TAG, FLOAT_DTYPES, check_choice, check_int, check_tensor, float_tags
 
 __all__ = ["topk_softmax", "topk_sigmoid", "grouped_topk"]
 
@@ -260,11 +260,11 @@ def grouped_topk(gating_output: torch.Tensor, topk: int, n_group: int, topk_grou
 # -- prewarm --------------------------------------------------------------------------------------------------------
 def _prewarm_topk(dtypes, topks, archs) -> list[KernelSpec]:
     buckets = sorted({topk_bucket(k) for k in topks if 1 <= k <= MAX_TOPK}) if topks else list(TOPK_BUCKETS)
-    return [_topk_spec(d, b, (a,)) for d in dtypes for b in buckets for a in archs]
+    return [_topk_spec(d, b, (a,)) for d in float_tags(dtypes) for b in buckets for a in archs]
 
 
 def _prewarm_grouped(dtypes, topks, archs) -> list[KernelSpec]:
-    return [_grouped_spec(d, (a,)) for d in dtypes for a in archs]
+    return [_grouped_spec(d, (a,)) for d in float_tags(dtypes) for a in archs]
 
 
 PREWARM = {"topk_softmax": _prewarm_topk, "topk_sigmoid": _prewarm_topk, "grouped_topk": _prewarm_grouped}

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 __all__ = ["GATED_ACTIVATIONS", "ACTIVATION_NAMES", "effective_activation", "apply_activation",
            "fused_moe_reference", "moe_align_bound", "moe_align_reference", "moe_combine_reference",
-           "slot_rows_reference", "FP8_DTYPE", "FP8_MAX", "round_to_fp8"]
+           "slot_rows_reference", "FP8_DTYPE", "FP8_MAX", "round_to_fp8", "dequantized"]
 
 ACTIVATION_NAMES = ("Gelu", "Relu", "Silu", "Swiglu", "Geglu", "SwigluBias", "Relu2", "SwigluStep", "GegluTanh",
                     "Identity", "Situ")
@@ -73,8 +73,9 @@ def fused_moe_reference(input: torch.Tensor, token_selected_experts: torch.Tenso
                         swiglu_alpha=None, swiglu_beta=None, swiglu_limit=None, situ_beta=None,
                         situ_linear_beta=None, tp_rank: int = 0, ep_size: int = 1, ep_rank: int = 0,
                         out_dtype: torch.dtype | None = None, fc1_dequant: torch.Tensor | None = None,
-                        fc2_quant: torch.Tensor | None = None,
-                        fc2_dequant: torch.Tensor | None = None) -> torch.Tensor:
+                        fc2_quant: torch.Tensor | None = None, fc2_dequant: torch.Tensor | None = None,
+                        fc1_weight_scales: torch.Tensor | None = None,
+                        fc2_weight_scales: torch.Tensor | None = None) -> torch.Tensor:
     """The fused MoE layer in fp32, cast to ``out_dtype`` (default: the input's dtype).
 
     out[t] = sum_j scale[t, j] * (act(x[t] @ fc1[e].T + b1[e]) @ fc2[e].T + b2[e]) over the choices j whose
@@ -83,6 +84,8 @@ def fused_moe_reference(input: torch.Tensor, token_selected_experts: torch.Tenso
     FP8 per-tensor (``fc1_dequant`` [E_l], ``fc2_quant`` [1] or [E_l], ``fc2_dequant`` [E_l]; see jitmoe.quant):
     x @ fc1[e].T is scaled by fc1_dequant[e] before b1, act(...) * fc2_quant is rounded to e4m3 (saturating), and
     its product with fc2[e].T is scaled by fc2_dequant[e] before b2.
+    INT8 weight-only (int8 weights, ``fc1_weight_scales`` [E_l, fc1 rows] and ``fc2_weight_scales`` [E_l, H]): each
+    weight row is its int8 values times its scale.
     """
     name = effective_activation(getattr(activation, "name", activation),
                                 any(p is not None for p in (swiglu_alpha, swiglu_beta, swiglu_limit)))
@@ -99,7 +102,7 @@ def fused_moe_reference(input: torch.Tensor, token_selected_experts: torch.Tenso
         tokens, choices = torch.nonzero(ids == ep_rank * num_local + local, as_tuple=True)
         if tokens.numel() == 0:
             continue
-        h = x[tokens] @ fc1_expert_weights[local].float().T
+        h = x[tokens] @ dequantized(fc1_expert_weights, local, fc1_weight_scales).T
         if fc1_dequant is not None:
             h = h * fc1_dequant[local].float()
         if fc1_expert_biases is not None:
@@ -107,13 +110,19 @@ def fused_moe_reference(input: torch.Tensor, token_selected_experts: torch.Tenso
         a = apply_activation(name, h, expert=local, **params)
         if fc2_quant is not None:
             a = round_to_fp8(a * fc2_quant.reshape(-1)[local % fc2_quant.numel()].float()).float()
-        y = a @ fc2_expert_weights[local].float().T
+        y = a @ dequantized(fc2_expert_weights, local, fc2_weight_scales).T
         if fc2_dequant is not None:
             y = y * fc2_dequant[local].float()
         if fc2_expert_biases is not None and tp_rank == 0:
             y = y + fc2_expert_biases[local].float()
         out.index_add_(0, tokens, y * scales[tokens, choices].unsqueeze(1))
     return out.to(out_dtype or input.dtype)
+
+
+def dequantized(weights: torch.Tensor, expert: int, row_scales: torch.Tensor | None) -> torch.Tensor:
+    """One expert's weight [rows, K] in fp32 (INT8 weight-only: times its per-row scales)."""
+    w = weights[expert].float()
+    return w if row_scales is None else w * row_scales[expert].float()[:, None]
 
 
 def round_to_fp8(t: torch.Tensor) -> torch.Tensor:

@@ -45,8 +45,18 @@ def test_prewarm_fp8_lists_the_e4m3_fused_moe_gemms_for_sm90a_only(cache, capsys
 def test_prewarm_rejects_unknown_ops_and_dtypes(cache, capsys):
     assert main(["prewarm", "--op", "nope", "--arch", "90a", "--dry-run"]) == 2
     assert "unknown" in capsys.readouterr().err
-    assert main(["prewarm", "--op", "topk_softmax", "--dtype", "int8", "--arch", "90a", "--dry-run"]) == 2
+    assert main(["prewarm", "--op", "topk_softmax", "--dtype", "int4", "--arch", "90a", "--dry-run"]) == 2
     assert "--dtype" in capsys.readouterr().err
+
+
+def test_prewarm_quantized_modes_build_no_router_kernels(cache, capsys):
+    # fp8 and int8 name the fused MoE's quantized layers, not logits dtypes
+    ops = "topk_softmax,grouped_topk,omni_router,expert_choice"
+    assert main(["prewarm", "--op", ops, "--dtype", "fp8,int8", "--arch", "90a", "--dry-run"]) == 0
+    assert "0 specs" in capsys.readouterr().out
+    assert main(["prewarm", "--op", "fused_moe,fused_moe_decode", "--dtype", "int8", "--arch", "80", "--dry-run"]) == 0
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if "to build" in ln]
+    assert lines and all("_s8_" in ln or "moe_decode_bf16_bf16_s8" in ln for ln in lines), lines
 
 
 def test_prewarm_without_gpu_needs_an_arch(cache, capsys):

@@ -218,11 +218,13 @@ FLASHINFER_PARAMETERS = [  # flashinfer-api.md section 1 (HEAD)
     ("profile_ids", None), ("workspace_buffer", None),
 ]
 FLASHINFER_KEYWORD_ONLY = [("situ_beta", None), ("situ_linear_beta", None)]
+JITMOE_KEYWORD_ONLY = [("use_int8_woq_per_channel", False)]  # TensorRT-LLM's flag, which FlashInfer lacks
 
 
 def test_signature_matches_flashinfer():
     params = list(inspect.signature(jitmoe.cutlass_fused_moe).parameters.values())
-    expected = [(n, d, _P) for n, d in FLASHINFER_PARAMETERS] + [(n, d, _K) for n, d in FLASHINFER_KEYWORD_ONLY]
+    expected = [(n, d, _P) for n, d in FLASHINFER_PARAMETERS] + [(n, d, _K) for n, d in FLASHINFER_KEYWORD_ONLY
+                                                                 + JITMOE_KEYWORD_ONLY]
     assert [p.name for p in params] == [n for n, _, _ in expected]
     for p, (name, default, kind) in zip(params, expected):
         assert p.kind == kind, name
@@ -392,8 +394,12 @@ NOT_IMPLEMENTED = {
     "FP8": dict(input=torch.zeros(6, 32, dtype=torch.float8_e4m3fn)),
     "uint8": dict(fc1_expert_weights=torch.zeros(4, 32, 16, dtype=torch.uint8)),
     "int64": dict(fc1_expert_weights=torch.zeros(4, 32, 2, dtype=torch.int64)),
-    "INT8 weight-only": dict(fc2_expert_weights=torch.zeros(4, 32, 16, dtype=torch.int8)),
 }
+
+
+def test_int8_weights_without_the_flag_name_it():
+    with pytest.raises(TypeError, match="fc2_expert_weights: int8 weights need use_int8_woq_per_channel=True"):
+        _call(fc2_expert_weights=torch.zeros(4, 32, 16, dtype=torch.int8))
 
 
 @pytest.mark.parametrize("mode", list(NOT_IMPLEMENTED))

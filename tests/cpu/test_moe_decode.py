@@ -88,15 +88,15 @@ def test_force_kernel_accepts_the_decode_path():
 
 def test_spec_and_prewarm():
     spec = dec.decode_spec("bf16", "Swiglu", ("90a",))
-    assert dict(spec.params) == {"dtype": "bf16", "operand": "bf16", "act": "Swiglu"}
-    assert spec.readable_name.startswith("moe_decode_bf16_bf16_Swiglu")
+    assert dict(spec.params) == {"dtype": "bf16", "operand": "bf16", "weight": "bf16", "act": "Swiglu"}
+    assert spec.readable_name.startswith("moe_decode_bf16_bf16_bf16_Swiglu")
     specs = prewarm_registry()["fused_moe_decode"](["bf16", "fp16", "fp32"], [8], ["80", "90a"])
     assert len(specs) == 2 * len(dec.ACTIVATIONS) and all(dict(s.params)["dtype"] != "fp32" for s in specs)
 
 
 def test_fp8_spec_and_prewarm_for_sm90a_only():
     spec = dec.decode_spec("fp16", "Gelu", ("90a",), "e4m3")
-    assert dict(spec.params) == {"dtype": "fp16", "operand": "e4m3", "act": "Gelu"}
+    assert dict(spec.params) == {"dtype": "fp16", "operand": "e4m3", "weight": "e4m3", "act": "Gelu"}
     assert spec != dec.decode_spec("fp16", "Gelu", ("90a",))
     specs = prewarm_registry()["fused_moe_decode"](["fp8"], [8], ["80", "90a"])
     assert len(specs) == len(dec.ACTIVATIONS)

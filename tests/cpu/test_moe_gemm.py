@@ -202,7 +202,7 @@ def test_spec_name_sources_and_rendering():
     assert spec.readable_name.startswith("moe_gemm_sm80_bf16_SwigluBias_gemm1_block_m64_block_n128_block_k32")
     assert spec.sources == ("sm80/gemm.cu", "moe_gemm_binding.cpp") and not spec.cutlass
     text = spec.rendered_sources()["sm80/gemm.cu"]
-    assert "Act::SwigluBias, sm80::GemmMode::gemm1, 64, 128, 32," in text and "$" not in text
+    assert "dtype_bf16, jitmoe::dtype_bf16, Act::SwigluBias, sm80::GemmMode::gemm1, 64," in text and "$" not in text
     assert mg.gemm_spec(cfg, "fp16", "gemm2", "Identity", ("90a",)).archs == ("90a",)
 
 

@@ -14,12 +14,19 @@
 // The epilogue adds the bias, applies the activation (GEMM1) or the slot's routing weight (GEMM2) in fp32, stages the
 // tile in shared memory and writes 16-byte coalesced chunks: GEMM1 to inter[p], GEMM2 to out_slots[slot], real rows
 // only (GEMM1's padding rows are left unwritten: GEMM2 never reads them).
+//
+// INT8 weight-only (WElem = int8_t): the ring holds the int8 B tiles (half the bytes of a 16-bit one). One k-slice
+// ahead of the MMAs, every thread converts its share of the next slice's B tile to Elem (common/int8.cuh, exact)
+// into one of two 16-bit B buffers, which the MMAs read as they read a 16-bit tile; the mainloop's one barrier per
+// k-slice orders both. The per-channel weight scale multiplies the fp32 sums before the bias (and in the split-K
+// partials, which the reduce adds unchanged).
 #pragma once
 #include <cuda_runtime.h>
 #include <cstdint>
 #include <type_traits>
 
 #include "common/dtypes.cuh"
+#include "common/int8.cuh"
 #include "common/launch.cuh"
 #include "moe/activation.cuh"
 #include "moe/moe_gemm_args.cuh"
@@ -87,10 +94,11 @@ __device__ __forceinline__ void store_pair(Elem* dst, float lo, float hi) {
 constexpr int clamp_int(int v, int lo, int hi) { return v < lo ? lo : (v > hi ? hi : v); }
 constexpr int max_int(int a, int b) { return a > b ? a : b; }
 
-template <int kBlockM_, int kBlockN_, int kBlockK_, int kStages_, bool kGated_>
+template <int kBlockM_, int kBlockN_, int kBlockK_, int kStages_, bool kGated_, bool kS8_ = false>
 struct TileConfig {
   static constexpr int kBlockM = kBlockM_, kBlockN = kBlockN_, kBlockK = kBlockK_, kStages = kStages_;
   static constexpr bool kGated = kGated_;
+  static constexpr bool kS8 = kS8_;                       // int8 weights (converted to 16 bits in shared memory)
   static constexpr int kHalves = kGated ? 2 : 1;          // accumulator sets: up (and gate)
   static constexpr int kRowsB = kBlockN * kHalves;        // weight rows per stage
   static constexpr int kWarps = clamp_int(kBlockM * kRowsB / (32 * 64), 4, 8);
@@ -101,28 +109,35 @@ struct TileConfig {
   static constexpr int kWarpN = kBlockN / kWarpsN;        // output columns per warp (per half)
   static constexpr int kMmaM = kWarpM / 16;               // m16 tiles per warp
   static constexpr int kMmaN = kWarpN / 8;                // n8 tiles per warp (per half)
-  static constexpr int kChunksK = kBlockK / 8;            // 16-byte chunks per smem row
-  static constexpr int kLdsAB = kBlockK + 8;              // smem row stride of A and B tiles (elements)
+  static constexpr int kLdsAB = kBlockK + 8;              // smem row stride of 16-bit A and B tiles (elements)
+  static constexpr int kLdsB8 = kBlockK + 16;             // smem row stride of int8 B tiles (bytes)
   static constexpr int kLdsC = kBlockN + 8;               // smem row stride of the epilogue tile (elements)
-  static constexpr int kStageElems = (kBlockM + kRowsB) * kLdsAB;
-  static constexpr int kSmemBytes = 2 * max_int(kStages * kStageElems, kBlockM * kLdsC);
+  static constexpr int kBytesA = kBlockM * kLdsAB * 2;    // A tile of a stage
+  static constexpr int kBytesB16 = kRowsB * kLdsAB * 2;   // a 16-bit B tile
+  static constexpr int kStageBytes = kBytesA + (kS8 ? kRowsB * kLdsB8 : kBytesB16);
+  static constexpr int kRingBytes = kStages * kStageBytes + (kS8 ? 2 * kBytesB16 : 0);  // int8: + two B buffers
+  static constexpr int kSmemBytes = max_int(kRingBytes, kBlockM * kLdsC * 2);
 
   static_assert(kBlockM % 16 == 0 && kBlockM >= 16 && kBlockM <= 128, "BLOCK_M: a multiple of 16 in [16, 128]");
   static_assert(kBlockK % 16 == 0 && kBlockK >= 16 && kBlockK <= 128, "BLOCK_K: a multiple of 16 in [16, 128]");
-  static_assert(kStages >= 2, "the cp.async ring needs at least 2 stages");
+  static_assert(kStages >= (kS8 ? 3 : 2), "the cp.async ring needs 2 stages (3 with int8 weights)");
   static_assert(kWarpM % 16 == 0, "each warp needs whole m16 tiles");
   static_assert(kWarpN % 16 == 0, "each warp needs pairs of n8 tiles (one ldmatrix.x4 loads two)");
-  static_assert(kThreads % kChunksK == 0, "a thread keeps one chunk column of the K slice");
+  static_assert(kThreads % (kBlockK / 8) == 0, "a thread keeps one chunk column of the K slice");
   static_assert(kHalves * kMmaM * kMmaN * 4 <= 128, "too many accumulators per thread: shrink the tile");
 };
 
 // ---------------------------------------------------------------------------------------------------------------
-// One thread's share of the cp.async traffic for a tile of kRows rows: the same chunk column (kc) of rows
-// row0, row0 + kRowsPerPass, ... in every k-slice. Rows resolved once, before the mainloop.
-template <class Cfg, typename Elem, int kRows>
+// One thread's share of the cp.async traffic for a tile of kRows rows of Elem (row stride kLdsBytes): the same
+// 16-byte chunk column (kc) of rows row0, row0 + kRowsPerPass, ... in every k-slice. Rows resolved once, before
+// the mainloop.
+template <class Cfg, typename Elem, int kRows, int kLdsBytes>
 struct RowLoader {
-  static constexpr int kRowsPerPass = Cfg::kThreads / Cfg::kChunksK;
+  static constexpr int kChunkElems = 16 / static_cast<int>(sizeof(Elem));
+  static constexpr int kChunks = Cfg::kBlockK / kChunkElems;  // 16-byte chunks per row of the K slice
+  static constexpr int kRowsPerPass = Cfg::kThreads / kChunks;
   static constexpr int kPasses = (kRows + kRowsPerPass - 1) / kRowsPerPass;
+  static_assert(Cfg::kThreads % kChunks == 0, "a thread keeps one chunk column of the K slice");
 
   const Elem* base;          // the tensor's first element: the (never read) source of zero-filled chunks
   const Elem* src[kPasses];  // global address of this thread's chunk at k = 0 (base when !ok)
@@ -130,19 +145,23 @@ struct RowLoader {
   int row0;                  // first tile row of this thread
   int kc;                    // element offset of this thread's chunk inside the BLOCK_K slice
 
+  __device__ __forceinline__ void init_lanes() {
+    row0 = threadIdx.x / kChunks;
+    kc = (threadIdx.x % kChunks) * kChunkElems;
+  }
   __device__ __forceinline__ int row(int pass) const { return row0 + pass * kRowsPerPass; }
   __device__ __forceinline__ bool in_tile(int pass) const {
     return kRows % kRowsPerPass == 0 || row(pass) < kRows;
   }
 
-  // Copy the slice [k0, k0 + BLOCK_K) of every row into the tile at smem address `tile` (row stride kLdsAB).
+  // Copy the slice [k0, k0 + BLOCK_K) of every row into the tile at smem address `tile`.
   __device__ __forceinline__ void load(uint32_t tile, int k0, int k) const {
     const bool k_ok = k0 + kc < k;
 #pragma unroll
     for (int p = 0; p < kPasses; ++p) {
       if (!in_tile(p)) continue;
       const bool valid = ok[p] && k_ok;
-      const uint32_t dst = tile + static_cast<uint32_t>((row(p) * Cfg::kLdsAB + kc) * sizeof(Elem));
+      const uint32_t dst = tile + static_cast<uint32_t>(row(p) * kLdsBytes + kc * static_cast<int>(sizeof(Elem)));
       cp_async_16(dst, valid ? src[p] + k0 : base, valid);
     }
   }
@@ -150,11 +169,10 @@ struct RowLoader {
 
 // A rows: GEMM1 gathers x[token], GEMM2 reads inter[m0 + r]; row_src < 0 marks a padding row (zero-filled).
 template <class Cfg, typename Elem, GemmMode kMode>
-__device__ __forceinline__ RowLoader<Cfg, Elem, Cfg::kBlockM> make_a_loader(const MoeGemmArgs& args,
-                                                                           const int* row_src, int m0) {
-  RowLoader<Cfg, Elem, Cfg::kBlockM> ld;
-  ld.row0 = threadIdx.x / Cfg::kChunksK;
-  ld.kc = (threadIdx.x % Cfg::kChunksK) * 8;
+__device__ __forceinline__ RowLoader<Cfg, Elem, Cfg::kBlockM, Cfg::kLdsAB * 2> make_a_loader(
+    const MoeGemmArgs& args, const int* row_src, int m0) {
+  RowLoader<Cfg, Elem, Cfg::kBlockM, Cfg::kLdsAB * 2> ld;
+  ld.init_lanes();
   const Elem* a = static_cast<const Elem*>(args.a);  // GEMM1: x [T, K]; GEMM2: inter [m_pad_max, K]
   ld.base = a;
 #pragma unroll
@@ -168,12 +186,14 @@ __device__ __forceinline__ RowLoader<Cfg, Elem, Cfg::kBlockM> make_a_loader(cons
 }
 
 // B rows of expert e: tile row j < BLOCK_N is weight row n0 + j (up); when gated, row BLOCK_N + j is N + n0 + j (gate).
+// WElem: the weights' type (Elem, or int8_t into the int8 ring).
+template <class Cfg, typename WElem>
+using BLoader = RowLoader<Cfg, WElem, Cfg::kRowsB, Cfg::kS8 ? Cfg::kLdsB8 : Cfg::kLdsAB * 2>;
+
 template <class Cfg, typename Elem>
-__device__ __forceinline__ RowLoader<Cfg, Elem, Cfg::kRowsB> make_b_loader(const MoeGemmArgs& args, int expert,
-                                                                          int n0) {
-  RowLoader<Cfg, Elem, Cfg::kRowsB> ld;
-  ld.row0 = threadIdx.x / Cfg::kChunksK;
-  ld.kc = (threadIdx.x % Cfg::kChunksK) * 8;
+__device__ __forceinline__ BLoader<Cfg, Elem> make_b_loader(const MoeGemmArgs& args, int expert, int n0) {
+  BLoader<Cfg, Elem> ld;
+  ld.init_lanes();
   const Elem* b = static_cast<const Elem*>(args.b);  // [E, n_b, K]
   ld.base = b;
   const int64_t rows_b = static_cast<int64_t>(args.n) * Cfg::kHalves;
@@ -217,19 +237,48 @@ __device__ __forceinline__ void mma_stage(float (&acc)[Cfg::kHalves][Cfg::kMmaM]
   }
 }
 
+// int8 weights: the int8 B tile at `b8` (kRowsB rows of kLdsB8 bytes) into the 16-bit tile at `b16` (kRowsB rows of
+// kLdsAB elements), 16 values per thread and step.
+template <class Cfg, typename Elem>
+__device__ __forceinline__ void convert_b8(const unsigned char* b8, Elem* b16) {
+  constexpr int kChunks = Cfg::kBlockK / 16;
+  constexpr int kSteps = (Cfg::kRowsB * kChunks + Cfg::kThreads - 1) / Cfg::kThreads;
+#pragma unroll
+  for (int step = 0; step < kSteps; ++step) {
+    const int idx = threadIdx.x + step * Cfg::kThreads;
+    if ((Cfg::kRowsB * kChunks) % Cfg::kThreads != 0 && idx >= Cfg::kRowsB * kChunks) break;
+    const int r = idx / kChunks, c = idx % kChunks;
+    const uint4 q = *reinterpret_cast<const uint4*>(b8 + r * Cfg::kLdsB8 + c * 16);
+    uint4 lo, hi;
+    s8x4_to_pairs<Elem>(q.x, lo.x, lo.y);
+    s8x4_to_pairs<Elem>(q.y, lo.z, lo.w);
+    s8x4_to_pairs<Elem>(q.z, hi.x, hi.y);
+    s8x4_to_pairs<Elem>(q.w, hi.z, hi.w);
+    uint4* dst = reinterpret_cast<uint4*>(b16 + r * Cfg::kLdsAB + c * 16);
+    dst[0] = lo;
+    dst[1] = hi;
+  }
+}
+
 // The multi-stage mainloop over the k tiles [kr.begin, kr.end): STAGES - 1 slices in flight while one is
 // multiplied. Slice kt (counted from kr.begin) lives in stage kt % STAGES; the stage refilled at iteration kt was
 // consumed at kt - 1, which every warp finished before the barrier.
+// int8 weights: slice kt + 1 must have landed too at iteration kt (STAGES - 2 slices in flight), which converts its
+// B tile into 16-bit buffer (kt + 1) % 2 while the MMAs read buffer kt % 2 (converted at kt - 1, or before the loop
+// for slice 0). The barrier at kt + 1 publishes the new buffer and frees the old one.
 template <class Cfg, typename Elem, class LoaderA, class LoaderB>
 __device__ __forceinline__ void mainloop(float (&acc)[Cfg::kHalves][Cfg::kMmaM][Cfg::kMmaN][4], const LoaderA& ld_a,
-                                         const LoaderB& ld_b, uint32_t smem, int k, KTileRange kr, int warp_m,
-                                         int warp_n, int lane) {
-  constexpr uint32_t kStageBytes = Cfg::kStageElems * sizeof(Elem);
-  constexpr uint32_t kOffsetB = Cfg::kBlockM * Cfg::kLdsAB * sizeof(Elem);
+                                         const LoaderB& ld_b, unsigned char* smem_ptr, int k, KTileRange kr,
+                                         int warp_m, int warp_n, int lane) {
+  constexpr uint32_t kStageBytes = Cfg::kStageBytes;
+  constexpr uint32_t kOffsetB = Cfg::kBytesA;
+  constexpr uint32_t kB16 = Cfg::kS8 ? Cfg::kStages * Cfg::kStageBytes : kOffsetB;  // (first) 16-bit B tile
+  const uint32_t smem = smem_u32(smem_ptr);
   const uint32_t a_lane =
       smem + ((warp_m * Cfg::kWarpM + lane % 16) * Cfg::kLdsAB + (lane / 16) * 8) * sizeof(Elem);
-  const uint32_t b_lane = smem + kOffsetB +
+  const uint32_t b_lane = smem + kB16 +
       ((warp_n * Cfg::kWarpN + (lane / 16) * 8 + lane % 8) * Cfg::kLdsAB + ((lane / 8) % 2) * 8) * sizeof(Elem);
+  Elem* b16 = reinterpret_cast<Elem*>(smem_ptr + kB16);
   const int k_tiles = kr.end - kr.begin;
   const int k_first = kr.begin * Cfg::kBlockK;
 
@@ -241,9 +290,16 @@ __device__ __forceinline__ void mainloop(float (&acc)[Cfg::kHalves][Cfg::kMmaM][
     }
     cp_async_commit();
   }
+  if constexpr (Cfg::kS8) {
+    if (k_tiles > 0) {
+      cp_async_wait<Cfg::kStages - 2>();
+      __syncthreads();
+      convert_b8<Cfg, Elem>(smem_ptr + kOffsetB, b16);
+    }
+  }
   int read_stage = 0, write_stage = Cfg::kStages - 1;
   for (int kt = 0; kt < k_tiles; ++kt) {
-    cp_async_wait<Cfg::kStages - 2>();
+    cp_async_wait<Cfg::kS8 ? Cfg::kStages - 3 : Cfg::kStages - 2>();
     __syncthreads();
     const int next = kt + Cfg::kStages - 1;
     if (next < k_tiles) {
@@ -251,7 +307,16 @@ __device__ __forceinline__ void mainloop(float (&acc)[Cfg::kHalves][Cfg::kMmaM][
       ld_b.load(smem + write_stage * kStageBytes + kOffsetB, k_first + next * Cfg::kBlockK, k);
     }
     cp_async_commit();  // possibly empty: keeps the group count in step with kt
-    mma_stage<Cfg, Elem>(acc, a_lane + read_stage * kStageBytes, b_lane + read_stage * kStageBytes);
+    uint32_t b_read = b_lane + read_stage * kStageBytes;
+    if constexpr (Cfg::kS8) {
+      const int following = read_stage + 1 == Cfg::kStages ? 0 : read_stage + 1;
+      if (kt + 1 < k_tiles) {
+        Elem* dst = b16 + ((kt + 1) % 2) * (Cfg::kBytesB16 / 2);
+        convert_b8<Cfg, Elem>(smem_ptr + following * kStageBytes + kOffsetB, dst);
+      }
+      b_read = b_lane + (kt % 2) * Cfg::kBytesB16;
+    }
+    mma_stage<Cfg, Elem>(acc, a_lane + read_stage * kStageBytes, b_read);
     read_stage = read_stage + 1 == Cfg::kStages ? 0 : read_stage + 1;
     write_stage = write_stage + 1 == Cfg::kStages ? 0 : write_stage + 1;
   }
@@ -260,6 +325,18 @@ __device__ __forceinline__ void mainloop(float (&acc)[Cfg::kHalves][Cfg::kMmaM][
 }
 
 // ---------------------------------------------------------------------------------------------------------------
+// int8 weights: the per-channel scales of columns n and n + 1 of B half h (up 0, gate 1) of the expert; 1 otherwise.
+template <class Cfg, typename Elem>
+__device__ __forceinline__ float2 weight_scales(const MoeGemmArgs& args, int expert, int h, int n) {
+  if constexpr (Cfg::kS8) {
+    const int64_t i = (static_cast<int64_t>(expert) * Cfg::kHalves + h) * args.n + n;  // scales [E, n_b]
+    return make_float2(load_scale<Elem>(args.w_scale, i, args.w_scale_fp32),
+                       load_scale<Elem>(args.w_scale, i + 1, args.w_scale_fp32));
+  } else {
+    return make_float2(1.f, 1.f);
+  }
+}
+
 // Epilogue, part 1: fp32 math on the accumulators, bf16/fp16 into the smem tile [BLOCK_M][kLdsC].
 // Accumulator element (mi, ni, 2 * hr + j) is tile row warp_m * WARP_M + mi * 16 + lane / 4 + 8 * hr and tile column
 // warp_n * WARP_N + ni * 8 + 2 * (lane % 4) + j; the gate of an up element sits at the same index of half 1.
@@ -295,6 +372,11 @@ __device__ __forceinline__ void epilogue_math(const float (&acc)[Cfg::kHalves][C
         if constexpr (Cfg::kGated) bias_gate[j] = to_float(bias_e[args.n + n + j]);
       }
     }
+    float2 scale_up = make_float2(1.f, 1.f), scale_gate = scale_up;
+    if (Cfg::kS8 && n < args.n) {
+      scale_up = weight_scales<Cfg, Elem>(args, expert, 0, n);
+      if constexpr (Cfg::kGated) scale_gate = weight_scales<Cfg, Elem>(args, expert, 1, n);
+    }
 #pragma unroll
     for (int mi = 0; mi < Cfg::kMmaM; ++mi) {
 #pragma unroll
@@ -303,11 +385,13 @@ __device__ __forceinline__ void epilogue_math(const float (&acc)[Cfg::kHalves][C
         float v[2];
 #pragma unroll
         for (int j = 0; j < 2; ++j) {
-          const float up = acc[0][mi][ni][2 * hr + j] + bias_up[j];
+          const float up = acc[0][mi][ni][2 * hr + j] * (j ? scale_up.y : scale_up.x) + bias_up[j];
           if constexpr (kMode == GemmMode::gemm2) {
             v[j] = up * row_scale[mi][hr];
           } else {
-            const float gate = Cfg::kGated ? acc[Cfg::kHalves - 1][mi][ni][2 * hr + j] + bias_gate[j] : 0.f;
+            const float gate_scale = j ? scale_gate.y : scale_gate.x;
+            const float gate =
+                Cfg::kGated ? acc[Cfg::kHalves - 1][mi][ni][2 * hr + j] * gate_scale + bias_gate[j] : 0.f;
             v[j] = apply_act<kAct>(up, gate, prm);
           }
         }
@@ -317,12 +401,12 @@ __device__ __forceinline__ void epilogue_math(const float (&acc)[Cfg::kHalves][C
   }
 }
 
-// Split-K: slice z's raw fp32 sums of the real rows go to args.partials (layout in split_k.cuh). Same accumulator
-// coordinates as epilogue_math.
-template <class Cfg, GemmMode kMode>
+// Split-K: slice z's raw fp32 sums of the real rows (int8 weights: times their scales) go to args.partials (layout
+// in split_k.cuh). Same accumulator coordinates as epilogue_math.
+template <class Cfg, typename Elem, GemmMode kMode>
 __device__ __forceinline__ void store_partials(const float (&acc)[Cfg::kHalves][Cfg::kMmaM][Cfg::kMmaN][4],
-                                               const MoeGemmArgs& args, const int* row_src, int m0, int n0, int z,
-                                               int warp_m, int warp_n, int lane) {
+                                               const MoeGemmArgs& args, const int* row_src, int expert, int m0,
+                                               int n0, int z, int warp_m, int warp_n, int lane) {
   constexpr bool kGemm2 = kMode == GemmMode::gemm2;
   const PartialsView pv = partials_view<kGemm2, Cfg::kGated>(args);
   float* part = pv.base + z * pv.slice;
@@ -340,8 +424,9 @@ __device__ __forceinline__ void store_partials(const float (&acc)[Cfg::kHalves][
         if (n >= args.n) continue;  // n < N implies n + 1 < N
 #pragma unroll
         for (int h = 0; h < Cfg::kHalves; ++h) {
+          const float2 scale = weight_scales<Cfg, Elem>(args, expert, h, n);
           *reinterpret_cast<float2*>(row + h * args.n + n) =
-              make_float2(acc[h][mi][ni][2 * hr], acc[h][mi][ni][2 * hr + 1]);
+              make_float2(acc[h][mi][ni][2 * hr] * scale.x, acc[h][mi][ni][2 * hr + 1] * scale.y);
         }
       }
     }
@@ -379,7 +464,7 @@ __device__ __forceinline__ void tile_coords(int bid, int m_blocks, int n_blocks,
   n_block = in_group / rows;
 }
 
-template <typename Elem, Act kAct, GemmMode kMode, class Cfg>
+template <typename Elem, typename WElem, Act kAct, GemmMode kMode, class Cfg>
 __global__ void __launch_bounds__(Cfg::kThreads) moe_gemm_kernel(const __grid_constant__ MoeGemmArgs args) {
   extern __shared__ __align__(128) unsigned char smem[];  // the cp.async ring, then the epilogue tile
   __shared__ int row_src[Cfg::kBlockM];  // GEMM1: x row (token); GEMM2: slot; -1: padding row
@@ -405,12 +490,12 @@ __global__ void __launch_bounds__(Cfg::kThreads) moe_gemm_kernel(const __grid_co
   float acc[Cfg::kHalves][Cfg::kMmaM][Cfg::kMmaN][4] = {};
   {
     const auto ld_a = make_a_loader<Cfg, Elem, kMode>(args, row_src, m0);
-    const auto ld_b = make_b_loader<Cfg, Elem>(args, expert, n0);
+    const auto ld_b = make_b_loader<Cfg, WElem>(args, expert, n0);
     const KTileRange kr = k_tile_range((args.k + Cfg::kBlockK - 1) / Cfg::kBlockK, args.k_splits, blockIdx.y);
-    mainloop<Cfg, Elem>(acc, ld_a, ld_b, smem_u32(smem), args.k, kr, warp_m, warp_n, lane);
+    mainloop<Cfg, Elem>(acc, ld_a, ld_b, smem, args.k, kr, warp_m, warp_n, lane);
   }
   if (args.k_splits > 1) {  // uniform: the reduce launch applies the epilogue
-    store_partials<Cfg, kMode>(acc, args, row_src, m0, n0, blockIdx.y, warp_m, warp_n, lane);
+    store_partials<Cfg, Elem, kMode>(acc, args, row_src, expert, m0, n0, blockIdx.y, warp_m, warp_n, lane);
     return;
   }
   Elem* tile = reinterpret_cast<Elem*>(smem);
@@ -421,18 +506,22 @@ __global__ void __launch_bounds__(Cfg::kThreads) moe_gemm_kernel(const __grid_co
 
 // Host side: one launch over all M blocks x N blocks (the caller keeps their product below 2^31) x K slices; unused
 // blocks exit on the device (no host sync); with k_splits > 1 the split-K reduce follows on the same stream.
-template <typename Elem, Act kAct, GemmMode kMode, int kBlockM, int kBlockN, int kBlockK, int kStages>
+// WElem: the weights' type, Elem or int8_t (INT8 weight-only, args.w_scale holding the per-channel scales).
+template <typename Elem, typename WElem, Act kAct, GemmMode kMode, int kBlockM, int kBlockN, int kBlockK, int kStages>
 void launch(const MoeGemmArgs& args, cudaStream_t stream) {
   static_assert(std::is_same_v<Elem, __nv_bfloat16> || std::is_same_v<Elem, __half>, "bf16 or fp16 only");
+  static_assert(std::is_same_v<WElem, Elem> || std::is_same_v<WElem, int8_t>, "16-bit or int8 weights");
   static_assert(kMode == GemmMode::gemm1 || kAct == Act::Identity, "GEMM2 is rendered with act=Identity");
-  using Cfg = TileConfig<kBlockM, kBlockN, kBlockK, kStages, kMode == GemmMode::gemm1 && ActTraits<kAct>::kGated>;
+  constexpr bool kS8 = std::is_same_v<WElem, int8_t>;
+  using Cfg =
+      TileConfig<kBlockM, kBlockN, kBlockK, kStages, kMode == GemmMode::gemm1 && ActTraits<kAct>::kGated, kS8>;
   const int m_blocks = args.m_pad_max / kBlockM;
   const int n_blocks = (args.n + kBlockN - 1) / kBlockN;
   if (m_blocks <= 0 || n_blocks <= 0 || args.num_slots <= 0) return;
-  auto* kernel = &moe_gemm_kernel<Elem, kAct, kMode, Cfg>;
+  auto* kernel = &moe_gemm_kernel<Elem, WElem, kAct, kMode, Cfg>;
   if constexpr (Cfg::kSmemBytes > 48 * 1024) {
     // A failure here (tile too large for this GPU) makes the launch fail too; the binding reports it.
-    set_max_dynamic_smem_once<&moe_gemm_kernel<Elem, kAct, kMode, Cfg>>(Cfg::kSmemBytes);
+    set_max_dynamic_smem_once<&moe_gemm_kernel<Elem, WElem, kAct, kMode, Cfg>>(Cfg::kSmemBytes);
   }
   kernel<<<dim3(m_blocks * n_blocks, args.k_splits), Cfg::kThreads, Cfg::kSmemBytes, stream>>>(args);
   launch_split_k_reduce<Elem, kAct, kMode == GemmMode::gemm2>(args, kBlockM, stream);
