@@ -123,7 +123,8 @@ def main(argv=None, mode: QuantMode = FP8_MODE, doc: str = __doc__) -> dict:
     parser.add_argument("--tokens", default=None, help=f"comma list (default {TOKENS})")
     parser.add_argument("--budget-ms", type=float, default=300.0, help="timed time per implementation and row")
     parser.add_argument("--max-copies", type=int, default=4)
-    parser.add_argument("--paths", action="store_true", help=f"also time {label} forced onto {' and '.join(mode.paths)}")
+    parser.add_argument("--paths", action="store_true",
+                        help=f"also time {label} forced onto {' and '.join(mode.paths)}")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     device = common.pick_device("cuda")

@@ -230,8 +230,8 @@ def test_sweep_sm90ws_row_loop_passes_consistent_gemm_arguments(monkeypatch):
 
         def run(self, a, b, bias, out, sorted_ids, block_expert, num_padded, weights, alpha, beta, limit,
                 num_slots, topk, n, k, partials, a_sorted, slot_rows, slot_rows_filled, k_splits, acc_scale,
-                out_scale):
-            assert acc_scale is None and out_scale is None  # the sweep runs 16-bit tiles
+                out_scale, w_scale):
+            assert acc_scale is None and out_scale is None and w_scale is None  # the sweep runs 16-bit tiles
             mode = self.variant[0]
             m_pad_max = sorted_ids.numel()
             assert (num_slots, k_splits, a.shape[1], b.shape[2]) == (T * shape.k, 1, k, k)

@@ -234,7 +234,7 @@ def test_decode_gemm1_rounds_exactly_like_the_reference():
     out = torch.empty(T, H, dtype=torch.bfloat16, device="cuda")
     spec = moe_decode.decode_spec("bf16", "Swiglu", device_archs(p["x"].device), "e4m3")
     load_module(spec).run(p["x"], p["fc1"], None, inter, p["fc2"], None, out, p["ids"],
-                          p["weights"].reshape(-1), None, None, None, 0, *p["scales"][:3])
+                          p["weights"].reshape(-1), None, None, None, 0, *p["scales"][:3], None, None)
     x = p["x"].double()[torch.arange(T * k, device="cuda") // k]
     h = torch.einsum("sh,snh->sn", x, p["fc1"].double()[ids]) * p["scales"][0].double()[ids, None]
     want = round_to_fp8((apply_activation("Swiglu", h) * p["scales"][1].double()[ids, None]).float()).float()

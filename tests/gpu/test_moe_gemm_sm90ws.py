@@ -88,13 +88,13 @@ def run_gemm1(mod, x, fc1, bias, routing, inter, topk, a_sorted, params=(None, N
     if slot_rows is None and a_sorted is not None:
         slot_rows = stale_slot_rows(num_slots, sorted_ids.numel())
     mod.run(x, fc1, bias, inter, sorted_ids, block_expert, num_padded, None, *params, num_slots, topk,
-            inter.shape[1], x.shape[1], None, a_sorted, slot_rows, slot_rows_filled, k_splits, None, None)
+            inter.shape[1], x.shape[1], None, a_sorted, slot_rows, slot_rows_filled, k_splits, None, None, None)
 
 
 def run_gemm2(mod, inter, fc2, bias, routing, out, slot_weights, k_splits=1):
     sorted_ids, block_expert, num_padded = routing
     mod.run(inter, fc2, bias, out, sorted_ids, block_expert, num_padded, slot_weights, None, None, None,
-            out.shape[0], 1, out.shape[1], inter.shape[1], None, None, None, False, k_splits, None, None)
+            out.shape[0], 1, out.shape[1], inter.shape[1], None, None, None, False, k_splits, None, None, None)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -284,7 +284,7 @@ def test_gemm1_gather_requires_slot_rows():
     a_sorted = torch.zeros(sorted_ids.numel(), 64, dtype=torch.bfloat16, device="cuda")
     with pytest.raises(ValueError, match="slot_rows"):
         mod.run(x, weights(4, 128, 64, torch.bfloat16), None, inter, sorted_ids, block_expert, num_padded, None,
-                None, None, None, 16, 2, 64, 64, None, a_sorted, None, False, 1, None, None)
+                None, None, None, 16, 2, 64, 64, None, a_sorted, None, False, 1, None, None, None)
 
 
 # ---------------------------------------------------------------------------------------------------------------
