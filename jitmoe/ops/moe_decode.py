@@ -35,9 +35,10 @@ __all__ = ["decode_spec", "fits_decode", "use_decode", "run_decode"]
 # 4 Mi elements per matrix (Qwen3-30B 1.6 Mi, OLMoE 2.1 Mi), which also sends DeepSeek-V3 (14.7 Mi, a tie) and
 # DeepSeek-V2 (7.9 Mi, 2% slower there) to the grouped GEMMs.
 # INT8 weight-only (int8 weights, 16-bit x) against its grouped GEMMs on the sm80 kernel, measured on the H100
-# (benchmarks/results/h100-2026-11-24-session25/): decode won Mixtral-8x7B at T = 4 (8 slots on 8 experts: 0.46 vs
-# 0.56 ms) and tied Qwen3 there (0.076 ms); the grouped GEMMs won Qwen3 T = 16 (0.22 vs 0.24) and Mixtral T = 16
-# (0.75 vs 1.83). int8 weights decode up to 4 tokens always, then by the 16-bit rule.
+# (benchmarks/results/h100-2026-11-24-session25/): decode won Mixtral-8x7B at T = 4 (8 slots on 8 experts: 0.459 vs
+# 0.554 ms) and Qwen3 there (0.073 vs 0.106), and lost every T = 64 row (Qwen3 0.90 vs 0.32). On held-out shapes the
+# rule below was right at T = 2 and at Mixtral-8x22B T = 8 (grouped 1.29 vs 1.60) and 3% slow at Qwen2-57B T = 8
+# (grouped 0.639 vs decode 0.616). int8 weights decode up to 4 tokens always, then by the 16-bit rule.
 _ALWAYS_TOKENS = 2
 _INT8_ALWAYS_TOKENS = 4
 _MAX_TOKENS = {2: 8, 1: 4}  # by operand bytes
