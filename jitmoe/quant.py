@@ -93,14 +93,20 @@ def _scale_tensor(name: str, t, device, lengths: tuple[int, ...]) -> torch.Tenso
     return t if t.dim() == 1 else t.reshape(-1)
 
 
+def _check_scale_list(quant_scales, count: int, mode: str, contents: str) -> None:
+    """``quant_scales`` must be a list (or tuple) of ``count`` tensors for ``mode``."""
+    if quant_scales is None:
+        raise ValueError(f"quant_scales: expected {count} tensors for {mode} ({contents}), got None")
+    if not isinstance(quant_scales, (list, tuple)):
+        raise TypeError(f"quant_scales: expected a list of {count} tensors ({mode}: {contents}), got "
+                        f"{type(quant_scales).__name__}")
+    if len(quant_scales) != count:
+        raise ValueError(f"quant_scales: expected {count} tensors for {mode} ({contents}), got {len(quant_scales)}")
+
+
 def parse_fp8_quant_scales(quant_scales, num_local: int, device) -> Fp8Scales:
     """Validate FlashInfer's FP8 per-tensor ``quant_scales`` (see the module doc) for ``num_local`` experts."""
-    if not isinstance(quant_scales, (list, tuple)):
-        raise TypeError(f"quant_scales: expected a list of 4 float32 tensors (FP8 per-tensor), got "
-                        f"{type(quant_scales).__name__}")
-    if len(quant_scales) != 4:
-        raise ValueError("quant_scales: expected 4 tensors for FP8 per-tensor (fc1_dequant, fc2_quant, fc2_dequant, "
-                         f"fc1_input_dequant), got {len(quant_scales)}")
+    _check_scale_list(quant_scales, 4, "FP8 per-tensor", "fc1_dequant, fc2_quant, fc2_dequant, fc1_input_dequant")
     fc1_dequant, fc2_quant, fc2_dequant, fc1_input_dequant = quant_scales
     per_expert = (num_local,)
     scales = Fp8Scales(_scale_tensor("quant_scales[0] (fc1_dequant)", fc1_dequant, device, per_expert),
@@ -150,12 +156,7 @@ def parse_int8_quant_scales(quant_scales, num_local: int, fc1_rows: int, hidden:
                             device) -> Int8Scales:
     """Validate the INT8 weight-only ``quant_scales`` (see the module doc): both in float32 or both in ``dtype``
     (the input's)."""
-    if not isinstance(quant_scales, (list, tuple)):
-        raise TypeError(f"quant_scales: expected a list of 2 tensors (INT8 weight-only: fc1 and fc2 per-channel "
-                        f"scales), got {type(quant_scales).__name__}")
-    if len(quant_scales) != 2:
-        raise ValueError("quant_scales: expected 2 tensors for INT8 weight-only (fc1_scales [E_l, fc1 rows], "
-                         f"fc2_scales [E_l, H]), got {len(quant_scales)}")
+    _check_scale_list(quant_scales, 2, "INT8 weight-only", "fc1_scales [E_l, fc1 rows], fc2_scales [E_l, H]")
     names = ("quant_scales[0] (fc1 scales)", "quant_scales[1] (fc2 scales)")
     for name, t, shape in zip(names, quant_scales, ((num_local, fc1_rows), (num_local, hidden))):
         check_tensor(name, t, ndim=2, dtypes=(torch.float32, dtype), device=device)

@@ -377,9 +377,6 @@ def _check_fp8(t: MoeTensors, quant_scales, num_local: int) -> None:
     """FP8 per-tensor: parse quant_scales into t.fp8, and on CUDA require the sm_90a kernels."""
     if not t.is_fp8:
         return
-    if quant_scales is None:
-        raise ValueError("quant_scales: expected 4 float32 tensors with an FP8 input (fc1_dequant, fc2_quant, "
-                         "fc2_dequant, fc1_input_dequant), got None")
     t.fp8 = _quant.parse_fp8_quant_scales(quant_scales, num_local, t.x.device)
     arch = _device_arch(t.x.device.index) if t.x.is_cuda else "90a"
     if arch != "90a":
@@ -390,9 +387,6 @@ def _check_int8(t: MoeTensors, quant_scales, num_local: int) -> None:
     """INT8 weight-only: parse quant_scales into t.int8."""
     if not t.int8_woq:
         return
-    if quant_scales is None:
-        raise ValueError("quant_scales: expected 2 tensors with use_int8_woq_per_channel=True (fc1_scales [E_l, fc1 "
-                         "rows], fc2_scales [E_l, H]), got None")
     t.int8 = _quant.parse_int8_quant_scales(quant_scales, num_local, t.fc1.shape[1], t.x.shape[1], t.x.dtype,
                                             t.x.device)
 

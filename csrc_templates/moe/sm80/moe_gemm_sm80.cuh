@@ -90,7 +90,8 @@ __device__ __forceinline__ void store_pair(Elem* dst, float lo, float hi) {
 
 // ---------------------------------------------------------------------------------------------------------------
 // Compile-time tile geometry. Warps: about 64 fp32 accumulators per thread, 4 to 8 warps, 2 warp rows once
-// BLOCK_M >= 64. Shared memory per stage: [A: BLOCK_M rows | B: kRowsB rows] x (BLOCK_K + 8) elements.
+// BLOCK_M >= 64. Shared memory per stage: [A: BLOCK_M rows | B: kRowsB rows] x (BLOCK_K + 8) elements; with int8
+// weights the stage's B rows are BLOCK_K + 16 bytes and two 16-bit B tiles follow the ring.
 constexpr int clamp_int(int v, int lo, int hi) { return v < lo ? lo : (v > hi ? hi : v); }
 constexpr int max_int(int a, int b) { return a > b ? a : b; }
 
