@@ -7,7 +7,8 @@ larger: the products are bf16), and CUDA-event medians of cutlass_fused_moe in b
 (``use_int8_woq_per_channel=True``; weights rotated among copies, or the L2 flushed), with each one's relative error
 against the fp32 layer of the unquantized weights. The measuring code is bench_fused_moe_fp8's.
 
-With ``--paths`` each row also times the int8 layer forced onto the decode path and onto the grouped sm80 GEMMs.
+With ``--paths`` each row also times the int8 layer forced onto the decode path and onto each grouped kernel: sm90ws
+(the default on sm_90a) and sm80.
 
     python benchmarks/bench_fused_moe_int8.py [--shapes mixtral,qwen3] [--tokens 16,4096] [--paths] [--out DIR]
 """
@@ -34,7 +35,7 @@ def int8_sets(shape, T: int, weights: list, device) -> tuple[list, list, torch.T
     return bf16_sets, int8_sets_, ref
 
 
-INT8_MODE = quantized.QuantMode("int8", int8_sets, 2, "bf16_TFLOPs", ("decode", "sm80"),
+INT8_MODE = quantized.QuantMode("int8", int8_sets, 2, "bf16_TFLOPs", ("decode", "sm90ws", "sm80"),
                                 extra={"use_int8_woq_per_channel": True})
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ DEFAULT_TOKENS = (256, 1024, 4096, 16384)
 
 
 def module(mode: str, block_n: int, stages: int, cluster_m: int):
-    params = {"kernel": "sm90ws", "dtype": "bf16", "operand": "bf16",
+    params = {"kernel": "sm90ws", "dtype": "bf16", "operand": "bf16", "weight": "bf16",
               "act": "Swiglu" if mode == "gemm1" else "Identity", "mode": mode, "block_m": BLOCK_M,
               "block_n": block_n, "block_k": 64, "stages": stages, "cluster_m": cluster_m}
     return load_module(KernelSpec.create("moe_gemm", "moe", ("sm90ws/gemm.cu", "moe_gemm_binding.cpp"), params,

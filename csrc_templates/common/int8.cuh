@@ -55,4 +55,13 @@ __device__ __forceinline__ float load_scale(const void* scales, int64_t index, b
   return fp32 ? static_cast<const float*>(scales)[index] : to_float(static_cast<const Elem*>(scales)[index]);
 }
 
+// Scales `index` and `index + 1` (index even) with one load.
+template <typename Elem>
+__device__ __forceinline__ float2 load_scale_pair(const void* scales, int64_t index, bool fp32) {
+  if (fp32) return *reinterpret_cast<const float2*>(static_cast<const float*>(scales) + index);
+  const Elem* pair = static_cast<const Elem*>(scales) + index;
+  const uint32_t bits = *reinterpret_cast<const uint32_t*>(pair);
+  return make_float2(to_float(reinterpret_cast<const Elem*>(&bits)[0]), to_float(reinterpret_cast<const Elem*>(&bits)[1]));
+}
+
 }  // namespace jitmoe

@@ -13,8 +13,9 @@ summing each token's choices itself.
 FP8 per-tensor (FlashInfer's mode: e4m3 input and weights, four ``quant_scales``; jitmoe.quant) runs the same
 pipeline on sm_90a with e4m3 GEMMs (or the decode path with e4m3 operands), GEMM1 writing GEMM2's input in e4m3;
 no split-K or autotune there. INT8 weight-only (TensorRT-LLM's ``use_int8_woq_per_channel``: 16-bit input, int8
-weights in the usual layouts, per-channel scales; jitmoe.quant) runs the decode path with int8 weight rows, or the
-sm80 grouped GEMMs converting int8 weight tiles to 16 bits in shared memory (any GPU from SM80 on; no autotune).
+weights in the usual layouts, per-channel scales; jitmoe.quant) runs the decode path with int8 weight rows, or
+grouped GEMMs converting int8 weight tiles to 16 bits in shared memory: sm90ws on sm_90a, sm80 elsewhere (from SM80
+on); no split-K on sm90ws and no autotune.
 
 Everything is deterministic: no float atomics anywhere, so ``use_fused_finalize`` True and False give bitwise
 repeatable (and identical) results. Out-of-range expert ids contribute zero on CUDA (no device check: that would
@@ -470,9 +471,9 @@ def _run_cuda(output, x, topk_ids, slot_weights, fc1, fc2, fc1_bias, fc2_bias, a
     if fp8 is not None:
         cfg1, cfg2 = _fp8_gemm_configs(num_tokens * topk, num_local, hidden, inter, x, activation, kernel, k_splits)
     elif int8 is not None:
-        if kernel not in ("", "sm80"):
-            raise _not_implemented(f"INT8 weight-only on a forced kernel {kernel!r} (int8 weights run on the sm80 "
-                                   "kernel and the decode path only)")
+        if kernel not in ("", *_gemm.S8_KERNELS):
+            raise _not_implemented(f"INT8 weight-only on a forced kernel {kernel!r} (int8 weights run on the sm90ws "
+                                   "and sm80 kernels and the decode path only)")
         cfg1, cfg2 = _gemm_configs(num_tokens * topk, num_local, hidden, inter, x, activation, kernel, k_splits,
                                    weight="s8")
     else:

@@ -33,6 +33,7 @@ KERNELS = ("sm80", "sm90", "sm90ws")
 SM90A_KERNELS = frozenset({"sm90", "sm90ws"})   # wgmma / TMA: built for arch 90a only
 TMA_A_KERNELS = frozenset({"sm90ws"})           # GEMM1 may read a sorted copy of x (MoeGemmArgs::a_sorted)
 SPLIT_K_KERNELS = frozenset({"sm80", "sm90"})   # kernels that implement k_splits > 1
+S8_KERNELS = frozenset({"sm80", "sm90ws"})       # kernels that take int8 weights (INT8 weight-only)
 # sm90ws: CTAs per cluster that share each weight tile by TMA multicast, by whether B has two halves (gated GEMM1).
 # Measured on the H100 (benchmarks/results/h100-2026-11-22-session6/): two CTAs cut the DRAM reads of gated GEMM1
 # where neighbouring CTAs drift apart and lose each other's weight tiles in L2 (DeepSeek-V3 T=16384: 85.5 -> 28.6 GB
@@ -164,40 +165,46 @@ def sm80_tile_problem(cfg: GemmConfig, gated: bool, arch: str, s8: bool = False)
     return None
 
 
-def sm90ws_smem_bytes(cfg: GemmConfig, gated: bool) -> int:
+def sm90ws_smem_bytes(cfg: GemmConfig, gated: bool, s8: bool = False) -> int:
     """Dynamic shared memory of the sm90ws kernel (mirrors its Config::kSmemBytes): the TMA ring, the [BM, BN]
-    epilogue staging tile, the 1 KiB swizzle alignment and two mbarriers per stage."""
+    epilogue staging tile, the 1 KiB swizzle alignment and two mbarriers per stage; ``s8`` (int8 weights): the
+    ring's B stages hold 1-byte elements, plus two 16-bit B slots the consumers convert them into."""
     rows_b = cfg.block_n * (2 if gated else 1)
-    return 1024 + cfg.stages * (cfg.block_m + rows_b) * cfg.block_k * 2 + cfg.block_m * cfg.block_n * 2 + 16 * cfg.stages
+    ring = cfg.stages * (cfg.block_m * 2 + rows_b * (1 if s8 else 2)) * cfg.block_k
+    slots = 2 * rows_b * cfg.block_k * 2 if s8 else 0
+    return 1024 + ring + slots + cfg.block_m * cfg.block_n * 2 + 16 * cfg.stages
 
 
 def smem_bytes(cfg: GemmConfig, gated: bool, s8: bool = False) -> int:
     """Shared memory a config needs on its kernel (the sm90 kernel's plan is bounded by the sm80 formula; ``s8``:
-    int8 weights, sm80 only)."""
-    return sm90ws_smem_bytes(cfg, gated) if cfg.kernel == "sm90ws" else sm80_smem_bytes(cfg, gated, s8)
+    int8 weights, on the sm80 and sm90ws kernels)."""
+    return sm90ws_smem_bytes(cfg, gated, s8) if cfg.kernel == "sm90ws" else sm80_smem_bytes(cfg, gated, s8)
 
 
 def _fit_stages(kernel: str, block_m: int, arch: str, gated: bool = True, narrow: bool = False,
                 s8: bool = False) -> GemmConfig:
     """The tier's tile (for one B half: wide where the kernel has one, or its narrow tile when ``narrow``) with the
-    most stages, up to the table's, that fits the arch (``s8``: with int8 weights, which need 3). Gated (the larger
+    most stages, up to the table's, that fits the arch (``s8``: with int8 weights, which need 3 on sm80). Gated (the larger
     case) is the default, so a gated config also fits every one-half GEMM."""
     block_n, block_k, stages = (_S8_TILES if s8 and (kernel, block_m) in _S8_TILES else _TILES)[(kernel, block_m)]
     if not gated and narrow and (kernel, block_m) in _NARROW_TILES:
         block_n, block_k, stages = _NARROW_TILES[(kernel, block_m)]
     elif not gated:
         block_n = _WIDE_BLOCK_N.get((kernel, block_m), block_n)
-    cluster_m = SM90WS_CLUSTER_M[gated] if kernel == "sm90ws" else 1
+    # int8 weights on sm90ws: one CTA per cluster (the kernel does not multicast its int8 ring).
+    cluster_m = SM90WS_CLUSTER_M[gated and not s8] if kernel == "sm90ws" else 1
     top_stages = stages
+    min_stages = 3 if s8 and kernel == "sm80" else 2
     while True:
         cfg = GemmConfig(kernel, block_m, block_n, block_k, stages, cluster_m=cluster_m)
         if smem_bytes(cfg, gated, s8) <= smem_limit(arch):
             return cfg
-        if stages > (3 if s8 else 2):
+        if stages > min_stages:
             stages -= 1
-        elif s8 and block_n > 64:  # int8's 3 stages and two 16-bit B tiles exceed small SMs (sm_86): smaller tile
+        elif s8 and kernel == "sm80" and block_n > 64:
+            # int8's 3 stages and two 16-bit B tiles exceed small SMs (sm_86): a smaller tile
             block_n, stages = block_n // 2, top_stages
-        elif s8 and block_k > 32:
+        elif s8 and kernel == "sm80" and block_k > 32:
             block_k, stages = block_k // 2, top_stages
         else:
             return cfg
@@ -232,10 +239,25 @@ def _block_m(kernel: str, rows_per_expert: float) -> int:
 # of session 11, which stopped sm90ws from loading the padding rows of an expert's last block.
 
 
-def _auto_kernel(candidates: tuple[str, ...], k_splits: int | None) -> str:
+# int8 weights on sm_90a: sm90ws converts every int8 B tile in shared memory for a 128-row tile, however few of its
+# rows are real; with few rows per expert and small experts the sm80 kernel (16-row tiles, split-K) streams the
+# weights faster. Measured on the H100 (benchmarks/results/h100-2026-11-24-session26/), layer time sm90ws vs sm80:
+# Qwen3-30B (H * I = 1.5 Mi) at 1 / 4 / 16 rows per expert 0.254 / 0.379 / 0.412 vs 0.220 / 0.319 / 0.423 ms, OLMoE
+# (2 Mi) at 2 / 8 / 32 rows 0.228 / 0.249 / 0.272 vs 0.210 / 0.226 / 0.306; larger experts gain from sm90ws at
+# every row count (Mixtral-8x7B, 56 Mi, at 2 / 4 rows: 0.555 / 0.614 vs 0.595 / 0.755; DeepSeek-V3, 14 Mi, at 0.5 / 2
+# rows: 1.88 / 4.70 vs 2.16 / 5.20).
+_S8_SM80_MAX_ROWS_PER_EXPERT = 8
+_S8_SM80_MAX_EXPERT_ELEMS = 1 << 22
+
+
+def _auto_kernel(candidates: tuple[str, ...], k_splits: int | None, s8: bool = False, rows_per_expert: float = 0.0,
+                 expert_elems: int = 0) -> str:
     """The preferred kernel: the persistent TMA one (sm90ws) without a forced split, else the first kernel that
-    runs every tier and split-K."""
-    if "sm90ws" in candidates and "sm90" in candidates and (k_splits or 1) == 1:
+    runs every tier and split-K. ``s8``: int8 weights (no sm90 among the candidates), which take sm80 with few rows
+    per expert of few elements (``expert_elems`` = n * k)."""
+    small_s8 = (s8 and rows_per_expert <= _S8_SM80_MAX_ROWS_PER_EXPERT
+                and expert_elems <= _S8_SM80_MAX_EXPERT_ELEMS)
+    if "sm90ws" in candidates and ("sm90" in candidates or (s8 and not small_s8)) and (k_splits or 1) == 1:
         return "sm90ws"
     return next(k for k in candidates if k in SPLIT_K_KERNELS)
 
@@ -277,7 +299,7 @@ def select_config(num_slots: int, num_experts: int, n: int, k: int, arch: str, d
     Split-K (``split_k_for``) is chosen when ``num_sms`` is given and the GEMM has less than a wave of tiles;
     ``k_splits`` forces a value. ``gated`` says whether B has two halves (GEMM1 with a gated activation); GEMMs
     with one half may get a wider block_n (or, with few rows per expert, a narrower one with more stages).
-    ``weight`` 's8' (int8 weights, INT8 weight-only) runs on the sm80 kernel, the only one that takes them.
+    ``weight`` 's8' (int8 weights, INT8 weight-only) runs on sm90ws (arch 90a) or sm80, the kernels that take them.
     """
     if kernels is not None:
         kernels = tuple(kernels)
@@ -307,9 +329,9 @@ def _select_config(num_slots, num_experts, n, k, arch, dtype, kernel, kernels, n
     rows_per_expert = num_slots / num_experts
     if weight is not None:
         check_choice("weight", weight, ("s8",))
-        candidates = tuple(c for c in candidates if c == "sm80")
+        candidates = tuple(c for c in candidates if c in S8_KERNELS)
     if kernel is None:
-        kernel = _auto_kernel(candidates, k_splits)
+        kernel = _auto_kernel(candidates, k_splits, weight is not None, rows_per_expert, n * k)
     elif kernel not in candidates:
         raise ValueError(f"kernel: expected one of {candidates} on arch {arch!r}"
                          f"{' with int8 weights' if weight else ''}, got {kernel!r}")
@@ -369,12 +391,14 @@ def gemm_spec(cfg: GemmConfig, dtype: str, mode: str, activation: str, archs: tu
     """The spec of one GEMM: ``mode`` 'gemm1' (with ``activation``) or 'gemm2' (activation must be 'Identity').
     ``dtype`` is the layer's type (bias, GEMM2's output); ``operand`` 'e4m3' makes A and B FP8 (sm90ws with
     ``fp8_config``), None keeps them ``dtype``; ``weight`` 's8' makes B int8 with per-channel scales (INT8
-    weight-only, sm80 kernel)."""
+    weight-only: sm80, or sm90ws with block_k 64 and clusters of one)."""
     check_choice("dtype", dtype, ("bf16", "fp16"))
     if weight is not None:
         check_choice("weight", weight, ("s8",))
-        if cfg.kernel != "sm80" or operand is not None:
-            raise UnsupportedSpecError(f"moe_gemm: int8 weights run on the sm80 kernel with 16-bit A, got {cfg}")
+        if (cfg.kernel not in S8_KERNELS or operand is not None
+                or (cfg.kernel == "sm90ws" and (cfg.block_k != 64 or cfg.cluster_m != 1))):
+            raise UnsupportedSpecError("moe_gemm: int8 weights run on the sm80 kernel, or sm90ws with block_k 64 "
+                                       f"and cluster_m 1, with 16-bit A, got {cfg}")
     if operand is not None:
         check_choice("operand", operand, ("e4m3",))
         if cfg.kernel != "sm90ws" or cfg.block_k != 128:
@@ -397,8 +421,8 @@ def gemm_spec(cfg: GemmConfig, dtype: str, mode: str, activation: str, archs: tu
     params = {"kernel": cfg.kernel, "dtype": dtype, "act": activation, "mode": mode, "block_m": cfg.block_m,
               "block_n": cfg.block_n, "block_k": cfg.block_k, "stages": cfg.stages}
     if cfg.kernel == "sm90ws":
-        params = {"kernel": cfg.kernel, "dtype": dtype, "operand": operand or dtype, **params,
-                  "cluster_m": cfg.cluster_m}
+        params = {"kernel": cfg.kernel, "dtype": dtype, "operand": operand or dtype,
+                  "weight": weight or operand or dtype, **params, "cluster_m": cfg.cluster_m}
     elif cfg.kernel == "sm80":
         params["weight"] = weight or dtype
     # The SM80 kernel is plain PTX; only the SM90 ones need the CUTLASS/CuTe headers.
@@ -744,8 +768,9 @@ def _prewarm_specs(dtypes, topks, archs) -> list[KernelSpec]:
             # FP8 with bf16 output and no bias (the layer type then only types GEMM2's output); fp16 outputs and
             # biases build on first use.
             specs += _layer_specs("sm90ws", arch, "bf16", operand="e4m3")
-        if "int8" in dtypes and "sm80" in kernels_for_arch(arch):  # INT8 weight-only, bf16 activations
-            specs += _layer_specs("sm80", arch, "bf16", weight="s8")
+        if "int8" in dtypes:  # INT8 weight-only, bf16 activations, on the kernels the pipeline picks for them
+            for kernel in (k for k in kernels_for_arch(arch) if k in S8_KERNELS):
+                specs += _layer_specs(kernel, arch, "bf16", weight="s8")
     return specs
 
 

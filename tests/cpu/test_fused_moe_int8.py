@@ -140,20 +140,34 @@ def test_argument_errors_name_the_argument(case):
 
 
 # -- specs, tiles and the path rules ----------------------------------------------------------------------------------
-def test_gemm_specs_take_int8_weights_on_the_sm80_kernel_only():
-    cfg = mg.select_config(4096, 8, 1024, 1024, "90a", "bf16", weight="s8")
-    assert cfg.kernel == "sm80" and cfg.stages >= 3
+def test_gemm_specs_take_int8_weights_on_sm90ws_and_sm80():
+    cfg = mg.select_config(4096, 8, 1024, 1024, "90a", "bf16", weight="s8")  # sm_90a: the persistent TMA kernel
+    assert (cfg.kernel, cfg.block_k, cfg.cluster_m) == ("sm90ws", 64, 1)
+    assert mg.select_config(4096, 8, 1024, 1024, "90a", "bf16").cluster_m == 2  # 16-bit gated GEMM1 multicasts
     spec = mg.gemm_spec(cfg, "bf16", "gemm1", "Swiglu", ("90a",), weight="s8")
-    assert dict(spec.params)["weight"] == "s8"
+    assert dict(spec.params)["weight"] == "s8" and dict(spec.params)["operand"] == "bf16"
     assert dict(mg.gemm_spec(cfg, "bf16", "gemm1", "Swiglu", ("90a",)).params)["weight"] == "bf16"
-    ws = mg.select_config(4096, 8, 1024, 1024, "90a", "bf16")
-    assert ws.kernel == "sm90ws"
+    fp8 = mg.fp8_config(mg.select_config(4096, 8, 1024, 1024, "90a", "bf16"))
+    assert dict(mg.gemm_spec(fp8, "bf16", "gemm1", "Swiglu", ("90a",), "e4m3").params)["weight"] == "e4m3"
+    sm80 = mg.select_config(4096, 8, 1024, 1024, "80", "bf16", weight="s8")
+    assert sm80.kernel == "sm80" and sm80.stages >= 3
+    assert dict(mg.gemm_spec(sm80, "bf16", "gemm1", "Swiglu", ("80",), weight="s8").params)["weight"] == "s8"
+    # Few rows per expert of small experts take sm80 (Qwen3-30B at 1 and 8 rows); more rows, or larger experts, sm90ws.
+    for slots, experts, n, k, kernel in ((128, 128, 768, 2048, "sm80"), (1024, 128, 2048, 768, "sm80"),
+                                         (2048, 128, 768, 2048, "sm90ws"), (16, 8, 14336, 4096, "sm90ws")):
+        assert mg.select_config(slots, experts, n, k, "90a", "bf16", weight="s8").kernel == kernel
+    # A forced split takes the kernel that splits K.
+    assert mg.select_config(64, 8, 1024, 1024, "90a", "bf16", weight="s8", k_splits=2).kernel == "sm80"
+    for bad in (mg.GemmConfig("sm90ws", 128, 128, 64, 4, cluster_m=2), mg.GemmConfig("sm90ws", 128, 128, 128, 4),
+                mg.GemmConfig("sm90", 128, 128, 64, 4)):
+        with pytest.raises(UnsupportedSpecError, match="int8 weights"):
+            mg.gemm_spec(bad, "bf16", "gemm1", "Swiglu", ("90a",), weight="s8")
     with pytest.raises(UnsupportedSpecError, match="int8 weights"):
-        mg.gemm_spec(ws, "bf16", "gemm1", "Swiglu", ("90a",), weight="s8")
+        mg.gemm_spec(cfg, "bf16", "gemm1", "Swiglu", ("90a",), "e4m3", weight="s8")
     with pytest.raises(UnsupportedSpecError, match="3 stages"):
         mg.gemm_spec(mg.GemmConfig("sm80", 64, 128, 32, 2), "bf16", "gemm2", "Identity", ("80",), weight="s8")
     with pytest.raises(ValueError, match="with int8 weights"):
-        mg.select_config(4096, 8, 1024, 1024, "90a", "bf16", kernel="sm90ws", weight="s8")
+        mg.select_config(4096, 8, 1024, 1024, "90a", "bf16", kernel="sm90", weight="s8")
     with pytest.raises(ValueError, match="weight"):
         mg.select_config(4096, 8, 1024, 1024, "90a", "bf16", weight="s4")
 
@@ -164,6 +178,16 @@ def test_int8_tiles_fit_every_arch(arch):
         for cfg in mg.default_configs("sm80", arch, gated, s8=True):
             assert cfg.stages >= 3 and mg.sm80_tile_problem(cfg, gated, arch, s8=True) is None, cfg
             assert mg.sm80_smem_bytes(cfg, gated, s8=True) <= mg.smem_limit(arch)
+    if arch == "90a":  # the sm90ws tiles: int8 ring, two 16-bit B slots, clusters of one
+        for gated in (True, False):
+            configs = mg.default_configs("sm90ws", arch, gated, s8=True)
+            assert configs and all(c.cluster_m == 1 and c.block_k == 64 for c in configs), configs
+            assert all(mg.sm90ws_smem_bytes(c, gated, s8=True) <= mg.smem_limit(arch) for c in configs)
+        # The kernel's plan (Config::kSmemBytes): ring 4 x (16 KiB of A + 16 KiB of int8 B), two 32 KiB B slots,
+        # the 32 KiB staging tile, 1 KiB of alignment, two barriers per stage.
+        gated_tile = mg.default_configs("sm90ws", arch, True, s8=True)[0]
+        assert (gated_tile.block_n, gated_tile.stages) == (128, 4)
+        assert mg.sm90ws_smem_bytes(gated_tile, True, s8=True) == 4 * 32768 + 2 * 32768 + 32768 + 1024 + 64
 
 
 def test_int8_weights_take_the_16_bit_decode_rule_with_16_element_rows():
@@ -180,18 +204,20 @@ def test_decode_specs_and_prewarm():
     specs = prewarm_registry()["fused_moe_decode"](["int8"], [8], ["80", "90a"])
     assert len(specs) == len(dec.ACTIVATIONS) and all(dict(s.params)["weight"] == "s8" for s in specs)
     gemms = prewarm_registry()["fused_moe"](["int8"], [8], ["90a"])
-    assert gemms and all(dict(s.params)["weight"] == "s8" and dict(s.params)["kernel"] == "sm80" for s in gemms)
+    assert gemms and all(dict(s.params)["weight"] == "s8" for s in gemms)
+    assert {dict(s.params)["kernel"] for s in gemms} == {"sm90ws", "sm80"}  # the heuristic's and force_kernel's
+    gemms80 = prewarm_registry()["fused_moe"](["int8"], [8], ["80"])
+    assert gemms80 and {dict(s.params)["kernel"] for s in gemms80} == {"sm80"}
 
 
-def test_forced_grouped_kernels_other_than_sm80_are_rejected_before_any_launch(monkeypatch):
-    calls = []
+def test_the_forced_sm90_kernel_is_rejected_before_any_launch(monkeypatch):
     monkeypatch.setattr(fm, "_device_arch", lambda index: "90a")
     monkeypatch.setattr(fm, "_device_sms", lambda index: 132)
+    monkeypatch.setattr(fm._permute, "align_into", lambda *a, **k: pytest.fail("launched moe_align"))
     p = make_problem(T=64)
-    with pytest.raises(NotImplementedError, match="INT8 weight-only on a forced kernel 'sm90ws'"):
+    with pytest.raises(NotImplementedError, match="INT8 weight-only on a forced kernel 'sm90'"):
         fm._run_cuda(torch.empty_like(p["x"]), p["x"], p["ids"], p["weights"].reshape(-1), p["q1"], p["q2"], None,
-                     None, {}, "Swiglu", 0, "sm90ws", 0, int8=quant.Int8Scales(p["s1"], p["s2"]))
-    assert not calls
+                     None, {}, "Swiglu", 0, "sm90", 0, int8=quant.Int8Scales(p["s1"], p["s2"]))
 
 
 # -- the conversions' arithmetic (common/int8.cuh), emulated bit for bit -----------------------------------------------
@@ -237,7 +263,8 @@ def test_int8_decode_template_compiles(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("k_splits", [0, 2])
 def test_cuda_pipeline_int8_plumbing_on_cpu_tensors(cpu_pipeline, k_splits):
-    """_run_cuda's INT8 branch (sm80 tiles for int8 weights, per-channel scales to both GEMMs) on CPU tensors."""
+    """_run_cuda's INT8 branch (sm90ws tiles for int8 weights, or sm80's with a split; per-channel scales to both
+    GEMMs) on CPU tensors."""
     p = make_problem(T=40, E=4, k=2)
     b1, b2 = torch.randn(4, 64).bfloat16(), torch.randn(4, 64).bfloat16()
     output = torch.full(p["x"].shape, float("nan"), dtype=torch.bfloat16)

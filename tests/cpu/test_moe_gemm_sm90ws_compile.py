@@ -11,7 +11,11 @@ from jitmoe.jit.errors import ToolchainError
 
 
 def sm90ws_spec(dtype, act, mode, block_n, stages, cluster_m, operand=None) -> KernelSpec:
-    params = {"kernel": "sm90ws", "dtype": dtype, "operand": operand or dtype, "act": act, "mode": mode,
+    """operand: None (16-bit), 'e4m3' (FP8) or 's8' (16-bit A, int8 weights)."""
+    weight = operand or dtype
+    operand = None if operand == "s8" else operand
+    params = {"kernel": "sm90ws", "dtype": dtype, "operand": operand or dtype, "weight": weight, "act": act,
+              "mode": mode,
               "block_m": 128, "block_n": block_n, "block_k": 128 if operand == "e4m3" else 64, "stages": stages,
               "cluster_m": cluster_m}
     return KernelSpec.create("moe_gemm", "moe", ("sm90ws/gemm.cu", "moe_gemm_binding.cpp"), params, ("90a",),
@@ -26,6 +30,9 @@ def sm90ws_spec(dtype, act, mode, block_n, stages, cluster_m, operand=None) -> K
     ("bf16", "Swiglu", "gemm1", 128, 4, 2, "e4m3"),   # FP8: e4m3 wgmma, e4m3 output (GEMM2's input)
     ("fp16", "Relu2", "gemm1", 64, 6, 1, "e4m3"),     # FP8 output rows of only four 16-byte chunks
     ("bf16", "Identity", "gemm2", 256, 3, 1, "e4m3"),  # FP8 operands, bf16 output
+    ("bf16", "Swiglu", "gemm1", 128, 4, 1, "s8"),     # int8 weights: converted B slots, gated (256 B rows)
+    ("fp16", "Identity", "gemm2", 256, 3, 1, "s8"),   # int8 weights, the widest one-half tile
+    ("bf16", "Gelu", "gemm1", 64, 6, 1, "s8"),        # int8 weights, the narrow tile (one chunk per thread)
 ])
 def test_sm90ws_compiles_without_serialized_wgmma_or_spills(sm90_toolchain, tmp_path, dtype, act, mode, block_n,
                                                             stages, cluster_m, operand):

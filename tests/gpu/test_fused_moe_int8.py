@@ -1,6 +1,6 @@
 """cutlass_fused_moe in INT8 weight-only per-channel mode (W8A16, use_int8_woq_per_channel) on the GPU against the
-fp32 reference with the dequantized weights (int8 values times their row's scale), on the decode path and the sm80
-grouped GEMMs. Outputs are poisoned (NaN) before every run."""
+fp32 reference with the dequantized weights (int8 values times their row's scale), on the decode path and the
+grouped GEMMs (sm90ws on sm_90a, sm80). Outputs are poisoned (NaN) before every run."""
 import pytest
 import torch
 
@@ -8,6 +8,8 @@ import jitmoe
 from jitmoe import quant
 from jitmoe.ops import fused_moe as fm
 from jitmoe.ops import moe_decode
+from jitmoe.ops import moe_gemm as mg
+from jitmoe.ops import permute
 from jitmoe.reference.moe import GATED_ACTIVATIONS, fused_moe_reference
 from jitmoe.testing import poison_, rel_error
 
@@ -59,6 +61,15 @@ def takes_decode(T, E, k, H, I):
     return moe_decode.use_decode(T, k, E, H, I, 2, 1)  # 16-bit operands, int8 weights
 
 
+def on_hopper() -> bool:
+    return fm._device_arch(torch.cuda.current_device()) == "90a"
+
+
+def needs_hopper(kernel):
+    if kernel == "sm90ws" and not on_hopper():
+        pytest.skip("the sm90ws kernel needs an sm_90a GPU")
+
+
 # (T, E, k, H, I, the heuristic's path): one token; a few tokens on many experts; few rows per expert; many rows;
 # one expert with top-1 (GEMM2 writes the output rows itself); H, I multiples of 16 but not of 64 (K and N tails).
 SHAPES = [(1, 8, 2, 256, 256, "decode"), (3, 64, 4, 1024, 512, "decode"), (16, 64, 8, 1024, 768, "grouped"),
@@ -99,9 +110,11 @@ def test_activations_and_biases(act, T):
     assert rel_error(run(p), reference(p)) <= TOL
 
 
-# Each path off its heuristic range: decode with 16 tokens (64 slots over 16 experts), sm80 with 2 tokens.
-@pytest.mark.parametrize("kernel,T", [(fm.DECODE, 16), ("sm80", 2)])
+# Each path off its heuristic range (decode with 16 tokens: 64 slots over 16 experts; the grouped kernels with 2),
+# and both grouped kernels at a size the heuristic gives them.
+@pytest.mark.parametrize("kernel,T", [(fm.DECODE, 16), ("sm80", 2), ("sm90ws", 2), ("sm80", 600), ("sm90ws", 600)])
 def test_forced_paths_match_reference(kernel, T):
+    needs_hopper(kernel)
     p = make_problem(T, 16, 4, 512, 512, bias=True)
     with fm.force_kernel(kernel):
         out = run(p)
@@ -118,12 +131,17 @@ def test_forced_split_k_matches_reference_and_is_deterministic(k_splits):
     assert torch.equal(first, second)
 
 
-# The heuristic's paths are the decode kernels (one token) and the sm80 grouped GEMMs (many): forcing them gives
-# the same bits.
-@pytest.mark.parametrize("T,kernel", [(1, fm.DECODE), (64, "sm80")])
-def test_heuristic_takes_the_expected_path(T, kernel):
-    p = make_problem(T, 64, 8, 512, 256)
-    assert takes_decode(T, 64, 8, 512, 256) == (kernel == fm.DECODE)
+# The heuristic's paths are the decode kernels (one token) and the grouped GEMMs (many; on sm_90a sm80 for few rows
+# per expert of small experts, else sm90ws): forcing the path it takes gives the same bits.
+@pytest.mark.parametrize("T,E,kernel", [(1, 64, fm.DECODE), (64, 64, "sm80"), (600, 16, "sm90ws")])
+def test_heuristic_takes_the_expected_path(T, E, kernel):
+    arch = fm._device_arch(torch.cuda.current_device())
+    chosen = mg.select_config(T * 8, E, 256, 512, arch, BF16, weight="s8").kernel
+    assert takes_decode(T, E, 8, 512, 256) == (kernel == fm.DECODE)
+    if kernel != fm.DECODE:
+        assert chosen == (kernel if on_hopper() else "sm80")
+        kernel = chosen
+    p = make_problem(T, E, 8, 512, 256)
     heuristic = run(p).clone()
     with fm.force_kernel(kernel):
         forced = run(p)
@@ -180,17 +198,68 @@ def test_close_to_the_unquantized_layer(T):
     assert 5e-3 < err < 3e-2  # never exact: the weights really are int8
 
 
-def test_forced_hopper_kernels_are_rejected():
-    if fm._device_arch(torch.cuda.current_device()) != "90a":
-        pytest.skip("the sm90 kernels need an sm_90a GPU")
+def test_forced_sm90_kernel_is_rejected():
+    if not on_hopper():
+        pytest.skip("the sm90 kernel needs an sm_90a GPU")
     p = make_problem(1000, 8, 2, 256, 256)
-    for kernel in ("sm90", "sm90ws"):
-        with fm.force_kernel(kernel), pytest.raises(NotImplementedError, match="INT8 weight-only"):
-            run(p)
+    with fm.force_kernel("sm90"), pytest.raises(NotImplementedError, match="INT8 weight-only"):
+        run(p)
 
 
-def test_two_runs_are_bitwise_equal():
+# -- the sm90ws GEMMs alone against their exact contract (gemm1_reference / gemm2_reference) ------------------------
+# Shapes: direct rows with the second warpgroup idle (few rows per expert); gathered rows with partial last blocks;
+# K and N tails (H, I multiples of 16, not of 64); a plain activation (one B half, the wide GEMM2 tile).
+GEMM_SHAPES = [(40, 8, 2, 512, 256, "Swiglu"), (900, 8, 2, 1040, 272, "Swiglu"), (700, 4, 1, 256, 1024, "Gelu")]
+
+
+@pytest.mark.parametrize("dtype,scale_dtype", [(BF16, None), (FP16, torch.float32)])
+@pytest.mark.parametrize("T,E,k,H,I,act", GEMM_SHAPES)
+def test_sm90ws_gemms_match_their_contract(T, E, k, H, I, act, dtype, scale_dtype):
+    needs_hopper("sm90ws")
+    p = make_problem(T, E, k, H, I, dtype, act=act, bias=True, scale_dtype=scale_dtype)
+    gated = act in GATED_ACTIVATIONS
+    cfg1 = mg.select_config(T * k, E, I, H, "90a", dtype, gated=gated, weight="s8")
+    cfg2 = mg.select_config(T * k, E, H, I, "90a", dtype, gated=False, weight="s8")
+    assert cfg1.kernel == cfg2.kernel == "sm90ws" and cfg1.block_m == cfg2.block_m
+    outputs = permute.empty_align_outputs(T * k, E, cfg1.block_m, p["x"].device)
+    permute.align_into(p["ids"], E, cfg1.block_m, 0, outputs)
+    sorted_ids, block_expert, num_padded = outputs[:3]
+    inter = poison_(torch.empty(sorted_ids.shape[0], I, dtype=dtype, device=DEV))
+    mg.launch_gemm1(p["x"], p["fc1"], sorted_ids, block_expert, num_padded, out=inter, topk=k, activation=act,
+                    fc1_bias=p["b1"], config=cfg1, w_scale=p["s1"])
+    expected = torch.full_like(inter, float("nan"))
+    mg.gemm1_reference(p["x"], p["fc1"], sorted_ids, block_expert, num_padded, expected, k, act, p["b1"], None, None,
+                       None, cfg1.block_m, w_scale=p["s1"])
+    real = ~expected[:, 0].isnan()
+    assert real.sum().item() == T * k
+    assert rel_error(inter[real], expected[real]) <= 4e-3  # both round the same fp32 values to 16 bits
+    slot_weights = p["weights"].reshape(-1).contiguous()
+    out = poison_(torch.empty(T * k, H, dtype=dtype, device=DEV))
+    mg.launch_gemm2(expected.nan_to_num(), p["fc2"], sorted_ids, block_expert, num_padded, slot_weights, out=out,
+                    fc2_bias=p["b2"], config=cfg2, w_scale=p["s2"])
+    expected2 = torch.empty_like(out, dtype=torch.float32)
+    mg.gemm2_reference(expected.nan_to_num(), p["fc2"], sorted_ids, block_expert, num_padded, slot_weights,
+                       expected2, p["b2"], cfg2.block_m, w_scale=p["s2"])
+    assert rel_error(out, expected2) <= 4e-3
+
+
+def test_sm90ws_and_sm80_agree():
+    needs_hopper("sm90ws")
+    p = make_problem(1500, 16, 4, 2048, 768, bias=True)
+    with fm.force_kernel("sm90ws"):
+        hopper = run(p).clone()
+    with fm.force_kernel("sm80"):
+        ampere = run(p)
+    ref = reference(p)
+    assert rel_error(hopper, ref) <= TOL and rel_error(ampere, ref) <= TOL
+    assert rel_error(hopper, ampere.float()) <= TOL
+
+
+@pytest.mark.parametrize("kernel", ["sm90ws", "sm80"])
+def test_two_runs_are_bitwise_equal(kernel):
+    needs_hopper(kernel)
     p = make_problem(1000, 16, 4, 1024, 512, bias=True)
-    first = run(p).clone()
-    assert torch.equal(first, run(p))
+    with fm.force_kernel(kernel):
+        first = run(p).clone()
+        assert torch.equal(first, run(p))
     assert rel_error(first, reference(p)) <= TOL

@@ -37,8 +37,9 @@ GEMM2_NARROW = dict(block_n=128, stages=6)
 def module(dtype, act, mode, block_n, stages, cluster_m=None):
     if cluster_m is None:  # the default of a GEMM with this many B halves
         cluster_m = SM90WS_CLUSTER_M[mode == "gemm1" and act in GATED_ACTIVATIONS]
-    params = {"kernel": "sm90ws", "dtype": DTYPES[dtype], "operand": DTYPES[dtype], "act": act, "mode": mode,
-              "block_m": BLOCK_M, "block_n": block_n, "block_k": 64, "stages": stages, "cluster_m": cluster_m}
+    params = {"kernel": "sm90ws", "dtype": DTYPES[dtype], "operand": DTYPES[dtype], "weight": DTYPES[dtype],
+              "act": act, "mode": mode, "block_m": BLOCK_M, "block_n": block_n, "block_k": 64, "stages": stages,
+              "cluster_m": cluster_m}
     spec = KernelSpec.create("moe_gemm", "moe", ("sm90ws/gemm.cu", "moe_gemm_binding.cpp"), params, ("90a",),
                              cutlass=True)
     return load_module(spec)

@@ -38,6 +38,13 @@
 // FP8 (Operand = e4m3): A and B are e4m3, a stage holds [rows, 128] of them (the same bytes as [rows, 64] of
 // bf16), the wgmma is the e4m3 one (K = 32 per instruction), and the epilogue first scales the accumulator by
 // acc_scale[e]; GEMM1 writes inter in e4m3 (act(...) * out_scale, saturated), which is GEMM2's A.
+//
+// INT8 weight-only (Weight = int8_t, 16-bit A): the ring's B stages hold int8 [rows, 64] tiles (64 bytes a row, no
+// swizzle). wgmma has no int8 x 16-bit form, so every k-tile the 256 consumer threads convert the landed int8 tile
+// into one of two 16-bit B slots, laid out exactly as a 16-bit TMA load would have left it, and the wgmma reads that
+// slot. The conversion of k-tile kt overlaps the wgmma of kt - 1; two named barriers per k-tile order it (the slot
+// is complete before any wgmma reads it; the wgmma that read a slot two k-tiles ago retired in both warpgroups
+// before the slot is written again). The epilogue multiplies each column by its weight row's scale (w_scale).
 #pragma once
 #include <cuda.h>
 #include <cuda_runtime.h>
@@ -56,6 +63,7 @@
 #include <cutlass/numeric_types.h>
 
 #include "common/dtypes.cuh"
+#include "common/int8.cuh"
 #include "common/launch.cuh"
 #include "common/pdl.cuh"
 #include "moe/activation.cuh"
@@ -69,12 +77,19 @@ namespace jitmoe::moe::sm90ws {
 using moe::GemmMode;
 
 // Everything a specialization fixes at compile time, the shared-memory plan, and the invariants.
-template <typename T, typename Operand, Act A, GemmMode Mode, int BM, int BN, int BK, int Stages, int ClusterM>
+template <typename T, typename Operand, typename Weight, Act A, GemmMode Mode, int BM, int BN, int BK, int Stages,
+          int ClusterM>
 struct Config : Sm90GemmTraits<T, A, Mode, BM, BN, BK, Stages, 2, Operand> {
   using Traits = Sm90GemmTraits<T, A, Mode, BM, BN, BK, Stages, 2, Operand>;  // two consumer warpgroups
   static constexpr int kBlockM = BM, kBlockN = BN, kBlockK = BK, kStages = Stages;
   static constexpr bool kFp8 = std::is_same_v<Operand, __nv_fp8_e4m3>;
-  static constexpr int kOp = sizeof(Operand);  // bytes per A / B element
+  static constexpr bool kS8 = std::is_same_v<Weight, int8_t>;  // INT8 weight-only: B converted in shared memory
+  static constexpr int kOp = sizeof(Operand);  // bytes per A element (and per B element as the wgmma reads it)
+  static constexpr int kWeightBytes = sizeof(Weight);  // bytes per B element in the ring
+  using WElem = std::conditional_t<kS8, int8_t, typename Traits::Elem>;
+  static_assert(std::is_same_v<Weight, Operand> || (kS8 && std::is_same_v<Operand, T>),
+                "B: the operand type, or int8 against 16-bit A");
+  static_assert(!kS8 || ClusterM == 1, "int8 weights: one CTA per cluster (the int8 ring is not multicast)");
   // What the epilogue stores: GEMM1 writes GEMM2's A operand (inter), GEMM2 the layer's type.
   using Out = std::conditional_t<Traits::kGemm2, T, Operand>;
   static constexpr int kChunkShift = sizeof(Out) == 1 ? 4 : 3;  // log2 of the elements in one 16-byte store
@@ -118,20 +133,31 @@ struct Config : Sm90GemmTraits<T, A, Mode, BM, BN, BK, Stages, 2, Operand> {
   static_assert(kCluster == 1 || kCluster == 2, "clusters of one or two CTAs along M");
   static_assert(kRasterGroup % kCluster == 0 && kBoxRowsB % 8 == 0, "a B box is whole 8-row swizzle atoms");
 
-  // Shared memory: [A stages | B stages x halves | staging tile | full barriers | empty barriers].
+  // Shared memory: [A stages | B stages x halves | int8: two 16-bit B slots | staging tile | full barriers | empty
+  // barriers].
   static constexpr int kBytesStageA = BM * BK * kOp;
-  static constexpr int kBytesStageB = BN * BK * kOp;
+  static constexpr int kBytesStageB = BN * BK * kWeightBytes;  // one half
   static constexpr int kBytesBoxA = kBoxRowsA * BK * kOp;
   static constexpr int kBytesRowA = BK * kOp;                 // one direct row (GEMM1 without a_sorted)
   static constexpr int kTxBytesB = Traits::kHalves * kBytesStageB;  // per stage; A adds kBytesBoxA per row group
   static constexpr int kBytesStaging = BM * BN * static_cast<int>(sizeof(Out));
-  static constexpr int kOffsetStaging = Traits::kBytesPipe;
-  static constexpr int kOffsetBarriers = Traits::kBytesPipe + kBytesStaging;
+  static constexpr int kOffsetB = Traits::kElemsA * kOp;
+  static constexpr int kBytesRowsB = kRowsB * BK * kWeightBytes;  // one stage's B, both halves
+  static constexpr int kCvtSlots = kS8 ? 2 : 0;
+  static constexpr int kBytesCvtSlot = kRowsB * BK * kOp;
+  using SmemLayoutCvt = decltype(cute::tile_to_shape(typename Traits::SmemAtom{},
+                                                     cute::Shape<cute::Int<kRowsB>, cute::Int<BK>, cute::_2>{}));
+  static constexpr int kOffsetCvt = kOffsetB + Stages * kBytesRowsB;
+  static constexpr int kOffsetStaging = kOffsetCvt + kCvtSlots * kBytesCvtSlot;
+  static constexpr int kOffsetBarriers = kOffsetStaging + kBytesStaging;
   static constexpr int kSwizzleAlign = 1024;                  // the 128-byte swizzle repeats every 1 KiB
   static constexpr int kSmemBytes = kSwizzleAlign + kOffsetBarriers + 2 * Stages * 8;
   static_assert(Traits::kElemsA == Stages * BM * BK && Traits::kElemsB == Stages * BN * BK, "stage buffers are dense");
   static_assert(kBytesStageA % kSwizzleAlign == 0 && kBytesStageB % kSwizzleAlign == 0 &&
-                kBytesBoxA % kSwizzleAlign == 0, "stages and A boxes stay aligned to the swizzle");
+                kBytesBoxA % kSwizzleAlign == 0 && kBytesCvtSlot % kSwizzleAlign == 0,
+                "stages, B slots and A boxes stay aligned to the swizzle");
+  static_assert(!kS8 || (BK == 64 && kRowsB * BK / 16 % (128 * kConsumerWarpGroups) == 0),
+                "int8: 64-byte rows, converted in whole 16-byte chunks by every consumer thread alike");
   static_assert(kSmemBytes <= 227 * 1024, "shared memory exceeds the 227 KiB an sm_90 CTA may use: fewer stages");
 };
 
@@ -276,14 +302,16 @@ template <class Cfg>
 struct SmemPlan {
   using Elem = typename Cfg::Elem;
   Elem* a;                          // [Stages][BM, BK] swizzled (SmemLayoutA)
-  Elem* b;                          // [Stages][halves * BN, BK] swizzled (Config::SmemLayoutB)
+  typename Cfg::WElem* b;           // [Stages][halves * BN, BK] swizzled (Config::SmemLayoutB); int8: unswizzled
+  Elem* cvt;                        // int8 only: [2][halves * BN, BK] 16-bit, swizzled (Config::SmemLayoutCvt)
   typename Cfg::Out* staging;       // [BM, BN] epilogue tile, 16-byte chunks XOR-swizzled by row % 8
   uint64_t* full;                   // [Stages] TMA landed (transaction count)
   uint64_t* empty;                  // [Stages] every consumer warp retired its wgmma on the stage
 
   __device__ __forceinline__ explicit SmemPlan(uint8_t* base) {
     a = reinterpret_cast<Elem*>(base);
-    b = reinterpret_cast<Elem*>(base + Cfg::kElemsA * Cfg::kOp);
+    b = reinterpret_cast<typename Cfg::WElem*>(base + Cfg::kOffsetB);
+    cvt = reinterpret_cast<Elem*>(base + Cfg::kOffsetCvt);
     staging = reinterpret_cast<typename Cfg::Out*>(base + Cfg::kOffsetStaging);
     full = reinterpret_cast<uint64_t*>(base + Cfg::kOffsetBarriers);
     empty = full + Cfg::kStages;
@@ -487,7 +515,7 @@ __device__ __forceinline__ void epilogue_to_staging(const MoeGemmArgs& args, con
   static_assert(decltype(size(tCcC))::value == decltype(size(acc))::value, "accumulator / coordinate mismatch");
   static_assert(kHalf % 2 == 0, "accumulator elements come in column pairs");
   const T* bias = static_cast<const T*>(args.bias);  // [E, n_b]
-  const int64_t bias_row = static_cast<int64_t>(e) * args.n * Cfg::kHalves;
+  const int64_t bias_row = static_cast<int64_t>(e) * args.n * Cfg::kHalves;  // also w_scale's: [E, n_b]
   ActParams params;
   if constexpr (!Cfg::kGemm2) params = load_act_params<Cfg::kAct>(args, e);
   // FP8: the accumulator's dequantization, and (GEMM1) the quantization scale of GEMM2's input.
@@ -509,21 +537,37 @@ __device__ __forceinline__ void epilogue_to_staging(const MoeGemmArgs& args, con
       if (is_real_slot(s_hi, args.num_slots)) scale_hi = args.slot_weights[s_hi];
     }
   }
+  // int8: the weight scales of a column pair, up and gate (rows col, col + 1 and N + col, N + 1 + col of w_scale),
+  // loaded when the pair's first row (m_lo) comes and kept for its second (m_lo + 8: wgmma's C layout gives a
+  // thread elements 4g .. 4g + 3 = two columns of two rows). Columns >= N are never stored.
+  float2 up_scale = make_float2(acc_scale, acc_scale), gate_scale = up_scale;
   CUTE_UNROLL
   for (int i = 0; i < kHalf; i += 2) {  // elements i, i + 1: columns n, n + 1 of row m
     const int m = get<0>(tCcC(i));
     const int n = get<1>(tCcC(i));
     const int col = n0 + n;
     const bool has_bias = bias != nullptr && col < args.n;  // N % 8 == 0: col + 1 < N too
+    if constexpr (Cfg::kS8) {
+      static_assert(!Cfg::kS8 || decltype(size(acc))::value % 4 == 0, "column pairs of two rows");
+      if (i % 4 == 0 && col < args.n) {
+        // A compiler barrier: all the scale loads hoisted next to the accumulators made ptxas spill.
+        asm volatile("" ::: "memory");
+        up_scale = load_scale_pair<T>(args.w_scale, bias_row + col, args.w_scale_fp32);
+        if constexpr (Cfg::kGated) gate_scale = load_scale_pair<T>(args.w_scale, bias_row + args.n + col,
+                                                                   args.w_scale_fp32);
+      }
+    }
     float v[2];
     CUTE_UNROLL
     for (int j = 0; j < 2; ++j) {
-      const float up = acc(i + j) * acc_scale + (has_bias ? to_float(bias[bias_row + col + j]) : 0.f);
+      const float up = acc(i + j) * (j ? up_scale.y : up_scale.x) +
+                       (has_bias ? to_float(bias[bias_row + col + j]) : 0.f);
       if constexpr (Cfg::kGemm2) {
         v[j] = up * (m == m_lo ? scale_lo : scale_hi);
       } else if constexpr (Cfg::kGated) {
         const float gate =
-            acc(kHalf + i + j) * acc_scale + (has_bias ? to_float(bias[bias_row + args.n + col + j]) : 0.f);
+            acc(kHalf + i + j) * (j ? gate_scale.y : gate_scale.x) +
+            (has_bias ? to_float(bias[bias_row + args.n + col + j]) : 0.f);
         v[j] = apply_act<Cfg::kAct>(up, gate, params) * out_scale;
       } else {
         v[j] = apply_act<Cfg::kAct>(up, 0.f, params) * out_scale;
@@ -557,13 +601,49 @@ __device__ __forceinline__ void store_warp_rows(const MoeGemmArgs& args, const t
   }
 }
 
-// Issues one k-tile's wgmma batch on one ring stage.
+// Issues one k-tile's wgmma batch on A's ring stage and B's stage (int8: B's 16-bit slot).
 template <class Cfg, class FragA, class FragB, class Acc>
-__device__ __forceinline__ void mma_stage(typename Cfg::TiledMma& mma, int stage, FragA& tCrA, FragB& tCrB, Acc& acc) {
+__device__ __forceinline__ void mma_stage(typename Cfg::TiledMma& mma, int stage, int b_stage, FragA& tCrA,
+                                          FragB& tCrB, Acc& acc) {
   using namespace cute;
   cute::warpgroup_arrive();
-  gemm(mma, tCrA(_, _, _, stage), tCrB(_, _, _, stage), acc);
+  gemm(mma, tCrA(_, _, _, stage), tCrB(_, _, _, b_stage), acc);
   cute::warpgroup_commit_batch();
+}
+
+// Named barriers of the two consumer warpgroups (id 0 is __syncthreads), int8 weights only.
+enum ConsumerBarrier : int { kSlotConverted = 1, kSlotFree = 2 };
+
+__device__ __forceinline__ void consumer_sync(ConsumerBarrier id, int threads) {
+  asm volatile("bar.sync %0, %1;" ::"r"(static_cast<int>(id)), "r"(threads) : "memory");
+}
+
+// int8 weights: this thread's share of converting ring stage `stage`'s int8 B tile ([kRowsB, 64], 64 bytes a row)
+// into 16-bit slot `slot`, where 16-byte chunk j of row r goes to chunk j ^ (r % 8) of the row's 128 bytes: what a
+// 16-bit TMA load with the 128-byte swizzle leaves, so the wgmma reads the slot as it reads a 16-bit stage. Thread t
+// takes the 16-byte int8 chunks t, t + 256, ... (consecutive threads, consecutive bytes: no bank conflicts on the
+// loads; the two stores of a chunk land in different 16-byte columns for the 8 rows of a store phase).
+template <class Cfg>
+__device__ __forceinline__ void convert_b_stage(const SmemPlan<Cfg>& smem, int stage, int slot, int consumer_tid) {
+  constexpr int kThreads = 128 * Cfg::kConsumerWarpGroups;
+  constexpr int kChunksPerRow = Cfg::kBlockK / 16;  // int8 chunks of 16 values
+  constexpr int kPerThread = Cfg::kRowsB * kChunksPerRow / kThreads;
+  const uint4* src = reinterpret_cast<const uint4*>(smem.b + stage * Cfg::kRowsB * Cfg::kBlockK);
+  uint8_t* dst = reinterpret_cast<uint8_t*>(smem.cvt) + slot * Cfg::kBytesCvtSlot;
+  CUTE_UNROLL
+  for (int i = 0; i < kPerThread; ++i) {
+    const int q = consumer_tid + kThreads * i;
+    const uint4 w = src[q];
+    const int row = q / kChunksPerRow, chunk = 2 * (q % kChunksPerRow);  // its first 16-bit chunk
+    uint4 lo, hi;
+    s8x4_to_pairs<typename Cfg::Element>(w.x, lo.x, lo.y);
+    s8x4_to_pairs<typename Cfg::Element>(w.y, lo.z, lo.w);
+    s8x4_to_pairs<typename Cfg::Element>(w.z, hi.x, hi.y);
+    s8x4_to_pairs<typename Cfg::Element>(w.w, hi.z, hi.w);
+    uint8_t* row_dst = dst + row * 128;
+    *reinterpret_cast<uint4*>(row_dst + ((chunk ^ (row & 7)) << 4)) = lo;
+    *reinterpret_cast<uint4*>(row_dst + (((chunk + 1) ^ (row & 7)) << 4)) = hi;
+  }
 }
 
 // One warp's share of releasing a stage: lane 0 arrives, once the warp's wgmma on it retired, on the stage's empty
@@ -585,7 +665,11 @@ __device__ __forceinline__ void consume(const MoeGemmArgs& args, const SmemPlan<
   using namespace cute;
   constexpr int S = Cfg::kStages;
   Tensor sA = make_tensor(make_smem_ptr(smem.a), typename Cfg::SmemLayoutA{});                  // (BM,BK,S)
-  Tensor sB = make_tensor(make_smem_ptr(smem.b), typename Cfg::SmemLayoutB{});                  // (kRowsB,BK,S)
+  // What the wgmma reads as B: the ring's stages, or (int8) the two 16-bit slots the consumers convert into.
+  Tensor sB = [&] {
+    if constexpr (Cfg::kS8) return make_tensor(make_smem_ptr(smem.cvt), typename Cfg::SmemLayoutCvt{});  // (.., 2)
+    else return make_tensor(make_smem_ptr(smem.b), typename Cfg::SmemLayoutB{});                      // (.., S)
+  }();
   const int consumer_tid = static_cast<int>(threadIdx.x) - 128;
   const int warp_group = __shfl_sync(0xffffffff, consumer_tid / 128, 0);
   const int lane = consumer_tid % 32;
@@ -600,6 +684,7 @@ __device__ __forceinline__ void consume(const MoeGemmArgs& args, const SmemPlan<
   const ClusterCoord cluster = cluster_coord<Cfg>();
   const int k_tiles = (args.k + Cfg::kBlockK - 1) / Cfg::kBlockK;
   RingState<S> ring;
+  int slot = 0;  // int8: the 16-bit B slot of the next k-tile (alternating across tiles too)
   int m_group, n_block;
   for (int u = cluster.id; sched.coords(args, u, m_group, n_block); u += cluster.count) {
     const UnitRole role = unit_role<Cfg>(args, sched, m_group, cluster.rank);
@@ -614,8 +699,9 @@ __device__ __forceinline__ void consume(const MoeGemmArgs& args, const SmemPlan<
     // rows are all padding (the tail of an expert's last block): then the first warpgroup has the tensor cores to
     // itself. An idle warpgroup keeps the ring in step, releasing each stage as soon as it lands.
     // The vote makes the branch visibly warp-uniform, so the main loop below stays free of divergence.
+    // With int8 weights an idle warpgroup still converts its share of every B tile (in the main loop below).
     const bool idle = __all_sync(0xffffffffu, e < 0 || (warp_group == 1 && upper_half_is_padding(args, m0)));
-    if (idle) {
+    if (idle && !Cfg::kS8) {
       for (int kt = 0; kt < k_tiles; ++kt) {
         cutlass::arch::ClusterBarrier::wait(&smem.full[ring.stage], ring.phase);
         release_stage<Cfg>(&smem.empty[ring.stage], lane);
@@ -628,13 +714,25 @@ __device__ __forceinline__ void consume(const MoeGemmArgs& args, const SmemPlan<
     int previous = -1;  // stage whose wgmma may still run
     for (int kt = 0; kt < k_tiles; ++kt) {
       cutlass::arch::ClusterBarrier::wait(&smem.full[ring.stage], ring.phase);
-      cute::warpgroup_fence_operand(acc);
-      mma_stage<Cfg>(mma, ring.stage, tCrA, tCrB, acc);
-      cute::warpgroup_wait<1>();  // the batch of k-tile kt-1 retired: its stage can be refilled
-      cute::warpgroup_fence_operand(acc);
+      int b_stage = ring.stage;
+      if constexpr (Cfg::kS8) {
+        // The slot's last reader, the wgmma of two k-tiles ago, retired in both warpgroups (kSlotFree below).
+        convert_b_stage<Cfg>(smem, ring.stage, slot, consumer_tid);
+        cutlass::arch::fence_view_async_shared();  // generic-proxy stores, read by the wgmma (async proxy)
+        consumer_sync(kSlotConverted, 128 * Cfg::kConsumerWarpGroups);
+        b_stage = slot;
+        slot ^= 1;
+      }
+      if (!Cfg::kS8 || !idle) {
+        cute::warpgroup_fence_operand(acc);
+        mma_stage<Cfg>(mma, ring.stage, b_stage, tCrA, tCrB, acc);
+        cute::warpgroup_wait<1>();  // the batch of k-tile kt-1 retired: its stage (and int8 slot) can be refilled
+        cute::warpgroup_fence_operand(acc);
+      }
       if (previous >= 0) release_stage<Cfg>(&smem.empty[previous], lane);
       previous = ring.stage;
       ring.advance();
+      if constexpr (Cfg::kS8) consumer_sync(kSlotFree, 128 * Cfg::kConsumerWarpGroups);
     }
     cute::warpgroup_wait<0>();
     cute::warpgroup_fence_operand(acc);
@@ -713,12 +811,16 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
 
 // Host side: GEMM1 given a_sorted first gathers x into it; then one persistent CTA per SM (at most one per tile).
 // Never synchronises; bad arguments throw (pybind11 turns std::invalid_argument into ValueError).
-template <typename T, typename Operand, Act A, GemmMode Mode, int BM, int BN, int BK, int Stages, int ClusterM>
+template <typename T, typename Operand, typename Weight, Act A, GemmMode Mode, int BM, int BN, int BK, int Stages,
+          int ClusterM>
 void launch(const MoeGemmArgs& args, cudaStream_t stream) {
   static_assert(Mode == GemmMode::gemm1 || A == Act::Identity, "GEMM2 is rendered with act=Identity");
-  using Cfg = Config<T, Operand, A, Mode, BM, BN, BK, Stages, ClusterM>;
+  using Cfg = Config<T, Operand, Weight, A, Mode, BM, BN, BK, Stages, ClusterM>;
   if (Cfg::kFp8 && (args.acc_scale == nullptr || (Mode == GemmMode::gemm1 && args.out_scale == nullptr))) {
     throw std::invalid_argument("moe_gemm sm90ws: FP8 needs acc_scale (and out_scale for GEMM1), got nullptr");
+  }
+  if (Cfg::kS8 && args.w_scale == nullptr) {
+    throw std::invalid_argument("moe_gemm sm90ws: int8 weights need w_scale (per-channel scales), got nullptr");
   }
   if (args.k_splits > 1) {
     throw std::invalid_argument("moe_gemm sm90ws: k_splits: expected 1 (this kernel does not split K), got " +
@@ -750,7 +852,11 @@ void launch(const MoeGemmArgs& args, cudaStream_t stream) {
     tmap_a_group = make_tma_map_2d(a, kDtype, Cfg::kOp, args.m_pad_max, args.k, Cfg::kBoxRowsA);
   }
   const int64_t b_rows = static_cast<int64_t>(args.num_experts) * args.n * Cfg::kHalves;
-  const CUtensorMap tmap_b = make_tma_map_2d(args.b, kDtype, Cfg::kOp, b_rows, args.k, Cfg::kBoxRowsB);
+  // int8 B: [kBoxRowsB, 64 bytes] boxes, unswizzled (the consumers convert them into swizzled 16-bit slots).
+  const CUtensorMap tmap_b =
+      Cfg::kS8 ? make_tma_map_2d(args.b, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, b_rows, args.k, Cfg::kBoxRowsB, BK,
+                                 CU_TENSOR_MAP_SWIZZLE_NONE)
+               : make_tma_map_2d(args.b, kDtype, Cfg::kOp, b_rows, args.k, Cfg::kBoxRowsB);
   // One cluster per unit at most, and at most one CTA per SM (clusters that do not fit wait: no CTA waits on
   // another cluster, so this never deadlocks).
   const int64_t units = (m_blocks + Cfg::kCluster - 1) / Cfg::kCluster * n_blocks;

@@ -3,8 +3,8 @@
 // The descriptors are encoded with the driver's cuTensorMapEncodeTiled, fetched once through the runtime's
 // cudaGetDriverEntryPoint so the extension links only cudart (no -lcuda). Each map views a row-major [rows, cols]
 // matrix of 16-bit or 8-bit elements (cols contiguous) and loads boxes of [box_rows, 128 bytes] into shared memory
-// with the 128-byte swizzle that CuTe's K-major SW128 GMMA layout expects; out-of-range rows and columns of a box
-// are zero-filled by the hardware. Errors surface as C++ exceptions, which pybind11 turns into Python exceptions.
+// with the 128-byte swizzle that CuTe's K-major SW128 GMMA layout expects (int8 weights: [box_rows, 64 bytes],
+// unswizzled); out-of-range rows and columns of a box are zero-filled by the hardware. Errors surface as C++ exceptions, which pybind11 turns into Python exceptions.
 #pragma once
 #include <cuda.h>  // CUtensorMap and its enums only (header types; nothing here links libcuda)
 #include <cuda_fp16.h>
@@ -48,22 +48,23 @@ constexpr CUtensorMapDataType tma_dtype() {
   else return CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
 }
 
-// A [rows, cols] row-major matrix of elem_bytes-byte elements at `base`, loaded in boxes of [box_rows, 128 bytes].
+// A [rows, cols] row-major matrix of elem_bytes-byte elements at `base`, loaded in boxes of [box_rows, box_bytes]
+// (by default one 128-byte swizzle row per box row; int8 weights take unswizzled 64-byte rows).
 inline CUtensorMap make_tma_map_2d(const void* base, CUtensorMapDataType dtype, int elem_bytes, int64_t rows,
-                                   int64_t cols, int box_rows) {
+                                   int64_t cols, int box_rows, int box_bytes = 128,
+                                   CUtensorMapSwizzle swizzle = CU_TENSOR_MAP_SWIZZLE_128B) {
   CUtensorMap map{};
   const cuuint64_t dims[2] = {static_cast<cuuint64_t>(cols), static_cast<cuuint64_t>(rows)};
   const cuuint64_t row_stride_bytes[1] = {static_cast<cuuint64_t>(cols) * elem_bytes};
-  // One 128-byte swizzle row per box row.
-  const cuuint32_t box[2] = {static_cast<cuuint32_t>(128 / elem_bytes), static_cast<cuuint32_t>(box_rows)};
+  const cuuint32_t box[2] = {static_cast<cuuint32_t>(box_bytes / elem_bytes), static_cast<cuuint32_t>(box_rows)};
   const cuuint32_t elem_strides[2] = {1, 1};
   const CUresult res = encode_tiled_fn()(&map, dtype, 2, const_cast<void*>(base), dims, row_stride_bytes, box,
-                                         elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                                         elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, swizzle,
                                          CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
   if (res != CUDA_SUCCESS) {
     throw std::runtime_error("moe_gemm sm90ws: cuTensorMapEncodeTiled failed (CUresult " + std::to_string(res) +
                              ") for a [" + std::to_string(rows) + ", " + std::to_string(cols) + "] matrix, box [" +
-                             std::to_string(box_rows) + ", " + std::to_string(128 / elem_bytes) + "]");
+                             std::to_string(box_rows) + ", " + std::to_string(box_bytes / elem_bytes) + "]");
   }
   return map;
 }
