@@ -61,7 +61,8 @@ __device__ __forceinline__ float2 load_scale_pair(const void* scales, int64_t in
   if (fp32) return *reinterpret_cast<const float2*>(static_cast<const float*>(scales) + index);
   const Elem* pair = static_cast<const Elem*>(scales) + index;
   const uint32_t bits = *reinterpret_cast<const uint32_t*>(pair);
-  return make_float2(to_float(reinterpret_cast<const Elem*>(&bits)[0]), to_float(reinterpret_cast<const Elem*>(&bits)[1]));
+  const Elem* two = reinterpret_cast<const Elem*>(&bits);
+  return make_float2(to_float(two[0]), to_float(two[1]));
 }
 
 }  // namespace jitmoe

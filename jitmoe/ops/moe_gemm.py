@@ -184,8 +184,8 @@ def smem_bytes(cfg: GemmConfig, gated: bool, s8: bool = False) -> int:
 def _fit_stages(kernel: str, block_m: int, arch: str, gated: bool = True, narrow: bool = False,
                 s8: bool = False) -> GemmConfig:
     """The tier's tile (for one B half: wide where the kernel has one, or its narrow tile when ``narrow``) with the
-    most stages, up to the table's, that fits the arch (``s8``: with int8 weights, which need 3 on sm80). Gated (the larger
-    case) is the default, so a gated config also fits every one-half GEMM."""
+    most stages, up to the table's, that fits the arch (``s8``: with int8 weights, which need 3 on sm80). Gated (the
+    larger case) is the default, so a gated config also fits every one-half GEMM."""
     block_n, block_k, stages = (_S8_TILES if s8 and (kernel, block_m) in _S8_TILES else _TILES)[(kernel, block_m)]
     if not gated and narrow and (kernel, block_m) in _NARROW_TILES:
         block_n, block_k, stages = _NARROW_TILES[(kernel, block_m)]
@@ -724,7 +724,7 @@ def launch_gemm1(x, fc1, sorted_ids, block_expert, num_padded, *, out, topk, act
     argument itself: the fused pipeline, whose own checks already cost its eager call tens of microseconds.
     ``slot_rows``: int32 [T * k], every slot's sorted row as moe_align wrote it (see ``gathers_a``).
     FP8 (x, fc1 and out e4m3, ``fp8_config``): ``acc_scale`` float32 [E] and ``out_scale`` [1] or [E]. INT8
-    weight-only (int8 fc1, sm80 kernel): ``w_scale`` [E, n_b], fp32 or x's dtype."""
+    weight-only (int8 fc1, sm80 or sm90ws kernel): ``w_scale`` [E, n_b], fp32 or x's dtype."""
     _moe_gemm1_op(x, fc1, sorted_ids, block_expert, num_padded, out, topk, activation, fc1_bias, swiglu_alpha,
                   swiglu_beta, swiglu_limit, slot_rows, config.kernel, config.block_m, config.block_n,
                   config.block_k, config.stages, config.k_splits, config.cluster_m, acc_scale, out_scale, w_scale)

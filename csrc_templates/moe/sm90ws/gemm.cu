@@ -12,8 +12,8 @@
 //   ${block_k}  K slice per ring stage: 64 (128 with e4m3 operands: 128 bytes either way)
 //   ${stages}   depth of the TMA ring: >= 2, shared memory (ring + [BM, BN] staging tile) <= 227 KiB
 //   ${cluster_m} CTAs per cluster along M sharing (multicasting) the weight tile: 1 or 2
-// This spec: ${dtype} (${operand} operands, ${weight} weights) ${act} ${mode} ${block_m}x${block_n}x${block_k}, ${stages} stages,
-// clusters of ${cluster_m}.
+// This spec: ${dtype} (${operand} operands, ${weight} weights) ${act} ${mode} ${block_m}x${block_n}x${block_k},
+// ${stages} stages, clusters of ${cluster_m}.
 #include "moe/sm90ws/moe_gemm_sm90ws.cuh"
 
 namespace jitmoe::moe {

@@ -548,7 +548,7 @@ __device__ __forceinline__ void epilogue_to_staging(const MoeGemmArgs& args, con
     const int col = n0 + n;
     const bool has_bias = bias != nullptr && col < args.n;  // N % 8 == 0: col + 1 < N too
     if constexpr (Cfg::kS8) {
-      static_assert(!Cfg::kS8 || decltype(size(acc))::value % 4 == 0, "column pairs of two rows");
+      static_assert(decltype(size(acc))::value % 4 == 0, "column pairs of two rows");
       if (i % 4 == 0 && col < args.n) {
         // A compiler barrier: all the scale loads hoisted next to the accumulators made ptxas spill.
         asm volatile("" ::: "memory");

@@ -4,7 +4,8 @@
 // cudaGetDriverEntryPoint so the extension links only cudart (no -lcuda). Each map views a row-major [rows, cols]
 // matrix of 16-bit or 8-bit elements (cols contiguous) and loads boxes of [box_rows, 128 bytes] into shared memory
 // with the 128-byte swizzle that CuTe's K-major SW128 GMMA layout expects (int8 weights: [box_rows, 64 bytes],
-// unswizzled); out-of-range rows and columns of a box are zero-filled by the hardware. Errors surface as C++ exceptions, which pybind11 turns into Python exceptions.
+// unswizzled); out-of-range rows and columns of a box are zero-filled by the hardware. Errors surface as C++
+// exceptions, which pybind11 turns into Python exceptions.
 #pragma once
 #include <cuda.h>  // CUtensorMap and its enums only (header types; nothing here links libcuda)
 #include <cuda_fp16.h>
