@@ -194,17 +194,17 @@ def _fit_stages(kernel: str, block_m: int, arch: str, gated: bool = True, narrow
     # int8 weights on sm90ws: one CTA per cluster (the kernel does not multicast its int8 ring).
     cluster_m = SM90WS_CLUSTER_M[gated and not s8] if kernel == "sm90ws" else 1
     top_stages = stages
-    min_stages = 3 if s8 and kernel == "sm80" else 2
+    s8_sm80 = s8 and kernel == "sm80"  # int8 on sm80: at least 3 stages, smaller tiles before fewer
     while True:
         cfg = GemmConfig(kernel, block_m, block_n, block_k, stages, cluster_m=cluster_m)
         if smem_bytes(cfg, gated, s8) <= smem_limit(arch):
             return cfg
-        if stages > min_stages:
+        if stages > (3 if s8_sm80 else 2):
             stages -= 1
-        elif s8 and kernel == "sm80" and block_n > 64:
+        elif s8_sm80 and block_n > 64:
             # int8's 3 stages and two 16-bit B tiles exceed small SMs (sm_86): a smaller tile
             block_n, stages = block_n // 2, top_stages
-        elif s8 and kernel == "sm80" and block_k > 32:
+        elif s8_sm80 and block_k > 32:
             block_k, stages = block_k // 2, top_stages
         else:
             return cfg
