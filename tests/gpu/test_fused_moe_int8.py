@@ -208,8 +208,10 @@ def test_forced_sm90_kernel_is_rejected():
 
 # -- the sm90ws GEMMs alone against their exact contract (gemm1_reference / gemm2_reference) ------------------------
 # Shapes: direct rows with the second warpgroup idle (few rows per expert); gathered rows with partial last blocks;
-# K and N tails (H, I multiples of 16, not of 64); a plain activation (one B half, the wide GEMM2 tile).
-GEMM_SHAPES = [(40, 8, 2, 512, 256, "Swiglu"), (900, 8, 2, 1040, 272, "Swiglu"), (700, 4, 1, 256, 1024, "Gelu")]
+# K and N tails (H, I multiples of 16, not of 64); a plain activation (one B half, the wide GEMM2 tile); K and N tails
+# again with direct rows (GEMM1 K = 1040: 17 k-tiles, the last one 16 wide; GEMM2 K = 80).
+GEMM_SHAPES = [(40, 8, 2, 512, 256, "Swiglu"), (900, 8, 2, 1040, 272, "Swiglu"), (700, 4, 1, 256, 1024, "Gelu"),
+               (40, 8, 2, 1040, 80, "Swiglu")]
 
 
 @pytest.mark.parametrize("dtype,scale_dtype", [(BF16, None), (FP16, torch.float32)])
