@@ -1,6 +1,6 @@
 """Tile sweep of the persistent SM90 grouped GEMM ('sm90ws') on the model shapes of bench_fused_moe.py: each
-GEMM of the layer alone (GEMM1 with the gather pre-pass, which the pipeline skips at few rows per expert:
-moe_gemm.gathers_a, and SwiGLU; GEMM2 with the routing-weight scatter), for every variant given, with its achieved
+GEMM of the layer alone (GEMM1 with SwiGLU and, as in the pipeline, the gather pre-pass or, at few rows per expert,
+direct rows: moe_gemm.gathers_a; GEMM2 with the routing-weight scatter), for every variant given, with its achieved
 TFLOP/s on the real rows. It decides the tiles of moe_gemm's heuristic (block_n, stages, cluster size); the
 layer-level numbers come from bench_fused_moe.py.
 
@@ -18,7 +18,7 @@ import torch
 import _common as common
 import bench_fused_moe as bench
 from jitmoe.jit import KernelSpec, load_module
-from jitmoe.ops import permute
+from jitmoe.ops import moe_gemm, permute
 
 BLOCK_M = 128
 DEFAULT_VARIANTS = ("gemm1:128:4:1", "gemm1:128:4:2", "gemm2:128:4:1", "gemm2:128:6:1", "gemm2:128:6:2",
@@ -46,8 +46,10 @@ def gemm_call(mode: str, mod, shape, x, ids, fc1, fc2, routing, bufs):
     sorted_ids, block_expert, num_padded = routing
     T, k = ids.shape
     if mode == "gemm1":
+        gathers = T * k > moe_gemm.DIRECT_A_MAX_ROWS_PER_EXPERT * shape.E
+        a_sorted, slot_rows = (bufs["a_sorted"], bufs["slot_rows"]) if gathers else (None, None)
         return lambda: mod.run(x, fc1, None, bufs["inter"], sorted_ids, block_expert, num_padded, None, None, None,
-                               None, T * k, k, shape.I, shape.H, None, bufs["a_sorted"], bufs["slot_rows"], False, 1,
+                               None, T * k, k, shape.I, shape.H, None, a_sorted, slot_rows, False, 1,
                                None, None, None)
     return lambda: mod.run(bufs["inter"], fc2, None, bufs["out"], sorted_ids, block_expert, num_padded,
                            bufs["weights"], None, None, None, T * k, 1, shape.H, shape.I, None, None, None, False, 1,

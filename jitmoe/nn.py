@@ -6,7 +6,8 @@ projection. ``FusedMoE.from_hf_experts`` converts a Hugging Face style block (a 
 gate/up/down Linears: ``gate_proj/up_proj/down_proj`` as in Qwen/DeepSeek, or Mixtral's ``w1/w3/w2``).
 
 CUDA inputs run the kernels (bf16/fp16, inference: the op has no backward); CPU inputs run the fp32 reference in
-any float dtype. Expert parallelism and tensor parallelism are available through ``cutlass_fused_moe`` directly.
+any float dtype. ``quantize_int8_()`` turns the experts into INT8 weight-only (W8A16, one scale per weight row).
+Expert parallelism and tensor parallelism are available through ``cutlass_fused_moe`` directly.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from . import quant as _quant
 from .ops import routing as _routing
 from .ops._validate import check_int, check_tensor
 from .ops.fused_moe import ActivationType, cutlass_fused_moe
@@ -53,12 +55,39 @@ class FusedMoE(nn.Module):
     def top_k(self, value: int) -> None:
         self._top_k = check_int("top_k", value, low=1, high=self.num_experts)
 
+    @property
+    def is_int8(self) -> bool:
+        """Whether quantize_int8_() made the experts int8."""
+        return self.w13.dtype == torch.int8
+
     def reset_parameters(self) -> None:
         """Each expert initialised like nn.Linear (uniform in +-1/sqrt(fan_in))."""
+        if self.is_int8:
+            raise ValueError("reset_parameters: the experts are int8 (quantize_int8_ was called); build a new "
+                             "FusedMoE to initialise 16-bit experts")
         with torch.no_grad():
             for weight, fan_in in ((self.w13, self.hidden_size), (self.w2, self.intermediate_size)):
                 bound = fan_in ** -0.5
                 weight.uniform_(-bound, bound)
+
+    def quantize_int8_(self) -> "FusedMoE":
+        """INT8 weight-only per channel (W8A16), in place; returns self. ``w13`` and ``w2`` become int8 buffers with
+        one scale per weight row, ``w13_scale`` [E, fc1 rows] and ``w2_scale`` [E, H] in the experts' dtype
+        (jitmoe.quant.quantize_int8_per_channel), and forward passes them to ``cutlass_fused_moe`` with
+        ``use_int8_woq_per_channel``: each decode step streams half the expert bytes. The router is unchanged. On
+        CUDA, hidden_size and intermediate_size must be multiples of 16 (the INT8 kernels' contract). Calling it
+        again changes nothing."""
+        if self.is_int8:
+            return self
+        if self.w13.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise TypeError(f"quantize_int8_: expected experts in float32, bfloat16 or float16, got {self.w13.dtype}")
+        with torch.no_grad():
+            w13, w13_scale = _quant.quantize_int8_per_channel(self.w13)
+            w2, w2_scale = _quant.quantize_int8_per_channel(self.w2)
+        del self.w13, self.w2  # parameters -> buffers: int8 tensors have no gradient
+        for name, tensor in (("w13", w13), ("w13_scale", w13_scale), ("w2", w2), ("w2_scale", w2_scale)):
+            self.register_buffer(name, tensor)
+        return self
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(weights float32 [T, k], ids int32 [T, k]) for tokens x [T, H]."""
@@ -70,17 +99,20 @@ class FusedMoE(nn.Module):
             raise ValueError(f"x: expected a last dimension of {self.hidden_size} (hidden_size), got {x.shape[-1]}")
         tokens = x.reshape(-1, self.hidden_size).contiguous()
         weights, ids = self.route(tokens)
+        scales = [self.w13_scale, self.w2_scale] if self.is_int8 else None
         if tokens.is_cuda:
-            out = cutlass_fused_moe(tokens, ids, weights, self.w13, self.w2, tokens.dtype, None,
-                                    activation_type=self.activation_type)[0]
+            out = cutlass_fused_moe(tokens, ids, weights, self.w13, self.w2, tokens.dtype, scales,
+                                    activation_type=self.activation_type, use_int8_woq_per_channel=self.is_int8)[0]
         else:
-            out = fused_moe_reference(tokens, ids, weights, self.w13, self.w2, activation=self.activation_type.name)
+            fc1_scales, fc2_scales = scales or (None, None)
+            out = fused_moe_reference(tokens, ids, weights, self.w13, self.w2, activation=self.activation_type.name,
+                                      fc1_weight_scales=fc1_scales, fc2_weight_scales=fc2_scales)
         return out.reshape(x.shape)
 
     def extra_repr(self) -> str:
         return (f"hidden_size={self.hidden_size}, intermediate_size={self.intermediate_size}, "
                 f"num_experts={self.num_experts}, top_k={self.top_k}, renormalize={self.renormalize}, "
-                f"activation_type={self.activation_type.name}")
+                f"activation_type={self.activation_type.name}" + (", weights=int8" if self.is_int8 else ""))
 
     @classmethod
     def from_hf_experts(cls, gate_weight: torch.Tensor, experts_gate_up_down: Sequence, top_k: int,

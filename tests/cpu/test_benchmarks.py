@@ -16,7 +16,7 @@ import bench_fused_moe  # noqa: E402
 import bench_routers  # noqa: E402
 import exp_topk_latency as exp  # noqa: E402
 import sweep_sm90ws  # noqa: E402
-from jitmoe.ops import permute  # noqa: E402
+from jitmoe.ops import moe_gemm, permute  # noqa: E402
 from jitmoe.reference import moe as moe_ref  # noqa: E402
 
 # Ceilings recorded in shared/anchors/h100-2026-11-22*.json, whose floor_ms the helpers must reproduce.
@@ -214,10 +214,12 @@ def test_bench_dense_reference_cpu_smoke(tmp_path):
     assert written["rows"] == json.loads(json.dumps(payload["rows"]))
 
 
-def test_sweep_sm90ws_row_loop_passes_consistent_gemm_arguments(monkeypatch):
+@pytest.mark.parametrize("T", [5, 100])  # 10 slots: direct rows (no gather), as in the pipeline; 200: gathered
+def test_sweep_sm90ws_row_loop_passes_consistent_gemm_arguments(monkeypatch, T):
     """sweep_row on the CPU with moe_align's reference and a stub module per variant that checks what each GEMM
     launch is given against the binding's contract (the sm90ws kernels themselves need an H100)."""
-    shape, T = bench_fused_moe.MoEShape(8, 2, 64, 32), 5
+    shape = bench_fused_moe.MoEShape(8, 2, 64, 32)
+    gathers = T * shape.k > moe_gemm.DIRECT_A_MAX_ROWS_PER_EXPERT * shape.E
     calls = []
 
     def align_into(ids, num_experts, block_m, offset, outputs):
@@ -239,8 +241,11 @@ def test_sweep_sm90ws_row_loop_passes_consistent_gemm_arguments(monkeypatch):
             if mode == "gemm1":
                 assert (topk, n, k) == (shape.k, shape.I, shape.H) and a.shape[0] == T
                 assert tuple(b.shape) == (shape.E, 2 * shape.I, shape.H) and weights is None
-                assert tuple(out.shape) == (m_pad_max, n) and tuple(a_sorted.shape) == (m_pad_max, k)
-                assert slot_rows.numel() == num_slots and slot_rows_filled is False
+                assert tuple(out.shape) == (m_pad_max, n) and slot_rows_filled is False
+                if gathers:
+                    assert tuple(a_sorted.shape) == (m_pad_max, k) and slot_rows.numel() == num_slots
+                else:
+                    assert a_sorted is None and slot_rows is None
             else:
                 assert (topk, n, k) == (1, shape.H, shape.I) and tuple(a.shape) == (m_pad_max, k)
                 assert tuple(out.shape) == (num_slots, n) and weights.numel() == num_slots

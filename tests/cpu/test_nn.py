@@ -1,4 +1,5 @@
-"""jitmoe.nn.FusedMoE on the CPU (reference) path: HF conversion, routing, top_k changes, shapes, errors."""
+"""jitmoe.nn.FusedMoE on the CPU (reference) path: HF conversion, routing, top_k changes, shapes, INT8 weight-only,
+errors."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -7,6 +8,7 @@ from torch import nn
 import jitmoe
 import jitmoe.nn
 from jitmoe.ops import routing
+from jitmoe.reference.moe import fused_moe_reference
 from jitmoe.testing import rel_error
 
 pytestmark = pytest.mark.skipif(not hasattr(routing, "topk_softmax"),
@@ -106,3 +108,32 @@ def test_forward_and_loader_errors():
         jitmoe.nn.FusedMoE.from_hf_experts(gate, bad, 2)
     with pytest.raises(ValueError, match="top_k"):
         jitmoe.nn.FusedMoE(H, I, E, E + 1)
+
+
+def test_quantize_int8_matches_the_dequantized_experts():
+    gate = nn.Linear(H, E, bias=False)
+    layer = jitmoe.nn.FusedMoE.from_hf_experts(gate.weight, [QwenExpert() for _ in range(E)], 2, renormalize=True)
+    x = torch.randn(11, H)
+    with torch.no_grad():
+        full = layer(x)
+        w13, w2 = layer.w13.clone(), layer.w2.clone()
+        assert layer.quantize_int8_() is layer and layer.is_int8
+        assert layer.w13.dtype == layer.w2.dtype == torch.int8
+        assert layer.w13_scale.shape == (E, 2 * I) and layer.w2_scale.shape == (E, H)
+        assert {"w13", "w2"}.isdisjoint(dict(layer.named_parameters()))
+        assert {"w13", "w13_scale", "w2", "w2_scale"} <= set(layer.state_dict())
+        # each weight within half a quantization step of its 16-bit value
+        deq13 = layer.w13.float() * layer.w13_scale[..., None]
+        deq2 = layer.w2.float() * layer.w2_scale[..., None]
+        assert ((deq13 - w13).abs() <= layer.w13_scale[..., None] / 2 + 1e-6).all()
+        assert ((deq2 - w2).abs() <= layer.w2_scale[..., None] / 2 + 1e-6).all()
+        weights, ids = layer.route(x)
+        got = layer(x)
+        assert rel_error(got, fused_moe_reference(x, ids, weights, deq13, deq2)) < 1e-5
+        assert 0 < rel_error(got, full) < 2e-2  # only the int8 rounding differs
+        assert layer.quantize_int8_() is layer and torch.equal(layer(x), got)  # a second call changes nothing
+    assert "weights=int8" in repr(layer)
+    with pytest.raises(ValueError, match="reset_parameters"):
+        layer.reset_parameters()
+    with pytest.raises(TypeError, match="quantize_int8_"):
+        jitmoe.nn.FusedMoE(H, I, E, 2, dtype=torch.float64).quantize_int8_()

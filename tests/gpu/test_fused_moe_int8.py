@@ -265,3 +265,16 @@ def test_two_runs_are_bitwise_equal(kernel):
         first = run(p).clone()
         assert torch.equal(first, run(p))
     assert rel_error(first, reference(p)) <= TOL
+
+
+@pytest.mark.parametrize("tokens", [36, 2048])  # the decode path / the grouped GEMMs
+def test_nn_module_quantized_on_cuda(tokens):
+    layer = jitmoe.nn.FusedMoE(256, 512, 8, 2, renormalize=True).to(DEV, BF16).quantize_int8_()
+    x = torch.randn(tokens, 256, device=DEV, dtype=BF16)
+    with torch.no_grad():
+        got = layer(x)
+        weights, ids = layer.route(x)  # the same routing, then the fp32 reference with the module's int8 experts
+        expected = fused_moe_reference(x, ids, weights, layer.w13, layer.w2, fc1_weight_scales=layer.w13_scale,
+                                       fc2_weight_scales=layer.w2_scale, out_dtype=torch.float32)
+    assert layer.w13.dtype == torch.int8 and layer.w13_scale.dtype == BF16
+    assert rel_error(got, expected) <= TOL
