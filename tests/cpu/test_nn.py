@@ -122,7 +122,7 @@ def test_quantize_int8_matches_the_dequantized_experts():
         assert layer.w13_scale.shape == (E, 2 * I) and layer.w2_scale.shape == (E, H)
         assert {"w13", "w2"}.isdisjoint(dict(layer.named_parameters()))
         assert {"w13", "w13_scale", "w2", "w2_scale"} <= set(layer.state_dict())
-        # each weight within half a quantization step of its 16-bit value
+        # each weight within half a quantization step of its original value
         deq13 = layer.w13.float() * layer.w13_scale[..., None]
         deq2 = layer.w2.float() * layer.w2_scale[..., None]
         assert ((deq13 - w13).abs() <= layer.w13_scale[..., None] / 2 + 1e-6).all()
