@@ -41,12 +41,12 @@ def parse_variant(text: str) -> tuple[str, int, int, int]:
     return mode, int(block_n), int(stages), int(cluster_m)
 
 
-def gemm_call(mode: str, mod, shape, x, ids, fc1, fc2, routing, bufs):
-    """A closure running one GEMM of the layer on the row's data (outputs are scratch)."""
+def gemm_call(mode: str, mod, shape, x, ids, fc1, fc2, routing, bufs, gathers: bool):
+    """A closure running one GEMM of the layer on the row's data (outputs are scratch); ``gathers``: GEMM1 first
+    gathers x into a sorted copy, else it loads its rows from x (direct rows)."""
     sorted_ids, block_expert, num_padded = routing
     T, k = ids.shape
     if mode == "gemm1":
-        gathers = T * k > moe_gemm.DIRECT_A_MAX_ROWS_PER_EXPERT * shape.E
         a_sorted, slot_rows = (bufs["a_sorted"], bufs["slot_rows"]) if gathers else (None, None)
         return lambda: mod.run(x, fc1, None, bufs["inter"], sorted_ids, block_expert, num_padded, None, None, None,
                                None, T * k, k, shape.I, shape.H, None, a_sorted, slot_rows, False, 1,
@@ -72,7 +72,10 @@ def sweep_row(shape, T: int, variants, device) -> list[dict]:
     rows = []
     for text in variants:
         mode, block_n, stages, cluster_m = parse_variant(text)
-        fn = gemm_call(mode, module(mode, block_n, stages, cluster_m), shape, x, ids, fc1, fc2, routing, bufs)
+        config = moe_gemm.GemmConfig("sm90ws", BLOCK_M, block_n, 64, stages, cluster_m=cluster_m)
+        gathers = moe_gemm.gathers_a(config, T * shape.k, shape.E)  # as the pipeline decides
+        fn = gemm_call(mode, module(mode, block_n, stages, cluster_m), shape, x, ids, fc1, fc2, routing, bufs,
+                       gathers)
         fn()
         est = common.one_call_ms(fn, device)
         stats = common.time_fn(fn, device, warmup=3, iters=common.iterations_for(est, 3000.0, low=5, high=30))
