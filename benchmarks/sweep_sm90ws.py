@@ -50,10 +50,10 @@ def gemm_call(mode: str, mod, shape, x, ids, fc1, fc2, routing, bufs, gathers: b
         a_sorted, slot_rows = (bufs["a_sorted"], bufs["slot_rows"]) if gathers else (None, None)
         return lambda: mod.run(x, fc1, None, bufs["inter"], sorted_ids, block_expert, num_padded, None, None, None,
                                None, T * k, k, shape.I, shape.H, None, a_sorted, slot_rows, False, 1,
-                               None, None, None)
+                               None, None, None, None, 0)
     return lambda: mod.run(bufs["inter"], fc2, None, bufs["out"], sorted_ids, block_expert, num_padded,
                            bufs["weights"], None, None, None, T * k, 1, shape.H, shape.I, None, None, None, False, 1,
-                           None, None, None)
+                           None, None, None, None, 0)
 
 
 def sweep_row(shape, T: int, variants, device) -> list[dict]:

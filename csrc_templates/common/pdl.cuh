@@ -15,11 +15,24 @@
 
 namespace jitmoe {
 
-__device__ __forceinline__ void pdl_start() {
+// The two halves of pdl_start, for a kernel that tracks its dependence on the previous one in finer grain (the
+// sm90ws GEMM2 with per-block completion counters): it lets the next kernel launch early but must still call
+// pdl_wait before its grid completes, so that its completion implies the previous kernel's.
+__device__ __forceinline__ void pdl_wait() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void pdl_launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 #endif
+}
+
+__device__ __forceinline__ void pdl_start() {
+  pdl_wait();
+  pdl_launch_dependents();
 }
 
 namespace {  // internal linkage, as in launch.cuh: per-module state

@@ -49,6 +49,11 @@ struct MoeGemmArgs {
   int32_t* slot_rows;           // with a_sorted: [num_slots] the sorted row of every slot; else nullptr
   bool slot_rows_filled;        // slot_rows already holds every slot's row (moe_align wrote it, -1 for slots of no
                                 // local expert); otherwise it is scratch that the launch fills first
+  int32_t* block_done;          // sm90ws only: [m_pad_max / BLOCK_M] counters zeroed by moe_align, or nullptr. GEMM1
+                                // adds one per consumer warp for each tile of M block m it has stored; GEMM2,
+                                // launched with PDL right after it, loads an A block once its count is complete
+                                // instead of waiting for the whole of GEMM1 (see sm90ws/moe_gemm_sm90ws.cuh)
+  int block_done_n_blocks;      // GEMM2 with block_done: GEMM1's N blocks (the tiles each M block waits for)
   int num_slots;                // T * topk
   int topk;
   int m_pad_max;                // length of sorted_ids (a multiple of BLOCK_M)

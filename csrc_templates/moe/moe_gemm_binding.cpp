@@ -16,7 +16,8 @@ void run(const at::Tensor& a, const at::Tensor& b, const std::optional<at::Tenso
          int64_t topk, int64_t n, int64_t k, const std::optional<at::Tensor>& partials,
          const std::optional<at::Tensor>& a_sorted, const std::optional<at::Tensor>& slot_rows, bool slot_rows_filled,
          int64_t k_splits, const std::optional<at::Tensor>& acc_scale, const std::optional<at::Tensor>& out_scale,
-         const std::optional<at::Tensor>& w_scale) {
+         const std::optional<at::Tensor>& w_scale, const std::optional<at::Tensor>& block_done,
+         int64_t block_done_n_blocks) {
   const c10::cuda::CUDAGuard guard(a.device());
   jitmoe::moe::MoeGemmArgs args{};
   args.a = a.data_ptr();
@@ -39,6 +40,8 @@ void run(const at::Tensor& a, const at::Tensor& b, const std::optional<at::Tenso
   args.a_sorted = a_sorted.has_value() ? a_sorted->data_ptr() : nullptr;
   args.slot_rows = slot_rows.has_value() ? slot_rows->data_ptr<int32_t>() : nullptr;
   args.slot_rows_filled = slot_rows_filled;
+  args.block_done = block_done.has_value() ? block_done->data_ptr<int32_t>() : nullptr;
+  args.block_done_n_blocks = static_cast<int>(block_done_n_blocks);
   args.num_slots = static_cast<int>(num_slots);
   args.topk = static_cast<int>(topk);
   args.m_pad_max = static_cast<int>(sorted_ids.numel());

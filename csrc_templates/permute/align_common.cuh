@@ -29,6 +29,8 @@ struct AlignArgs {
   int block_m;              // GEMM tile rows
   int m_pad_max;            // static bound on the padded length (a multiple of block_m)
   int count_warps;          // warps that own a slice of a CTA's slots (each needs num_experts ints of shared memory)
+  int32_t* block_done;      // [m_pad_max / block_m] zeroed here (the sm90ws GEMMs' per-block completion counters:
+                            // GEMM1 counts up, GEMM2 waits), or nullptr
 };
 
 // Local expert of a global id, or -1 (unsigned wrap-around keeps the subtraction defined for any id).
@@ -142,11 +144,14 @@ __device__ __forceinline__ void fill_expert(const AlignArgs& a, int e, int count
   for (int r = count + lane; r < padded; r += 32) a.sorted_ids[start + r] = a.num_slots;
 }
 
-// The unused tail: padding rows from used_rows on and -1 blocks; thread `index` of `stride` threads.
+// The unused tail: padding rows from used_rows on and -1 blocks; thread `index` of `stride` threads. Also every
+// block's completion counter, when there are counters.
 __device__ __forceinline__ void fill_tail(const AlignArgs& a, int used_rows, int index, int stride) {
   for (long long r = used_rows + index; r < a.m_pad_max; r += stride) a.sorted_ids[r] = a.num_slots;
   const int num_blocks = a.m_pad_max / a.block_m;
   for (long long b = used_rows / a.block_m + index; b < num_blocks; b += stride) a.block_expert[b] = -1;
+  if (a.block_done != nullptr)
+    for (int b = index; b < num_blocks; b += stride) a.block_done[b] = 0;
 }
 
 }  // namespace jitmoe::permute

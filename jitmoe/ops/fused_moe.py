@@ -485,13 +485,17 @@ def _run_cuda(output, x, topk_ids, slot_weights, fc1, fc2, fc1_bias, fc2_bias, a
     # moe_align also writes the slots' rows that GEMM1's gather needs, sparing it a launch.
     slot_rows = (torch.empty(num_tokens * topk, dtype=torch.int32, device=x.device)
                  if _gemm.gathers_a(cfg1, num_tokens * topk, num_local) else None)
-    _permute.align_into(topk_ids, num_local, cfg1.block_m, local_expert_offset, routing, slot_rows=slot_rows)
+    # GEMM2 may start on GEMM1's finished blocks while GEMM1's last wave runs: counters that moe_align zeroes.
+    block_done = (torch.empty(routing[1].shape[0], dtype=torch.int32, device=x.device)
+                  if _gemm.overlaps_gemm2(cfg1, cfg2) else None)
+    _permute.align_into(topk_ids, num_local, cfg1.block_m, local_expert_offset, routing, slot_rows=slot_rows,
+                        block_done=block_done)
     sorted_ids, block_expert, num_padded, _ = routing
     h = torch.empty(sorted_ids.shape[0], inter, dtype=x.dtype, device=x.device)  # FP8: e4m3, GEMM2's input
     scales1 = dict(acc_scale=fp8.fc1_dequant, out_scale=fp8.fc2_quant) if fp8 is not None else {}
     _gemm.launch_gemm1(x, fc1, sorted_ids, block_expert, num_padded, out=h, topk=topk, activation=activation,
                        fc1_bias=fc1_bias, config=cfg1, slot_rows=slot_rows, w_scale=int8.fc1 if int8 else None,
-                       **scales1, **act_params)
+                       block_done=block_done, **scales1, **act_params)
     # top-1: each token has one slot, so GEMM2 can write the output rows itself (zeroed: rows without a local
     # expert are never written); otherwise it writes per-slot rows that the combine sums in a fixed order.
     direct = topk == 1 and output.data_ptr() % 16 == 0
@@ -500,7 +504,7 @@ def _run_cuda(output, x, topk_ids, slot_weights, fc1, fc2, fc1_bias, fc2_bias, a
         output.zero_()
     _gemm.launch_gemm2(h, fc2, sorted_ids, block_expert, num_padded, slot_weights, out=out_slots, fc2_bias=fc2_bias,
                        config=cfg2, acc_scale=fp8.fc2_dequant if fp8 is not None else None,
-                       w_scale=int8.fc2 if int8 else None)
+                       w_scale=int8.fc2 if int8 else None, block_done=block_done, gemm1_config=cfg1)
     if not direct:
         _permute.combine_into(out_slots, topk_ids, output, num_local, local_expert_offset)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import re
 from dataclasses import dataclass
 from typing import Optional
@@ -613,18 +614,19 @@ def _scratch(cfg: GemmConfig, rows: int, width: int, a: torch.Tensor, a_rows: in
     return partials, a_sorted, slot_rows
 
 
-@custom_op("jitmoe::moe_gemm1", mutates_args=("out",))
+@custom_op("jitmoe::moe_gemm1", mutates_args=("out", "block_done"))
 def _moe_gemm1_op(x: torch.Tensor, fc1: torch.Tensor, sorted_ids: torch.Tensor, block_expert: torch.Tensor,
                   num_padded: torch.Tensor, out: torch.Tensor, topk: int, activation: str,
                   fc1_bias: Optional[torch.Tensor], swiglu_alpha: Optional[torch.Tensor],
                   swiglu_beta: Optional[torch.Tensor], swiglu_limit: Optional[torch.Tensor],
                   slot_rows: Optional[torch.Tensor], kernel: str, block_m: int, block_n: int, block_k: int,
                   stages: int, k_splits: int, cluster_m: int, acc_scale: Optional[torch.Tensor] = None,
-                  out_scale: Optional[torch.Tensor] = None, w_scale: Optional[torch.Tensor] = None) -> None:
+                  out_scale: Optional[torch.Tensor] = None, w_scale: Optional[torch.Tensor] = None,
+                  block_done: Optional[torch.Tensor] = None) -> None:
     # slot_rows: every slot's sorted row as moe_align writes it (permute.align_into(..., slot_rows=)), which spares
     # the sm90ws launch its inversion of sorted_ids; None: the launch inverts it itself.
     # acc_scale / out_scale: FP8 only (x, fc1 and out in e4m3); w_scale: INT8 weight-only (int8 fc1). See
-    # gemm1_reference.
+    # gemm1_reference. block_done: see launch_gemm1 (sm90ws only; the CPU reference has nothing to count).
     if not x.is_cuda:
         gemm1_reference(x, fc1, sorted_ids, block_expert, num_padded, out, topk, activation, fc1_bias,
                         swiglu_alpha, swiglu_beta, swiglu_limit, block_m, acc_scale, out_scale, w_scale)
@@ -639,7 +641,7 @@ def _moe_gemm1_op(x: torch.Tensor, fc1: torch.Tensor, sorted_ids: torch.Tensor, 
                                              fc1.shape[0], gemm1=True, slot_rows=slot_rows)
     load_module(spec).run(x, fc1, fc1_bias, out, sorted_ids, block_expert, num_padded, None, swiglu_alpha,
                           swiglu_beta, swiglu_limit, num_slots, topk, out.shape[1], x.shape[1], partials,
-                          a_sorted, slot_rows, filled, k_splits, acc_scale, out_scale, w_scale)
+                          a_sorted, slot_rows, filled, k_splits, acc_scale, out_scale, w_scale, block_done, 0)
 
 
 def _weight_tag(w: torch.Tensor) -> Optional[str]:
@@ -658,7 +660,7 @@ def _spec_types(a: torch.Tensor, layer_typed: Optional[torch.Tensor]) -> tuple[s
 @_moe_gemm1_op.register_fake
 def _(x, fc1, sorted_ids, block_expert, num_padded, out, topk, activation, fc1_bias, swiglu_alpha, swiglu_beta,
       swiglu_limit, slot_rows, kernel, block_m, block_n, block_k, stages, k_splits, cluster_m, acc_scale=None,
-      out_scale=None, w_scale=None) -> None:
+      out_scale=None, w_scale=None, block_done=None) -> None:
     return None
 
 
@@ -667,9 +669,10 @@ def _moe_gemm2_op(inter: torch.Tensor, fc2: torch.Tensor, sorted_ids: torch.Tens
                   num_padded: torch.Tensor, slot_weights: Optional[torch.Tensor], out: torch.Tensor,
                   fc2_bias: Optional[torch.Tensor], kernel: str, block_m: int, block_n: int, block_k: int,
                   stages: int, k_splits: int, cluster_m: int, acc_scale: Optional[torch.Tensor] = None,
-                  w_scale: Optional[torch.Tensor] = None) -> None:
+                  w_scale: Optional[torch.Tensor] = None, block_done: Optional[torch.Tensor] = None,
+                  block_done_n_blocks: int = 0) -> None:
     # acc_scale: FP8 only (inter and fc2 in e4m3, out in the layer's type); w_scale: INT8 weight-only (int8 fc2).
-    # See gemm2_reference.
+    # See gemm2_reference. block_done, block_done_n_blocks: see launch_gemm2.
     if not inter.is_cuda:
         gemm2_reference(inter, fc2, sorted_ids, block_expert, num_padded, slot_weights, out, fc2_bias, block_m,
                         acc_scale, w_scale)
@@ -681,12 +684,13 @@ def _moe_gemm2_op(inter: torch.Tensor, fc2: torch.Tensor, sorted_ids: torch.Tens
     partials, _, _ = _scratch(cfg, out.shape[0], out.shape[1], inter, 0, 0, fc2.shape[0], gemm1=False)
     load_module(spec).run(inter, fc2, fc2_bias, out, sorted_ids, block_expert, num_padded, slot_weights, None, None,
                           None, out.shape[0], 1, out.shape[1], inter.shape[1], partials, None, None, False, k_splits,
-                          acc_scale, None, w_scale)
+                          acc_scale, None, w_scale, block_done, block_done_n_blocks)
 
 
 @_moe_gemm2_op.register_fake
 def _(inter, fc2, sorted_ids, block_expert, num_padded, slot_weights, out, fc2_bias, kernel, block_m, block_n,
-      block_k, stages, k_splits, cluster_m, acc_scale=None, w_scale=None) -> None:
+      block_k, stages, k_splits, cluster_m, acc_scale=None, w_scale=None, block_done=None,
+      block_done_n_blocks=0) -> None:
     return None
 
 
@@ -717,17 +721,29 @@ def gathers_a(config: GemmConfig, num_slots: int, num_experts: int) -> bool:
     return config.kernel in TMA_A_KERNELS and num_slots > DIRECT_A_MAX_ROWS_PER_EXPERT * num_experts
 
 
+def overlaps_gemm2(config1: GemmConfig, config2: GemmConfig) -> bool:
+    """Whether GEMM2 on ``config2`` can start on GEMM1's finished M blocks while GEMM1 (on ``config1``) still runs
+    (per-block completion counters, launch_gemm1/launch_gemm2 ``block_done``): both on sm90ws, neither split. The
+    environment variable JITMOE_BLOCK_DONE=0 turns it off (A/B timing)."""
+    return (config1.kernel == config2.kernel == "sm90ws" and config1.k_splits == config2.k_splits == 1
+            and os.environ.get("JITMOE_BLOCK_DONE") != "0")
+
+
 def launch_gemm1(x, fc1, sorted_ids, block_expert, num_padded, *, out, topk, activation: str, fc1_bias,
                  config: GemmConfig, swiglu_alpha=None, swiglu_beta=None, swiglu_limit=None,
-                 slot_rows=None, acc_scale=None, out_scale=None, w_scale=None) -> torch.Tensor:
+                 slot_rows=None, acc_scale=None, out_scale=None, w_scale=None, block_done=None) -> torch.Tensor:
     """moe_gemm1 without its argument checks (``activation`` a canonical name), for a caller that made every
     argument itself: the fused pipeline, whose own checks already cost its eager call tens of microseconds.
     ``slot_rows``: int32 [T * k], every slot's sorted row as moe_align wrote it (see ``gathers_a``).
     FP8 (x, fc1 and out e4m3, ``fp8_config``): ``acc_scale`` float32 [E] and ``out_scale`` [1] or [E]. INT8
-    weight-only (int8 fc1, sm80 or sm90ws kernel): ``w_scale`` [E, n_b], fp32 or x's dtype."""
+    weight-only (int8 fc1, sm80 or sm90ws kernel): ``w_scale`` [E, n_b], fp32 or x's dtype.
+    ``block_done`` (sm90ws, ``overlaps_gemm2``): int32 [m_pad_max // block_m], zeroed by moe_align
+    (permute.align_into(..., block_done=)); the launch counts each stored tile in its M block's counter, for a
+    launch_gemm2 right after it given the same counters."""
     _moe_gemm1_op(x, fc1, sorted_ids, block_expert, num_padded, out, topk, activation, fc1_bias, swiglu_alpha,
                   swiglu_beta, swiglu_limit, slot_rows, config.kernel, config.block_m, config.block_n,
-                  config.block_k, config.stages, config.k_splits, config.cluster_m, acc_scale, out_scale, w_scale)
+                  config.block_k, config.stages, config.k_splits, config.cluster_m, acc_scale, out_scale, w_scale,
+                  block_done)
     return out
 
 
@@ -744,12 +760,16 @@ def moe_gemm2(inter, fc2, sorted_ids, block_expert, num_padded, slot_weights, *,
 
 
 def launch_gemm2(inter, fc2, sorted_ids, block_expert, num_padded, slot_weights, *, out, fc2_bias,
-                 config: GemmConfig, acc_scale=None, w_scale=None) -> torch.Tensor:
+                 config: GemmConfig, acc_scale=None, w_scale=None, block_done=None,
+                 gemm1_config: Optional[GemmConfig] = None) -> torch.Tensor:
     """moe_gemm2 without its argument checks (see launch_gemm1; FP8: inter and fc2 e4m3, ``acc_scale`` [E]; INT8
-    weight-only: int8 fc2, ``w_scale`` [E, N])."""
+    weight-only: int8 fc2, ``w_scale`` [E, N]). ``block_done``: the counters that the launch_gemm1 just before
+    counted into, with that launch's ``gemm1_config``: each A block is then loaded as soon as GEMM1 has stored all
+    of its tiles, not after the whole of GEMM1."""
+    n_blocks = -(-inter.shape[1] // gemm1_config.block_n) if block_done is not None else 0
     _moe_gemm2_op(inter, fc2, sorted_ids, block_expert, num_padded, slot_weights, out, fc2_bias, config.kernel,
                   config.block_m, config.block_n, config.block_k, config.stages, config.k_splits, config.cluster_m,
-                  acc_scale, w_scale)
+                  acc_scale, w_scale, block_done, n_blocks)
     return out
 
 

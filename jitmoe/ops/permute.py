@@ -114,10 +114,11 @@ def empty_align_outputs(num_slots: int, num_local_experts: int, block_m: int, de
 
 
 def align_into(topk_ids, num_local_experts: int, block_m: int, local_expert_offset: int, outputs,
-               slot_rows=None) -> None:
+               slot_rows=None, block_done=None) -> None:
     """Run the moe_align kernel into preallocated ``outputs`` (from empty_align_outputs); one launch, no sync.
     ``slot_rows`` (int32 [T * k], optional) also gets every slot's row in the sorted order, -1 where its expert is
-    not local: the inverse map that the sm90ws GEMM1 gathers x with."""
+    not local: the inverse map that the sm90ws GEMM1 gathers x with. ``block_done`` (int32, one per block of
+    block_m rows, optional) is zeroed: the per-block completion counters of the sm90ws GEMMs (moe_gemm)."""
     sorted_ids, block_expert, num_padded, counts = outputs
     device = topk_ids.device
     chunks = align_chunks(topk_ids.numel())
@@ -126,8 +127,8 @@ def align_into(topk_ids, num_local_experts: int, block_m: int, local_expert_offs
         scratch = torch.empty((chunks + 1) * num_local_experts, dtype=torch.int32, device=device)
     else:
         sync = scratch = _unused(device)
-    _module(device).align(topk_ids, sorted_ids, block_expert, num_padded, counts, slot_rows, sync, scratch,
-                          num_local_experts, local_expert_offset, block_m, chunks)
+    _module(device).align(topk_ids, sorted_ids, block_expert, num_padded, counts, slot_rows, block_done, sync,
+                          scratch, num_local_experts, local_expert_offset, block_m, chunks)
 
 
 def combine_into(out_slots, topk_ids, output, num_local_experts: int, local_expert_offset: int) -> None:

@@ -23,11 +23,13 @@ def cpu_pipeline(monkeypatch):
     from jitmoe.ops import fused_moe as fm
     from jitmoe.reference.moe import moe_align_reference, moe_combine_reference, slot_rows_reference
 
-    def align_into(ids, num_local, block_m, offset, outputs, slot_rows=None):
+    def align_into(ids, num_local, block_m, offset, outputs, slot_rows=None, block_done=None):
         for out, ref in zip(outputs, moe_align_reference(ids, num_local, block_m, offset)):
             out.copy_(ref)
         if slot_rows is not None:
             slot_rows.copy_(slot_rows_reference(outputs[0], ids.numel()))
+        if block_done is not None:
+            block_done.zero_()
 
     def combine_into(out_slots, ids, output, num_local, offset):
         output.copy_(moe_combine_reference(out_slots, ids, num_local, offset))

@@ -430,3 +430,32 @@ def test_cuda_pipeline_plumbing_on_cpu_tensors(cpu_pipeline, kernel, k, act, ep_
     ref = fused_moe_reference(x, ids, scales, fc1, fc2, fc1_expert_biases=b1, fc2_expert_biases=b2,
                               activation=act, ep_size=ep, ep_rank=ep_rank, out_dtype=torch.float32, **params)
     assert rel_error(output, ref) < 1e-2
+
+
+@pytest.mark.parametrize("kernel,k_splits,counted", [("", 0, True), ("sm90ws", 0, True), ("sm80", 0, False),
+                                                     ("sm90", 2, False), ("sm90ws", 0, False)])
+def test_pipeline_hands_gemm1s_block_counters_to_gemm2(cpu_pipeline, monkeypatch, kernel, k_splits, counted):
+    """Both GEMMs on sm90ws (neither split): moe_align zeroes one counter per block, GEMM1 counts into them and GEMM2
+    waits on them, given GEMM1's config; otherwise (or with JITMOE_BLOCK_DONE=0) none of them gets counters."""
+    if kernel == "sm90" and "sm90" not in fm._gemm.available_kernels():
+        pytest.skip("the sm90 GEMM template is not in the tree")
+    if kernel == "sm90ws" and not counted:
+        monkeypatch.setenv("JITMOE_BLOCK_DONE", "0")
+    seen = {}
+    for name in ("launch_gemm1", "launch_gemm2"):
+        def record(*args, _name=name, _real=getattr(fm._gemm, name), **kwargs):
+            seen[_name] = dict(kwargs, block_expert=args[3])
+            return _real(*args, **kwargs)
+        monkeypatch.setattr(fm._gemm, name, record)
+    x, ids, scales, fc1, fc2, _, _ = make_problem(T=9, E=8, k=2)
+    output = torch.full(x.shape, float("nan"), dtype=x.dtype)
+    fm._run_cuda(output, x, ids, scales.reshape(-1), fc1, fc2, None, None, {}, "Swiglu", 0, kernel, k_splits)
+    assert rel_error(output, fused_moe_reference(x, ids, scales, fc1, fc2, out_dtype=torch.float32)) < 1e-2
+    counters = seen["launch_gemm1"]["block_done"]
+    assert seen["launch_gemm2"]["block_done"] is counters
+    if not counted:
+        assert counters is None
+        return
+    assert counters.dtype == torch.int32 and (counters == 0).all()  # what the (reference) moe_align left
+    assert counters.shape == seen["launch_gemm1"]["block_expert"].shape  # one per block of block_m rows
+    assert seen["launch_gemm2"]["gemm1_config"] is seen["launch_gemm1"]["config"]

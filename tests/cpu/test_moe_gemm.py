@@ -497,3 +497,13 @@ def test_sm80_template_compiles_without_spills(mode, act, tmp_path, monkeypatch)
     assert "registers" in output, output
     spills = [int(v) for v in re.findall(r"(\d+) bytes spill (?:stores|loads)", output)]
     assert spills and not any(spills), output
+
+
+def test_gemm2_overlaps_gemm1_only_on_unsplit_sm90ws_pairs(monkeypatch):
+    ws, ws2 = GemmConfig("sm90ws", 128, 128, 64, 4, cluster_m=2), GemmConfig("sm90ws", 128, 256, 64, 3)
+    assert mg.overlaps_gemm2(ws, ws2)
+    assert not mg.overlaps_gemm2(GemmConfig("sm90", 128, 128, 64, 4), ws2)
+    assert not mg.overlaps_gemm2(ws, GemmConfig("sm80", 128, 128, 32, 4))
+    assert not mg.overlaps_gemm2(ws, dataclasses.replace(ws2, k_splits=2))
+    monkeypatch.setenv("JITMOE_BLOCK_DONE", "0")
+    assert not mg.overlaps_gemm2(ws, ws2)

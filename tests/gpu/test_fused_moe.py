@@ -247,6 +247,47 @@ def test_programmatic_dependent_launch_gives_the_serial_bits(kernel, monkeypatch
     assert torch.equal(serial, overlapped)
 
 
+@pytest.mark.skipif("sm90ws" not in KERNELS, reason="per-block counters are the sm90ws kernel's")
+@pytest.mark.parametrize("T,E,k", [(16, 64, 8), (64, 128, 8), (40, 16, 2)])
+def test_gemm2_on_gemm1s_counted_blocks_gives_the_serial_bits(T, E, k, monkeypatch):
+    """Few rows per expert, so GEMM1 ends in a partial wave that GEMM2 overlaps (per-block counters, PDL): three
+    layers back to back give the bits of JITMOE_BLOCK_DONE=0 and of JITMOE_PDL=0, and match the reference."""
+    p = make_problem(T, E, k, 1024, 512, BF16, bias=True)
+    cfg1, cfg2 = fm._gemm_configs(T * k, E, 1024, 512, p["x"], "Swiglu", "", 0)
+    assert moe_gemm.overlaps_gemm2(cfg1, cfg2), (cfg1, cfg2)
+
+    def three_layers():
+        x = p["x"]
+        for _ in range(3):
+            out = poison_(torch.empty_like(x))
+            jitmoe.cutlass_fused_moe(x, p["ids"], p["scales"], p["fc1"], p["fc2"], BF16, None,
+                                     fc1_expert_biases=p["b1"], fc2_expert_biases=p["b2"], output=out)
+            x = out
+        return x
+
+    counted = three_layers()
+    monkeypatch.setenv("JITMOE_BLOCK_DONE", "0")
+    assert not moe_gemm.overlaps_gemm2(cfg1, cfg2)
+    assert torch.equal(three_layers(), counted)
+    monkeypatch.setenv("JITMOE_PDL", "0")
+    assert torch.equal(three_layers(), counted)
+    assert torch.isfinite(counted).all()
+    assert rel_error(run(p, ""), reference(p)) <= TOL
+
+
+@pytest.mark.skipif("sm80" not in KERNELS, reason="needs the sm80 kernel")
+def test_only_sm90ws_takes_block_counters():
+    p = make_problem(8, 4, 2, 128, 128, BF16)
+    routing = fm._permute.moe_align(p["ids"], 4, 64)
+    inter = torch.empty(routing[0].numel(), 128, dtype=BF16, device="cuda")
+    counters = torch.zeros(routing[1].numel(), dtype=torch.int32, device="cuda")
+    cfg = moe_gemm.default_configs("sm80", "80")[1]
+    assert cfg.block_m == 64
+    with pytest.raises(ValueError, match="block_done"):
+        moe_gemm.launch_gemm1(p["x"], p["fc1"], *routing[:3], out=inter, topk=2, activation="Swiglu", fc1_bias=None,
+                              config=cfg, block_done=counters)
+
+
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_out_of_range_ids_contribute_zero(kernel):
     p = make_problem(127, 8, 4, 256, 256, BF16)

@@ -4,7 +4,8 @@ Specs are built and called directly (KernelSpec + load_module + the binding's ``
 moe_align kernel, and every output is poisoned first. Cases: 1 to 256 experts with empty experts, 0 to ~600 rows
 per expert (never a multiple of BLOCK_M), N and K tails, gated and plain GEMM1, with and without bias, GEMM1 with A
 gathered into a_sorted and with direct rows (no a_sorted: each row loaded from x), slots of non-local experts that
-GEMM2 must leave untouched, the kernel's own argument errors, and CUDA-graph replays with new routing and new data.
+GEMM2 must leave untouched, the kernel's own argument errors, GEMM2 waiting on GEMM1's per-block completion counters
+instead of on GEMM1's end, and CUDA-graph replays with new routing and new data.
 """
 from __future__ import annotations
 
@@ -82,20 +83,24 @@ def stale_slot_rows(num_slots, m_pad_max):
 
 
 def run_gemm1(mod, x, fc1, bias, routing, inter, topk, a_sorted, params=(None, None, None), k_splits=1,
-              slot_rows=None, slot_rows_filled=False):
-    """slot_rows_filled: slot_rows holds what moe_align wrote (the launch skips its own inversion)."""
+              slot_rows=None, slot_rows_filled=False, block_done=None):
+    """slot_rows_filled: slot_rows holds what moe_align wrote (the launch skips its own inversion); block_done: the
+    per-block completion counters to count stored tiles in."""
     sorted_ids, block_expert, num_padded = routing
     num_slots = x.shape[0] * topk
     if slot_rows is None and a_sorted is not None:
         slot_rows = stale_slot_rows(num_slots, sorted_ids.numel())
     mod.run(x, fc1, bias, inter, sorted_ids, block_expert, num_padded, None, *params, num_slots, topk,
-            inter.shape[1], x.shape[1], None, a_sorted, slot_rows, slot_rows_filled, k_splits, None, None, None)
+            inter.shape[1], x.shape[1], None, a_sorted, slot_rows, slot_rows_filled, k_splits, None, None, None,
+            block_done, 0)
 
 
-def run_gemm2(mod, inter, fc2, bias, routing, out, slot_weights, k_splits=1):
+def run_gemm2(mod, inter, fc2, bias, routing, out, slot_weights, k_splits=1, block_done=None, gemm1_n_blocks=0):
+    """block_done: wait for GEMM1's count of gemm1_n_blocks tiles per A block (not for the launch before to end)."""
     sorted_ids, block_expert, num_padded = routing
     mod.run(inter, fc2, bias, out, sorted_ids, block_expert, num_padded, slot_weights, None, None, None,
-            out.shape[0], 1, out.shape[1], inter.shape[1], None, None, None, False, k_splits, None, None, None)
+            out.shape[0], 1, out.shape[1], inter.shape[1], None, None, None, False, k_splits, None, None, None,
+            block_done, gemm1_n_blocks)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -285,12 +290,72 @@ def test_gemm1_gather_requires_slot_rows():
     a_sorted = torch.zeros(sorted_ids.numel(), 64, dtype=torch.bfloat16, device="cuda")
     with pytest.raises(ValueError, match="slot_rows"):
         mod.run(x, weights(4, 128, 64, torch.bfloat16), None, inter, sorted_ids, block_expert, num_padded, None,
-                None, None, None, 16, 2, 64, 64, None, a_sorted, None, False, 1, None, None, None)
+                None, None, None, 16, 2, 64, 64, None, a_sorted, None, False, 1, None, None, None, None, 0)
+
+
+def test_gemm2_with_counters_needs_gemm1_n_blocks():
+    mod = module(torch.bfloat16, "Identity", "gemm2", **GEMM2_WIDE)
+    routing = align(random_ids(8, 2, 4), 4)
+    inter = torch.zeros(routing[0].numel(), 64, dtype=torch.bfloat16, device="cuda")
+    out = torch.zeros(16, 64, dtype=torch.bfloat16, device="cuda")
+    counters = torch.zeros(routing[1].numel(), dtype=torch.int32, device="cuda")
+    with pytest.raises(ValueError, match="block_done_n_blocks"):
+        run_gemm2(mod, inter, weights(4, 64, 64, torch.bfloat16), None, routing, out, None, block_done=counters)
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Per-block completion counters: GEMM2 starts on GEMM1's finished M blocks while GEMM1 still runs (with PDL).
+@pytest.mark.parametrize("cluster_m", [1, 2])
+@pytest.mark.parametrize("shape", [(16, 64, 8, 1024, 512), (300, 64, 8, 1032, 392), (2000, 8, 2, 520, 1032)],
+                         ids=["direct", "gathered", "long-experts"])
+def test_gemm2_on_counted_blocks_gives_the_serial_bits(shape, cluster_m):
+    """align (zeroing the counters) -> GEMM1 counting -> GEMM2 waiting per block, three times over, against the same
+    launches without counters: the same bits; GEMM1 counts every consumer warp of every tile of a used block."""
+    tokens, experts, topk, hidden, inter_size = shape
+    dtype = torch.bfloat16
+    g1 = module(dtype, "Swiglu", "gemm1", **GEMM1_GATED, cluster_m=cluster_m)
+    g2 = module(dtype, "Identity", "gemm2", **GEMM2_NARROW)
+    ids = random_ids(tokens, topk, experts, skew=True)
+    routing = permute.empty_align_outputs(ids.numel(), experts, BLOCK_M, ids.device)
+    m_pad_max = routing[0].numel()
+    direct = tokens * topk <= 16 * experts  # moe_gemm.DIRECT_A_MAX_ROWS_PER_EXPERT, as the pipeline decides
+    x = torch.randn(tokens, hidden, device="cuda").to(dtype)
+    fc1, fc2 = weights(experts, 2 * inter_size, hidden, dtype), weights(experts, hidden, inter_size, dtype)
+    w = torch.rand(tokens * topk, device="cuda")
+    inter = torch.empty(m_pad_max, inter_size, dtype=dtype, device="cuda")
+    a_sorted = None if direct else torch.empty(m_pad_max, hidden, dtype=dtype, device="cuda")
+    slot_rows = None if direct else torch.empty(tokens * topk, dtype=torch.int32, device="cuda")
+    counters = torch.full((routing[1].numel(),), -7, dtype=torch.int32, device="cuda")  # align must zero them
+    n_blocks1 = -(-inter_size // GEMM1_GATED["block_n"])
+
+    def layer(block_done):
+        out = poison_(torch.empty(tokens * topk, hidden, dtype=dtype, device="cuda"))
+        poison_(inter)
+        permute.align_into(ids, experts, BLOCK_M, 0, routing, slot_rows=slot_rows, block_done=block_done)
+        three = tuple(routing[:3])
+        run_gemm1(g1, x, fc1, None, three, inter, topk, a_sorted, slot_rows=slot_rows, slot_rows_filled=not direct,
+                  block_done=block_done)
+        run_gemm2(g2, inter, fc2, None, three, out, w, block_done=block_done,
+                  gemm1_n_blocks=n_blocks1 if block_done is not None else 0)
+        return out
+
+    serial = layer(None)
+    for _ in range(3):
+        assert torch.equal(layer(counters), serial)
+    used = routing[1] >= 0
+    assert used.any()
+    assert (counters[used] == 8 * n_blocks1).all(), counters  # two consumer warpgroups of four warps
+    assert (counters[~used] == 0).all()
+    ref = torch.zeros_like(serial)
+    gemm2_reference(inter, fc2, *routing[:3], w, ref, None, BLOCK_M)
+    assert rel_error(serial, ref) <= TOL
+
+
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("counted", [False, True], ids=["serial", "counted"])
 @pytest.mark.parametrize("direct", [False, True], ids=["gathered", "direct"])
-def test_cuda_graph_replay_with_new_routing_and_data(direct):
+def test_cuda_graph_replay_with_new_routing_and_data(direct, counted):
+    """counted: GEMM2 waits on GEMM1's per-block counters (zeroed by the replayed moe_align)."""
     tokens, experts, topk, hidden, inter_size, dtype = 700, 16, 4, 392, 264, torch.bfloat16
     g1 = module(dtype, "Swiglu", "gemm1", **GEMM1_GATED)
     g2 = module(dtype, "Identity", "gemm2", **GEMM2_WIDE)
@@ -307,13 +372,15 @@ def test_cuda_graph_replay_with_new_routing_and_data(direct):
     a_sorted = None if direct else torch.empty(m_pad_max, hidden, dtype=dtype, device="cuda")
     slot_rows = None if direct else stale_slot_rows(tokens * topk, m_pad_max)
     out = torch.empty(tokens * topk, hidden, dtype=dtype, device="cuda")
+    counters = torch.empty(routing[1].numel(), dtype=torch.int32, device="cuda") if counted else None
+    n_blocks1 = -(-inter_size // GEMM1_GATED["block_n"]) if counted else 0
 
     def pipeline():  # moe_align writes slot_rows for the gather, as in the fused pipeline
-        permute.align_into(ids, experts, BLOCK_M, 0, routing, slot_rows=slot_rows)
+        permute.align_into(ids, experts, BLOCK_M, 0, routing, slot_rows=slot_rows, block_done=counters)
         three = tuple(routing[:3])
         run_gemm1(g1, t["x"], t["fc1"], t["b1"], three, inter, topk, a_sorted, slot_rows=slot_rows,
-                  slot_rows_filled=not direct)
-        run_gemm2(g2, inter, t["fc2"], t["b2"], three, out, t["w"])
+                  slot_rows_filled=not direct, block_done=counters)
+        run_gemm2(g2, inter, t["fc2"], t["b2"], three, out, t["w"], block_done=counters, gemm1_n_blocks=n_blocks1)
 
     graph = capture_graph(pipeline)
     ids.copy_(random_ids(tokens, topk, experts, skew=True))

@@ -23,6 +23,7 @@
 #pragma once
 #include <cuda_runtime.h>
 #include <cstdint>
+#include <stdexcept>
 #include <type_traits>
 
 #include "common/dtypes.cuh"
@@ -518,6 +519,10 @@ void launch(const MoeGemmArgs& args, cudaStream_t stream) {
       TileConfig<kBlockM, kBlockN, kBlockK, kStages, kMode == GemmMode::gemm1 && ActTraits<kAct>::kGated, kS8>;
   const int m_blocks = args.m_pad_max / kBlockM;
   const int n_blocks = (args.n + kBlockN - 1) / kBlockN;
+  if (args.block_done != nullptr) {
+    throw std::invalid_argument("moe_gemm sm80: block_done: expected None (per-block completion counters are the "
+                                "sm90ws kernel's)");
+  }
   if (m_blocks <= 0 || n_blocks <= 0 || args.num_slots <= 0) return;
   auto* kernel = &moe_gemm_kernel<Elem, WElem, kAct, kMode, Cfg>;
   if constexpr (Cfg::kSmemBytes > 48 * 1024) {

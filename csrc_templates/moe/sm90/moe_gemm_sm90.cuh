@@ -17,6 +17,7 @@
 #pragma once
 #include <cuda_runtime_api.h>
 #include <cstdint>
+#include <stdexcept>
 #include <type_traits>
 
 #include <cute/tensor.hpp>
@@ -341,6 +342,10 @@ void launch(const MoeGemmArgs& args, cudaStream_t stream) {
   using Cfg = Config<T, A, Mode, BM, BN, BK, Stages>;
   const int m_blocks = args.m_pad_max / BM;
   const int n_blocks = (args.n + BN - 1) / BN;
+  if (args.block_done != nullptr) {
+    throw std::invalid_argument("moe_gemm sm90: block_done: expected None (per-block completion counters are the "
+                                "sm90ws kernel's)");
+  }
   if (m_blocks <= 0 || n_blocks <= 0 || args.num_slots <= 0) return;
   auto* kernel = &moe_gemm_sm90_kernel<Cfg>;
   // A failure here (tile too large for this GPU) makes the launch fail too; the binding reports it.

@@ -35,6 +35,14 @@
 // real row too: GEMM2 ignores them), GEMM2 scattered to out_slots[slot] (real rows only); columns >= N are never
 // written. Row groups of padding only are neither loaded (A) nor stored.
 //
+// Per-block completion (args.block_done, both GEMMs of a layer on this kernel): every consumer warp of GEMM1 counts
+// each tile it leaves behind in its M block's counter, after a fence that makes its stores visible GPU-wide. GEMM2,
+// launched with PDL as soon as every GEMM1 CTA runs, then does not wait for GEMM1 to end: its producer issues a
+// unit's B loads, waits (acquire) until the unit's A block counts GEMM1's N blocks times its consumer warps, and only
+// then loads that block. GEMM2's CTAs thus stream weights on the SMs that GEMM1's last, partial wave leaves idle.
+// Everything else GEMM2 reads was complete before GEMM1 let it launch, and nothing GEMM1 touches is written by GEMM2;
+// one thread still waits for GEMM1's end before its CTA exits, so that GEMM2 ending still implies GEMM1 ended.
+//
 // FP8 (Operand = e4m3): A and B are e4m3, a stage holds [rows, 128] of them (the same bytes as [rows, 64] of
 // bf16), the wgmma is the e4m3 one (K = 32 per instruction), and the epilogue first scales the accumulator by
 // acc_scale[e]; GEMM1 writes inter in e4m3 (act(...) * out_scale, saturated), which is GEMM2's A.
@@ -340,6 +348,35 @@ __device__ __forceinline__ int a_row_groups(const MoeGemmArgs& args, const TileS
   return groups;
 }
 
+// GEMM1 with block_done: this warp's count for the tile of M block m_block, once its stores are visible GPU-wide.
+template <class Cfg>
+__device__ __forceinline__ void count_tile_stored(const MoeGemmArgs& args, int m_block, int lane) {
+  if constexpr (!Cfg::kGemm2) {
+    if (args.block_done == nullptr) return;
+    __threadfence();  // every lane's stores before the count (one MEMBAR for the warp)
+    __syncwarp();
+    if (lane == 0) atomicAdd(args.block_done + m_block, 1);
+  }
+}
+
+// GEMM2 with block_done: waits until GEMM1 has stored every tile of M block m_block (acquire), then orders those
+// generic-proxy stores before this thread's TMA (async-proxy) loads of the block.
+template <class Cfg>
+__device__ __forceinline__ void wait_block_stored(const MoeGemmArgs& args, int m_block) {
+  if constexpr (Cfg::kGemm2) {
+    if (args.block_done == nullptr) return;
+    const int target = args.block_done_n_blocks * Cfg::kConsumerWarps;
+    const int32_t* counter = args.block_done + m_block;
+    for (;;) {
+      int done;
+      asm volatile("ld.acquire.gpu.global.b32 %0, [%1];" : "=r"(done) : "l"(counter) : "memory");
+      if (done >= target) break;
+      __nanosleep(128);
+    }
+    asm volatile("fence.proxy.async.global;" ::: "memory");
+  }
+}
+
 // GEMM1 "direct rows": the launch got no a_sorted (few rows per expert), so there is no gather launch and no sorted
 // copy of x. Each real row of a block is loaded by its own [1, BK] TMA box from its token's row of x into the row's
 // place in the stage. The 128-byte swizzle permutes 16-byte chunks by shared-memory address bits (bits 4-6 XOR bits
@@ -430,15 +467,6 @@ __device__ __forceinline__ void produce(const MoeGemmArgs& args, const CUtensorM
       }
       ClusterTransactionBarrier::arrive_and_expect_tx(full, a_groups * Cfg::kBytesBoxA + Cfg::kTxBytesB);
       const int k0 = kt * Cfg::kBlockK;
-      auto* a_dst = smem.a + ring.stage * Cfg::kBlockM * Cfg::kBlockK;
-      if (a_groups == Cfg::kRowGroups) {
-        cute::SM90_TMA_LOAD_2D::copy(tmap_a, full, kHint, a_dst, k0, a_row);
-      } else {  // (no groups with direct rows)
-        for (int g = 0; g < a_groups; ++g) {
-          cute::SM90_TMA_LOAD_2D::copy(tmap_a_group, full, kHint, a_dst + g * Cfg::kBoxRowsA * Cfg::kBlockK, k0,
-                                       a_row + g * Cfg::kBoxRowsA);
-        }
-      }
       CUTE_UNROLL
       for (int h = 0; h < Cfg::kHalves; ++h) {
         auto* dst = smem.b + (ring.stage * Cfg::kHalves + h) * Cfg::kBlockN * Cfg::kBlockK;
@@ -452,6 +480,18 @@ __device__ __forceinline__ void produce(const MoeGemmArgs& args, const CUtensorM
           for (int box = 0; box < Cfg::kBlockN; box += Cfg::kBoxRowsB) {
             cute::SM90_TMA_LOAD_2D::copy(tmap_b, full, kHint, dst + box * Cfg::kBlockK, k0, row + box);
           }
+        }
+      }
+      // A after B: with block_done, the wait for the block's GEMM1 tiles overlaps the B loads of the unit's first
+      // k-tile.
+      if (kt == 0) wait_block_stored<Cfg>(args, role.m_block);
+      auto* a_dst = smem.a + ring.stage * Cfg::kBlockM * Cfg::kBlockK;
+      if (a_groups == Cfg::kRowGroups) {
+        cute::SM90_TMA_LOAD_2D::copy(tmap_a, full, kHint, a_dst, k0, a_row);
+      } else {  // (no groups with direct rows)
+        for (int g = 0; g < a_groups; ++g) {
+          cute::SM90_TMA_LOAD_2D::copy(tmap_a_group, full, kHint, a_dst + g * Cfg::kBoxRowsA * Cfg::kBlockK, k0,
+                                       a_row + g * Cfg::kBoxRowsA);
         }
       }
       ring.advance();
@@ -707,6 +747,7 @@ __device__ __forceinline__ void consume(const MoeGemmArgs& args, const SmemPlan<
         release_stage<Cfg>(&smem.empty[ring.stage], lane);
         ring.advance();
       }
+      if (e >= 0) count_tile_stored<Cfg>(args, role.m_block, lane);
       continue;
     }
     clear(acc);
@@ -745,13 +786,17 @@ __device__ __forceinline__ void consume(const MoeGemmArgs& args, const SmemPlan<
     asm volatile("" : "+r"(epilogue_tid));
     // A warp whose 16 rows are all padding stores nothing: the producer may not have loaded their row group of A,
     // and no GEMM keeps a padding row's result (GEMM2 may load inter rows that GEMM1 did not write: padding only).
-    if (!is_real_slot(__shfl_sync(0xffffffffu, row_slot, 0), args.num_slots)) continue;
+    if (!is_real_slot(__shfl_sync(0xffffffffu, row_slot, 0), args.num_slots)) {
+      count_tile_stored<Cfg>(args, role.m_block, lane);
+      continue;
+    }
     // The staging round trip is warp-local (a warp stages and stores only its own 16 rows), so __syncwarp orders
     // it: before, this warp's reads of the last tile are done; after, its writes of this tile are visible.
     __syncwarp();
     epilogue_to_staging<Cfg>(args, acc, smem.staging, epilogue_tid, row_slot, n0, e);
     __syncwarp();
     store_warp_rows<Cfg>(args, smem.staging, warp_row0, epilogue_tid % 32, row_slot, m0, n0);
+    count_tile_stored<Cfg>(args, role.m_block, lane);
   }
 }
 
@@ -786,8 +831,14 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
     cute::cluster_wait();
   }
   // Launched with PDL (common/pdl.cuh): the set-up above overlapped the previous kernel; its outputs (the sorted
-  // order, a_sorted or inter) are read only from here on.
-  pdl_start();
+  // order, a_sorted or inter) are read only from here on. GEMM2 with block_done waits per A block instead (see the
+  // top of this file).
+  const bool per_block = Cfg::kGemm2 && args.block_done != nullptr;
+  if (per_block) {
+    pdl_launch_dependents();
+  } else {
+    pdl_start();
+  }
 
   if (threadIdx.x < 128) {
     cutlass::arch::warpgroup_reg_dealloc<Cfg::kProducerRegs>();
@@ -806,6 +857,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
     cutlass::arch::warpgroup_reg_alloc<Cfg::kConsumerRegs>();
     consume<Cfg>(args, smem);
   }
+  if (per_block && threadIdx.x == 0) pdl_wait();  // this grid ends after GEMM1's, as with pdl_start
   if constexpr (Cfg::kCluster > 1) cluster_sync_unaligned();  // the peer may still arrive on this CTA's barriers
 }
 
@@ -825,6 +877,10 @@ void launch(const MoeGemmArgs& args, cudaStream_t stream) {
   if (args.k_splits > 1) {
     throw std::invalid_argument("moe_gemm sm90ws: k_splits: expected 1 (this kernel does not split K), got " +
                                 std::to_string(args.k_splits));
+  }
+  if (Mode == GemmMode::gemm2 && args.block_done != nullptr && args.block_done_n_blocks <= 0) {
+    throw std::invalid_argument("moe_gemm sm90ws: block_done_n_blocks: expected GEMM1's N blocks (> 0) with "
+                                "block_done, got " + std::to_string(args.block_done_n_blocks));
   }
   const int64_t m_blocks = args.m_pad_max / BM;
   const int64_t n_blocks = (args.n + BN - 1) / BN;
