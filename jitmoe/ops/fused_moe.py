@@ -486,8 +486,8 @@ def _run_cuda(output, x, topk_ids, slot_weights, fc1, fc2, fc1_bias, fc2_bias, a
     slot_rows = (torch.empty(num_tokens * topk, dtype=torch.int32, device=x.device)
                  if _gemm.gathers_a(cfg1, num_tokens * topk, num_local) else None)
     # GEMM2 may start on GEMM1's finished blocks while GEMM1's last wave runs: counters that moe_align zeroes.
-    block_done = (torch.empty(routing[1].shape[0], dtype=torch.int32, device=x.device)
-                  if _gemm.overlaps_gemm2(cfg1, cfg2) else None)
+    overlap = _gemm.overlaps_gemm2(cfg1, cfg2, num_tokens * topk, num_local, inter, _device_sms(x.device.index))
+    block_done = torch.empty(routing[1].shape[0], dtype=torch.int32, device=x.device) if overlap else None
     _permute.align_into(topk_ids, num_local, cfg1.block_m, local_expert_offset, routing, slot_rows=slot_rows,
                         block_done=block_done)
     sorted_ids, block_expert, num_padded, _ = routing

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -721,12 +722,29 @@ def gathers_a(config: GemmConfig, num_slots: int, num_experts: int) -> bool:
     return config.kernel in TMA_A_KERNELS and num_slots > DIRECT_A_MAX_ROWS_PER_EXPERT * num_experts
 
 
-def overlaps_gemm2(config1: GemmConfig, config2: GemmConfig) -> bool:
-    """Whether GEMM2 on ``config2`` can start on GEMM1's finished M blocks while GEMM1 (on ``config1``) still runs
-    (per-block completion counters, launch_gemm1/launch_gemm2 ``block_done``): both on sm90ws, neither split. The
-    environment variable JITMOE_BLOCK_DONE=0 turns it off (A/B timing)."""
-    return (config1.kernel == config2.kernel == "sm90ws" and config1.k_splits == config2.k_splits == 1
-            and os.environ.get("JITMOE_BLOCK_DONE") != "0")
+# GEMM2 overlaps GEMM1's last wave (overlaps_gemm2) only while GEMM1's tiles fill at most this many waves of CTAs:
+# the overlap saves a share of one wave, while every tile pays a fence (GEMM1) and every unit a counter load (GEMM2).
+# Same-run A/B on the H100, layer in graph replay (benchmarks/results/h100-2026-11-24-session29/): Qwen3 and OLMoE at
+# T = 16 to 1024 (3.5 to 7.8 waves) 0.4-1.6% faster, Mixtral T = 16/256 (6.8) 0.3-0.5%; 13.6 waves and more
+# (DeepSeek-V3 from T = 16, Mixtral from T = 1024, everything at T = 4096 and 16384) -0.0 to +7.6% slower.
+OVERLAP_MAX_WAVES = 8.0
+
+
+def overlaps_gemm2(config1: GemmConfig, config2: GemmConfig, num_slots: int, num_experts: int, inter: int,
+                   num_sms: int) -> bool:
+    """Whether GEMM2 on ``config2`` should start on GEMM1's finished M blocks while GEMM1 (on ``config1``, N =
+    ``inter``) still runs (per-block completion counters, launch_gemm1/launch_gemm2 ``block_done``): both on
+    sm90ws, neither split, and GEMM1's tiles (rows spread evenly over the experts) at most OVERLAP_MAX_WAVES waves
+    of ``num_sms``. JITMOE_BLOCK_DONE=0 in the environment turns it off, =1 on wherever it can run (A/B timing)."""
+    if not (config1.kernel == config2.kernel == "sm90ws" and config1.k_splits == config2.k_splits == 1):
+        return False
+    forced = os.environ.get("JITMOE_BLOCK_DONE")
+    if forced in ("0", "1"):
+        return forced == "1"
+    rows_per_expert = num_slots / max(num_experts, 1)
+    m_blocks = min(num_experts, num_slots) * math.ceil(rows_per_expert / config1.block_m)
+    tiles = m_blocks * math.ceil(inter / config1.block_n)
+    return tiles <= OVERLAP_MAX_WAVES * num_sms
 
 
 def launch_gemm1(x, fc1, sorted_ids, block_expert, num_padded, *, out, topk, activation: str, fc1_bias,

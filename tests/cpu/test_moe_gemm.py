@@ -499,11 +499,18 @@ def test_sm80_template_compiles_without_spills(mode, act, tmp_path, monkeypatch)
     assert spills and not any(spills), output
 
 
-def test_gemm2_overlaps_gemm1_only_on_unsplit_sm90ws_pairs(monkeypatch):
+def test_gemm2_overlaps_gemm1_only_on_unsplit_sm90ws_pairs_with_few_waves(monkeypatch):
     ws, ws2 = GemmConfig("sm90ws", 128, 128, 64, 4, cluster_m=2), GemmConfig("sm90ws", 128, 256, 64, 3)
-    assert mg.overlaps_gemm2(ws, ws2)
-    assert not mg.overlaps_gemm2(GemmConfig("sm90", 128, 128, 64, 4), ws2)
-    assert not mg.overlaps_gemm2(ws, GemmConfig("sm80", 128, 128, 32, 4))
-    assert not mg.overlaps_gemm2(ws, dataclasses.replace(ws2, k_splits=2))
+    few = dict(num_slots=128, num_experts=64, inter=1024, num_sms=132)    # OLMoE T = 16: 64 x 8 tiles, 3.9 waves
+    many = dict(num_slots=32768, num_experts=64, inter=1024, num_sms=132)  # T = 4096: 64 x 4 x 8 tiles, 15.5 waves
+    assert mg.overlaps_gemm2(ws, ws2, **few)
+    assert not mg.overlaps_gemm2(ws, ws2, **many)
+    assert mg.overlaps_gemm2(ws, ws2, **dict(many, num_sms=4 * 132))  # the same tiles on a larger GPU: 3.9 waves
+    assert not mg.overlaps_gemm2(GemmConfig("sm90", 128, 128, 64, 4), ws2, **few)
+    assert not mg.overlaps_gemm2(ws, GemmConfig("sm80", 128, 128, 32, 4), **few)
+    assert not mg.overlaps_gemm2(ws, dataclasses.replace(ws2, k_splits=2), **few)
     monkeypatch.setenv("JITMOE_BLOCK_DONE", "0")
-    assert not mg.overlaps_gemm2(ws, ws2)
+    assert not mg.overlaps_gemm2(ws, ws2, **few)
+    monkeypatch.setenv("JITMOE_BLOCK_DONE", "1")
+    assert mg.overlaps_gemm2(ws, ws2, **many)
+    assert not mg.overlaps_gemm2(ws, dataclasses.replace(ws2, k_splits=2), **many)

@@ -254,7 +254,8 @@ def test_gemm2_on_gemm1s_counted_blocks_gives_the_serial_bits(T, E, k, monkeypat
     layers back to back give the bits of JITMOE_BLOCK_DONE=0 and of JITMOE_PDL=0, and match the reference."""
     p = make_problem(T, E, k, 1024, 512, BF16, bias=True)
     cfg1, cfg2 = fm._gemm_configs(T * k, E, 1024, 512, p["x"], "Swiglu", "", 0)
-    assert moe_gemm.overlaps_gemm2(cfg1, cfg2), (cfg1, cfg2)
+    sms = fm._device_sms(p["x"].device.index)
+    assert moe_gemm.overlaps_gemm2(cfg1, cfg2, T * k, E, 512, sms), (cfg1, cfg2)
 
     def three_layers():
         x = p["x"]
@@ -267,7 +268,7 @@ def test_gemm2_on_gemm1s_counted_blocks_gives_the_serial_bits(T, E, k, monkeypat
 
     counted = three_layers()
     monkeypatch.setenv("JITMOE_BLOCK_DONE", "0")
-    assert not moe_gemm.overlaps_gemm2(cfg1, cfg2)
+    assert not moe_gemm.overlaps_gemm2(cfg1, cfg2, T * k, E, 512, sms)
     assert torch.equal(three_layers(), counted)
     monkeypatch.setenv("JITMOE_PDL", "0")
     assert torch.equal(three_layers(), counted)
