@@ -232,8 +232,9 @@ def test_sweep_sm90ws_row_loop_passes_consistent_gemm_arguments(monkeypatch, T):
 
         def run(self, a, b, bias, out, sorted_ids, block_expert, num_padded, weights, alpha, beta, limit,
                 num_slots, topk, n, k, partials, a_sorted, slot_rows, slot_rows_filled, k_splits, acc_scale,
-                out_scale, w_scale):
+                out_scale, w_scale, block_done, block_done_n_blocks):
             assert acc_scale is None and out_scale is None and w_scale is None  # the sweep runs 16-bit tiles
+            assert block_done is None and block_done_n_blocks == 0  # each GEMM timed alone: no counters
             mode = self.variant[0]
             m_pad_max = sorted_ids.numel()
             assert (num_slots, k_splits, a.shape[1], b.shape[2]) == (T * shape.k, 1, k, k)
