@@ -726,7 +726,7 @@ def gathers_a(config: GemmConfig, num_slots: int, num_experts: int) -> bool:
 # the overlap saves a share of one wave, while every tile pays a fence (GEMM1) and every unit a counter load (GEMM2).
 # Same-run A/B on the H100, layer in graph replay (benchmarks/results/h100-2026-11-24-session29/): Qwen3 and OLMoE at
 # T = 16 to 1024 (3.5 to 7.8 waves) 0.4-1.6% faster, Mixtral T = 16/256 (6.8) 0.3-0.5%; 13.6 waves and more
-# (DeepSeek-V3 from T = 16, Mixtral from T = 1024, everything at T = 4096 and 16384) -0.0 to +7.6% slower.
+# (DeepSeek-V3 from T = 16, Mixtral from T = 1024, everything at T = 4096 and 16384) 0.0-7.6% slower.
 OVERLAP_MAX_WAVES = 8.0
 
 
