@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import os
 import re
 from dataclasses import dataclass
@@ -734,16 +733,14 @@ def overlaps_gemm2(config1: GemmConfig, config2: GemmConfig, num_slots: int, num
                    num_sms: int) -> bool:
     """Whether GEMM2 on ``config2`` should start on GEMM1's finished M blocks while GEMM1 (on ``config1``, N =
     ``inter``) still runs (per-block completion counters, launch_gemm1/launch_gemm2 ``block_done``): both on
-    sm90ws, neither split, and GEMM1's tiles (rows spread evenly over the experts) at most OVERLAP_MAX_WAVES waves
-    of ``num_sms``. JITMOE_BLOCK_DONE=0 in the environment turns it off, =1 on wherever it can run (A/B timing)."""
+    sm90ws, neither split, and GEMM1's ``expected_tiles`` at most OVERLAP_MAX_WAVES waves of ``num_sms``.
+    JITMOE_BLOCK_DONE=0 in the environment turns it off, =1 on wherever it can run (A/B timing)."""
     if not (config1.kernel == config2.kernel == "sm90ws" and config1.k_splits == config2.k_splits == 1):
         return False
     forced = os.environ.get("JITMOE_BLOCK_DONE")
     if forced in ("0", "1"):
         return forced == "1"
-    rows_per_expert = num_slots / max(num_experts, 1)
-    m_blocks = min(num_experts, num_slots) * math.ceil(rows_per_expert / config1.block_m)
-    tiles = m_blocks * math.ceil(inter / config1.block_n)
+    tiles = expected_tiles(num_slots, num_experts, inter, config1.block_m, config1.block_n)
     return tiles <= OVERLAP_MAX_WAVES * num_sms
 
 
