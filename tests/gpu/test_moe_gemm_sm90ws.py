@@ -16,7 +16,8 @@ import torch
 
 from jitmoe.jit import KernelSpec, load_module
 from jitmoe.ops import permute
-from jitmoe.ops.moe_gemm import GATED_ACTIVATIONS, SM90WS_CLUSTER_M, gemm1_reference, gemm2_reference
+from jitmoe.ops.moe_gemm import (DIRECT_A_MAX_ROWS_PER_EXPERT, GATED_ACTIVATIONS, SM90WS_CLUSTER_M, gemm1_reference,
+                                 gemm2_reference)
 from jitmoe.testing import capture_graph, poison_, rel_error
 
 pytestmark = [
@@ -318,7 +319,7 @@ def test_gemm2_on_counted_blocks_gives_the_serial_bits(shape, cluster_m):
     ids = random_ids(tokens, topk, experts, skew=True)
     routing = permute.empty_align_outputs(ids.numel(), experts, BLOCK_M, ids.device)
     m_pad_max = routing[0].numel()
-    direct = tokens * topk <= 16 * experts  # moe_gemm.DIRECT_A_MAX_ROWS_PER_EXPERT, as the pipeline decides
+    direct = tokens * topk <= DIRECT_A_MAX_ROWS_PER_EXPERT * experts  # as the pipeline decides
     x = torch.randn(tokens, hidden, device="cuda").to(dtype)
     fc1, fc2 = weights(experts, 2 * inter_size, hidden, dtype), weights(experts, hidden, inter_size, dtype)
     w = torch.rand(tokens * topk, device="cuda")
