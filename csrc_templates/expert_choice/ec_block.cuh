@@ -20,18 +20,35 @@ __device__ __forceinline__ unsigned long long warp_max_u64(unsigned long long v)
   return (static_cast<unsigned long long>(hi) << 32) | lo;
 }
 
-__device__ __forceinline__ float warp_max_f32(float v) {
+// Butterfly max of R values at once (each its own warp max), so that independent shuffle chains overlap.
+template <int R>
+__device__ __forceinline__ void warp_max_f32_rows(float (&v)[R]) {
 #pragma unroll
-  for (int offset = 16; offset > 0; offset >>= 1) v = fmaxf(v, __shfl_xor_sync(kFullWarp, v, offset));
-  return v;
+  for (int offset = 16; offset > 0; offset >>= 1)
+#pragma unroll
+    for (int r = 0; r < R; ++r) v[r] = fmaxf(v[r], __shfl_xor_sync(kFullWarp, v[r], offset));
 }
 
-// Sum over the warp, rounded per add, as a halving tree over the lanes would (the butterfly's adds are the tree's,
-// and fp32 addition is commutative, so every lane ends with the tree's bits).
-__device__ __forceinline__ float warp_sum_tree_f32(float v) {
+// Sums over the warp of R values at once, rounded per add, as a halving tree over the lanes would (the butterfly's
+// adds are the tree's, and fp32 addition is commutative, so every lane ends with the tree's bits).
+template <int R>
+__device__ __forceinline__ void warp_sum_tree_f32_rows(float (&v)[R]) {
 #pragma unroll
-  for (int offset = 16; offset > 0; offset >>= 1) v = __fadd_rn(v, __shfl_xor_sync(kFullWarp, v, offset));
-  return v;
+  for (int offset = 16; offset > 0; offset >>= 1)
+#pragma unroll
+    for (int r = 0; r < R; ++r) v[r] = __fadd_rn(v[r], __shfl_xor_sync(kFullWarp, v[r], offset));
+}
+
+__device__ __forceinline__ float warp_max_f32(float v) {
+  float rows[1] = {v};
+  warp_max_f32_rows<1>(rows);
+  return rows[0];
+}
+
+__device__ __forceinline__ float warp_sum_tree_f32(float v) {
+  float rows[1] = {v};
+  warp_sum_tree_f32_rows<1>(rows);
+  return rows[0];
 }
 
 __device__ __forceinline__ unsigned warp_sum_u32(unsigned v) {

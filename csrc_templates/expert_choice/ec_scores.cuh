@@ -80,24 +80,45 @@ __device__ __forceinline__ void load_row(const Params<In>& p, int t, float (&v)[
     v[j] = kFull || lane_id() + 32 * j < p.E ? to_float(__ldg(row + 32 * j)) : -INFINITY;
 }
 
-// A loaded row's softmax statistics (stored for token t when store_stats) and scores: v becomes the scores (0 past
-// E), in the order of row_softmax_stats.
+// R loaded rows' softmax statistics (stored for token t[r] when store[r]) and scores, each step over all the rows
+// before the next (independent chains for the scheduler): v[r] becomes row r's scores (0 past E), in the order of
+// row_softmax_stats.
+template <typename In, int NCH, int R>
+__device__ __forceinline__ void score_loaded_rows(const Params<In>& p, const int (&t)[R], float (&v)[R][NCH],
+                                                  const bool (&store)[R]) {
+  float mx[R], sum[R];
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    mx[r] = -INFINITY;
+#pragma unroll
+    for (int j = 0; j < NCH; ++j) mx[r] = fmaxf(mx[r], v[r][j]);
+  }
+  warp_max_f32_rows<R>(mx);
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    sum[r] = 0.0f;
+#pragma unroll
+    for (int j = 0; j < NCH; ++j) {
+      v[r][j] = softmax_term(v[r][j], mx[r]);  // now the term (0 past E, where v is -inf)
+      sum[r] = __fadd_rn(sum[r], v[r][j]);
+    }
+  }
+  warp_sum_tree_f32_rows<R>(sum);
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    const float rcp = __frcp_rn(sum[r]);
+    if (store[r]) store_row_stats(p, t[r], mx[r], rcp);
+#pragma unroll
+    for (int j = 0; j < NCH; ++j) v[r][j] = __fmul_rn(v[r][j], rcp);  // now the score
+  }
+}
+
+// One loaded row's statistics (stored for token t when store_stats) and scores.
 template <typename In, int NCH>
 __device__ __forceinline__ void score_loaded_row(const Params<In>& p, int t, float (&v)[NCH], bool store_stats = true) {
-  float mx = -INFINITY;
-#pragma unroll
-  for (int j = 0; j < NCH; ++j) mx = fmaxf(mx, v[j]);
-  mx = warp_max_f32(mx);
-  float sum = 0.0f;
-#pragma unroll
-  for (int j = 0; j < NCH; ++j) {
-    v[j] = softmax_term(v[j], mx);  // now the term (0 past E, where v is -inf)
-    sum = __fadd_rn(sum, v[j]);
-  }
-  const float rcp = __frcp_rn(warp_sum_tree_f32(sum));
-  if (store_stats) store_row_stats(p, t, mx, rcp);
-#pragma unroll
-  for (int j = 0; j < NCH; ++j) v[j] = __fmul_rn(v[j], rcp);  // now the score
+  const int ts[1] = {t};
+  const bool store[1] = {store_stats};
+  score_loaded_rows<In, NCH, 1>(p, ts, reinterpret_cast<float (&)[1][NCH]>(v), store);
 }
 
 }  // namespace jitmoe::ec

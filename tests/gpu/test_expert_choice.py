@@ -6,6 +6,7 @@ tokens' scores differ in the last bit and on quantised logits full of exact ties
 """
 import importlib
 import itertools
+import math
 
 import pytest
 import torch
@@ -212,6 +213,29 @@ def test_key_path_boundary_bins_of_every_size():
     x = (torch.randn(16384, 32, device="cuda") * 4).round().to(torch.bfloat16) * 0.25
     for k, cf in ((1, 0.3), (4, 1.0), (8, 2.0), (16, 3.0)):
         _check(x, k, cf, "experts", "topk", False, path="keys")
+
+
+@pytest.mark.parametrize("expert_major", [False, True])
+def test_key_path_near_ties_across_tokens(expert_major):
+    # Every row is a permutation of one row: an expert sees each logit on T / E tokens whose denominators differ
+    # only in summation order, so their scores tie or differ in the last bits, and the boundary bins are large.
+    T, E = 16384, 256
+    base = torch.randn(E, device="cuda") * 2
+    x = base[torch.argsort(torch.rand(T, E, device="cuda"), dim=1)]
+    for k, cf, fallback in ((8, 1.25, "topk"), (2, 0.5, "none")):
+        _check(x, k, cf, "experts", fallback, expert_major, path="keys")
+
+
+def test_key_path_near_ties_within_tokens():
+    # fp32 logits in pairs one ulp apart, and rows whose other experts all score about e^-80 (near the subnormal
+    # range): a token's outputs are ordered by scores that differ in the last bits, or tie after rounding.
+    T, E = 4096, 64
+    x = torch.randn(T, E, device="cuda") * 2
+    x[:, 1::2] = torch.nextafter(x[:, 0::2], torch.full_like(x[:, 0::2], math.inf))
+    x[::7] = -80.0 + torch.randn_like(x[::7]) * 1e-3
+    x[::7, 0] = 0.0
+    for k, cf, fallback in ((8, 1.25, "topk"), (4, 0.5, "topk"), (8, 2.0, "none")):
+        _check(x, k, cf, "experts", fallback, False, _mask(T, k == 4), path="keys")
 
 
 def test_paths_reject_what_they_cannot_run():
