@@ -64,24 +64,19 @@ __global__ void __launch_bounds__(kKeyRowThreads, key_row_min_blocks<NCH, kFull>
   // warp's shuffles never sit in a branch; their keys are 0.
   for (int i0 = 0; i0 < kKeyTokensPerWarp; i0 += kRows) {
     float v[kRows][NCH];
-#pragma unroll
-    for (int r = 0; r < kRows; ++r) {
-      const int t = t0 + warp_id() + kKeyRowWarps * (i0 + r);
-      load_row<In, NCH, kFull>(p, min(t, p.T - 1), v[r]);
-    }
     int ts[kRows];
     bool in_range[kRows];
 #pragma unroll
     for (int r = 0; r < kRows; ++r) {
       ts[r] = t0 + warp_id() + kKeyRowWarps * (i0 + r);
       in_range[r] = ts[r] < p.T;
+      load_row<In, NCH, kFull>(p, min(ts[r], p.T - 1), v[r]);
     }
     score_loaded_rows<In, NCH, kRows>(p, ts, v, in_range);
 #pragma unroll
     for (int r = 0; r < kRows; ++r) {
-      const int i = warp_id() + kKeyRowWarps * (i0 + r);
-      const int t = ts[r];
-      const bool real = in_range[r] && token_is_real(p.token_mask, t);
+      const int i = ts[r] - t0;
+      const bool real = in_range[r] && token_is_real(p.token_mask, ts[r]);
       unsigned short* keys = tile_keys + i + 2 * kKeyTilePitch * lane;  // expert e's key at keys[2 * kKeyTilePitch * e]
 #pragma unroll
       for (int j = 0; j < NCH; ++j) {

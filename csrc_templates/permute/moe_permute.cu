@@ -114,9 +114,9 @@ void launch_combine(const void* out_slots, const int32_t* topk_ids, void* out, i
 
 // topk_ids [num_slots]; sorted_ids [m_pad_max]; block_expert [m_pad_max / block_m]; num_padded [1];
 // expert_counts [num_experts]; slot_rows [num_slots] or null (not written); block_done [m_pad_max / block_m] or null
-// (zeroed when given). num_chunks == 0: the single-CTA kernel
-// (sync and scratch unused, may be null); otherwise the many-CTA kernel with sync [4] (zero on entry, zero again on
-// exit) and scratch [(num_chunks + 1) * num_experts]. Errors surface through cudaGetLastError (the binding checks it).
+// (zeroed when given). num_chunks == 0: the single-CTA kernel (sync and scratch unused, may be null); otherwise the
+// many-CTA kernel with sync [4] (zero on entry, zero again on exit) and scratch [(num_chunks + 1) * num_experts].
+// Errors surface through cudaGetLastError (the binding checks it).
 void moe_align_launch(const int32_t* topk_ids, int32_t* sorted_ids, int32_t* block_expert, int32_t* num_padded,
                       int32_t* expert_counts, int32_t* slot_rows, int32_t* block_done, int32_t* sync,
                       int32_t* scratch, int num_slots, int num_experts, int expert_offset, int block_m, int m_pad_max,
